@@ -1,0 +1,255 @@
+"""Run an extraction: coordinates -> preflight -> parallel part extraction -> mixed shards ->
+manifest. Owns locking, parameter checks and resumption; the pieces live in plan/shards.
+
+Output per split: `<out>/<split>/<split>-000000.tar ...` and `<out>/<split>/manifest.json`.
+Work in progress lives in `<out>/<split>/.parts/` and is removed once the manifest is written.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable
+
+import joblib
+
+from etl.coords import RegionTable, load_regions
+from etl.plan import ExtractParams, PreflightProblem, SplitPlan, inspect_slides, plan_split
+from etl.shards import (check_shard, extract_part, load_part_index, plan_shards,
+                        remove_temporaries, sha256_file, shard_name, write_json_atomic,
+                        write_shard)
+
+BACKENDS = ("loky", "dask")
+
+
+class ExtractError(RuntimeError):
+    """A problem the user must fix; the message says what and how."""
+
+
+class PreflightError(ExtractError):
+    def __init__(self, problems: list[PreflightProblem]):
+        self.problems = problems
+        shown = "\n".join(f"  - {p}" for p in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(f"preflight found {len(problems)} problem(s); nothing was extracted:\n"
+                         f"{shown}{more}")
+
+
+@dataclass
+class SplitResult:
+    split: str
+    folder: Path
+    planned: int
+    written: int
+    skipped: list[dict]
+    failed: list[dict]
+    shards: list[dict]
+    seconds: float
+    resumed_parts: int = 0
+    timing: dict = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+def tool_version() -> str:
+    try:
+        return version("patchetl")
+    except PackageNotFoundError:  # running from a source tree without install
+        return "0+unknown"
+
+
+@contextmanager
+def folder_lock(folder: Path):
+    """Exclusive lock on an output folder; a second concurrent run refuses at once.
+
+    flock is released by the kernel when the holder dies, even on kill -9, so a crashed
+    run never leaves a stale lock behind.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / ".lock", "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise ExtractError(f"{folder} is in use by another `patchetl extract` run; wait for it "
+                           "to finish (or use another --out)") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def fingerprint(table: RegionTable, split: str, params: ExtractParams, parse_options: dict) -> dict:
+    """What a rerun in the same folder must match to resume instead of refusing."""
+    return {
+        "coordinates_sha256": sha256_file(table.source),
+        "split": split,
+        "params": params.as_dict(),
+        "parse": parse_options,
+    }
+
+
+def prepare_folder(folder: Path, expected: dict, overwrite: bool) -> None:
+    """Refuse a folder holding another extraction unless --overwrite; else clear leftovers."""
+    params_path = folder / ".params.json"
+    ours = [folder / "manifest.json", folder / ".parts", params_path, *folder.glob("*.tar")]
+    existing = [p for p in ours if p.exists()]
+    if existing and not overwrite:
+        previous = json.loads(params_path.read_text()) if params_path.exists() else None
+        if previous != expected:
+            if previous is None:
+                why = "it already holds shards from an unknown run"
+            else:
+                diffs = [k for k in expected if previous.get(k) != expected[k]]
+                if "params" in diffs:
+                    diffs += [f"params.{k}" for k in expected["params"]
+                              if previous["params"].get(k) != expected["params"][k]]
+                why = "it holds an extraction made with different " + ", ".join(diffs)
+            raise ExtractError(f"refusing to write into {folder}: {why}. Use another --out, or "
+                               "--overwrite to delete it and start again.")
+    if overwrite:
+        for p in existing:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    remove_temporaries(folder)
+    write_json_atomic(params_path, expected)
+
+
+def _parallel(backend: str, workers: int, scheduler: str | None):
+    """A joblib Parallel for the local process pool or a dask.distributed cluster."""
+    if backend == "loky":
+        return nullcontext(), joblib.Parallel(n_jobs=workers, return_as="generator_unordered")
+    if backend == "dask":
+        try:
+            from dask.distributed import Client, LocalCluster
+        except ImportError:
+            raise ExtractError("--backend dask needs dask.distributed: pip install "
+                               "'patchetl[dask]'") from None
+        client = (Client(scheduler) if scheduler else
+                  Client(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True)))
+        ctx = joblib.parallel_config(backend="dask")
+
+        @contextmanager
+        def both():
+            with client, ctx:
+                yield
+
+        return both(), None
+    raise ExtractError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def run_parts(plan: SplitPlan, params: ExtractParams, parts_dir: Path, *, workers: int,
+              backend: str, scheduler: str | None, slide_backend: str, tile_cache_bytes: int,
+              on_progress: Callable[[int], None]) -> tuple[list[dict], int]:
+    """Extract every part not already finished; returns all part indexes and how many resumed."""
+    done, todo = [], []
+    for part in plan.parts:
+        index = load_part_index(parts_dir, part.part_id)
+        (done if index is not None else todo).append(index if index is not None else part)
+    for index in done:
+        on_progress(len(index["samples"]) + len(index["failures"]))
+    if todo:
+        ctx, parallel = _parallel(backend, workers, scheduler)
+        with ctx:
+            if parallel is None:
+                parallel = joblib.Parallel(n_jobs=-1, return_as="generator_unordered")
+            jobs = (joblib.delayed(extract_part)(p, plan.split, params, parts_dir, slide_backend,
+                                                 tile_cache_bytes) for p in todo)
+            for index in parallel(jobs):
+                done.append(index)
+                on_progress(len(index["samples"]) + len(index["failures"]))
+    return done, len(plan.parts) - len(todo)
+
+
+def extract_split(table: RegionTable, plan: SplitPlan, out: Path, params: ExtractParams,
+                  parse_options: dict, *, workers: int = 1, backend: str = "loky",
+                  scheduler: str | None = None, overwrite: bool = False,
+                  slide_backend: str = "auto", tile_cache_bytes: int = 256 << 20,
+                  on_progress: Callable[[int], None] = lambda n: None) -> SplitResult:
+    """Extract one split into `out` (resuming a previous run of the same command)."""
+    start = time.perf_counter()
+    folder = Path(out)
+    expected = fingerprint(table, plan.split, params, parse_options)
+    with folder_lock(folder):
+        prepare_folder(folder, expected, overwrite)
+        manifest_path = folder / "manifest.json"
+        if manifest_path.exists():  # finished before: nothing to redo
+            manifest = json.loads(manifest_path.read_text())
+            shutil.rmtree(folder / ".parts", ignore_errors=True)
+            on_progress(plan.n_regions)
+            return SplitResult(plan.split, folder, manifest["counts"]["planned"],
+                               manifest["counts"]["written"], manifest["skipped"],
+                               manifest["failed"], manifest["shards"],
+                               time.perf_counter() - start, resumed_parts=len(plan.parts))
+        parts_dir = folder / ".parts"
+        parts_dir.mkdir(exist_ok=True)
+        indexes, resumed = run_parts(plan, params, parts_dir, workers=workers, backend=backend,
+                                     scheduler=scheduler, slide_backend=slide_backend,
+                                     tile_cache_bytes=tile_cache_bytes, on_progress=on_progress)
+        by_part = {idx["part_id"]: idx for idx in indexes}
+        shards = []
+        for i, entries in enumerate(plan_shards(indexes, params.shard_size, params.seed)):
+            path = folder / shard_name(plan.split, i)
+            if not path.exists():  # a visible shard is complete (atomic rename)
+                write_shard(path, entries, by_part, parts_dir)
+            shards.append(check_shard(path, decode=False).record)
+        failed = [f for idx in indexes for f in idx["failures"]]
+        timing: dict = {}
+        for idx in indexes:
+            for k, v in idx["timing"].items():
+                timing[k] = timing.get(k, 0.0) + v
+        slides: dict[str, dict] = {}
+        for idx in indexes:
+            entry = slides.setdefault(idx["slide"], {"count": 0, "failed": 0})
+            entry["count"] += len(idx["samples"])
+            entry["failed"] += len(idx["failures"])
+        written = sum(s["count"] for s in shards)
+        manifest = {
+            "tool": "patchetl",
+            "version": tool_version(),
+            "split": plan.split,
+            "coordinates": {"path": str(table.source), "sha256": expected["coordinates_sha256"]},
+            "params": params.as_dict(),
+            "parse": parse_options,
+            "counts": {"planned": plan.n_regions + len(plan.skipped), "written": written,
+                       "skipped": len(plan.skipped), "failed": len(failed)},
+            "shards": shards,
+            "slides": dict(sorted(slides.items())),
+            "skipped": plan.skipped,
+            "failed": failed,
+        }
+        write_json_atomic(manifest_path, manifest)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    return SplitResult(plan.split, folder, manifest["counts"]["planned"], written, plan.skipped,
+                       failed, shards, time.perf_counter() - start, resumed_parts=resumed,
+                       timing=timing,
+                       peak_rss_mb=max((i.get("peak_rss_mb", 0) for i in indexes), default=0))
+
+
+def plan_extraction(coords: Path, params: ExtractParams, *, data_root=None,
+                    location_order: str = "yx", anchor: str = "center",
+                    splits: list[str] | None = None, slide_backend: str = "auto"
+                    ) -> tuple[RegionTable, list[SplitPlan]]:
+    """Parse the coordinate file and run the preflight for every split, before any work."""
+    from etl.slide import open_slide
+
+    params.validate()
+    table = load_regions(coords, data_root=data_root, location_order=location_order,
+                         anchor=anchor, region_size=params.region_size, split=splits)
+    by_split = table.splits()
+    slides = inspect_slides([r.slide for r in table.regions],
+                            lambda p: open_slide(p, backend=slide_backend))
+    plans = [plan_split(s, regs, table.source, params, slides) for s, regs in by_split.items()]
+    problems = [p for plan in plans for p in plan.problems]
+    if problems:
+        raise PreflightError(problems)
+    return table, plans
+

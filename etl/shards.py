@@ -1,0 +1,306 @@
+"""Shard files: per-slide part tars (written by workers), their mixing into final shards,
+the manifest, and verification.
+
+Atomicity: every file is written under a temporary name, flushed to disk, then renamed, so a
+visible `.tar` is always complete. Parts are the unit of resumption for reading; final shards
+are the unit of resumption for mixing; `manifest.json` is written last.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import resource
+import tarfile
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+
+from etl.encode import decode_image, encode_region
+from etl.plan import ExtractParams, Part
+
+# Fixed member mtime: the same inputs give byte-identical tars (and sha256) on every run.
+TAR_MTIME = 0.0
+
+
+# --------------------------------------------------------------------------- atomic files
+@contextmanager
+def atomic_file(path: Path, mode: str = "wb"):
+    """Open `path.tmp-<pid>` for writing; fsync and rename onto `path` only on success."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    with atomic_file(path, "w") as fh:
+        json.dump(obj, fh, indent=1)
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete leftovers of an interrupted run (`*.tmp-<pid>`). Returns how many."""
+    n = 0
+    for tmp in Path(folder).rglob("*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- parts (workers)
+def sample_metadata(planned, split: str, params: ExtractParams, mpp, downsample: float) -> dict:
+    r = planned.region
+    return {
+        "key": planned.key,
+        "slide": r.image,
+        "split": split,
+        "index": r.index,
+        "x": r.x,  # level-0 centre
+        "y": r.y,
+        "x0": planned.x0,  # level-0 top-left actually read
+        "y0": planned.y0,
+        "level": params.level,
+        "downsample": downsample,
+        "region_size": params.region_size,
+        "grid": r.grid,
+        "cell_size": params.region_size // r.grid,
+        "labels": [list(row) for row in r.labels],  # row-major: labels[row][col]
+        "mpp": list(mpp) if mpp else None,
+        "padded": planned.padded,
+    }
+
+
+def part_paths(parts_dir: Path, part_id: str) -> tuple[Path, Path]:
+    return parts_dir / f"{part_id}.tar", parts_dir / f"{part_id}.json"
+
+
+def extract_part(part: Part, split: str, params: ExtractParams, parts_dir: Path,
+                 slide_backend: str = "auto", tile_cache_bytes: int = 256 << 20) -> dict:
+    """Read, encode and write one part; return its index (also written as `<part>.json`).
+
+    A region that fails to read or encode is recorded as a failure with its reason, never
+    dropped silently. Runs in a worker process: opens its own slide reader.
+    """
+    from etl.slide import open_slide  # imported here: worker processes start light
+
+    tar_path, index_path = part_paths(parts_dir, part.part_id)
+    timing = Counter()
+    failures, order = [], []
+    with open_slide(part.slide, backend=slide_backend, tile_cache_bytes=tile_cache_bytes) as reader, \
+            atomic_file(tar_path) as fh:
+        downsample = float(reader.level_downsamples[params.level])
+        writer = wds.TarWriter(fh, encoder=False, mtime=TAR_MTIME)
+        for planned in part.regions:
+            try:
+                t0 = time.perf_counter()
+                rgb = reader.read_region(planned.x0, planned.y0, params.level,
+                                         params.region_size, params.region_size)
+                t1 = time.perf_counter()
+                image = encode_region(rgb, params.fmt, params.quality)
+                t2 = time.perf_counter()
+            except Exception as exc:  # recorded in the manifest, and the run exits non-zero
+                failures.append({"key": planned.key, "split": split, "index": planned.region.index,
+                                 "image": planned.region.image, "x": planned.region.x,
+                                 "y": planned.region.y, "reason": f"{type(exc).__name__}: {exc}"})
+                continue
+            meta = sample_metadata(planned, split, params, reader.mpp, downsample)
+            writer.write({"__key__": planned.key, params.fmt: image,
+                          "json": json.dumps(meta, sort_keys=True).encode()})
+            timing["read"] += t1 - t0
+            timing["encode"] += t2 - t1
+            timing["write"] += time.perf_counter() - t2
+            order.append((planned.key, meta["labels"]))
+        writer.close()  # closes the tar stream, not our file handle
+    members = index_tar(tar_path)
+    index = {
+        "part_id": part.part_id,
+        "slide": part.image,
+        "samples": [{"key": k, "labels": lab, "members": members[k]} for k, lab in order],
+        "failures": failures,
+        "timing": dict(timing),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    write_json_atomic(index_path, index)
+    return index
+
+
+def index_tar(path: Path) -> dict[str, dict[str, list[int]]]:
+    """Map key -> {extension: [data offset, size]} for the members of a tar."""
+    out: dict[str, dict[str, list[int]]] = {}
+    with tarfile.open(path, "r:") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, ext = split_member_name(m.name)
+            out.setdefault(key, {})[ext] = [m.offset_data, m.size]
+    return out
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """WebDataset convention: key up to the first dot of the base name, extension after it."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def load_part_index(parts_dir: Path, part_id: str) -> dict | None:
+    """The index of a finished part, or None if the part is not (completely) done."""
+    tar_path, index_path = part_paths(parts_dir, part_id)
+    if not (index_path.exists() and tar_path.exists()):
+        return None
+    with open(index_path) as fh:
+        return json.load(fh)
+
+
+# --------------------------------------------------------------------------- mixing
+def plan_shards(part_indexes: list[dict], shard_size: int, seed: int) -> list[list[tuple[str, str]]]:
+    """Seeded global shuffle of all (key, part_id), cut into shards of `shard_size`."""
+    entries = sorted((s["key"], idx["part_id"]) for idx in part_indexes for s in idx["samples"])
+    random.Random(seed).shuffle(entries)
+    return [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)]
+
+
+def shard_name(split: str, i: int) -> str:
+    return f"{split}-{i:06d}.tar"
+
+
+def write_shard(path: Path, entries: list[tuple[str, str]], part_indexes: dict[str, dict],
+                parts_dir: Path) -> None:
+    """Copy the members of `entries` from their part tars into a new shard (no re-encoding)."""
+    members = {idx["part_id"]: {s["key"]: s["members"] for s in idx["samples"]}
+               for idx in part_indexes.values()}
+    handles: dict[str, object] = {}
+    try:
+        with atomic_file(path) as fh:
+            writer = wds.TarWriter(fh, encoder=False, mtime=TAR_MTIME)
+            for key, part_id in entries:
+                src = handles.get(part_id)
+                if src is None:
+                    src = handles[part_id] = open(part_paths(parts_dir, part_id)[0], "rb")
+                sample = {"__key__": key}
+                for ext, (offset, size) in members[part_id][key].items():
+                    src.seek(offset)
+                    sample[ext] = src.read(size)
+                writer.write(sample)
+            writer.close()
+    finally:
+        for src in handles.values():
+            src.close()
+
+
+# --------------------------------------------------------------------------- describe / verify
+def iter_samples(path: Path):
+    """Yield (key, {ext: bytes}) per sample of a shard, in order."""
+    current, sample = None, {}
+    with tarfile.open(path, "r:") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, ext = split_member_name(m.name)
+            if key != current and sample:
+                yield current, sample
+                sample = {}
+            current = key
+            sample[ext] = tar.extractfile(m).read()
+    if sample:
+        yield current, sample
+
+
+@dataclass
+class ShardCheck:
+    record: dict  # name, count, bytes, sha256, label histogram
+    keys: list[str]
+    problems: list[str]
+
+
+def check_shard(path: Path, decode: bool = True) -> ShardCheck:
+    """Describe a shard (for the manifest) and list what is wrong with its samples."""
+    problems, keys = [], []
+    cells, regions = Counter(), Counter()
+    for key, sample in iter_samples(path):
+        keys.append(key)
+        image_ext = next((e for e in ("jpg", "png") if e in sample), None)
+        if image_ext is None or "json" not in sample:
+            problems.append(f"{path.name}: sample {key}: members {sorted(sample)} lack an image or json")
+            continue
+        try:
+            meta = json.loads(sample["json"])
+            labels, grid = meta["labels"], meta["grid"]
+            if len(labels) != grid or any(len(row) != grid for row in labels):
+                raise ValueError(f"labels {labels} are not a {grid}x{grid} grid")
+        except Exception as exc:
+            problems.append(f"{path.name}: sample {key}: bad json member: {exc}")
+            continue
+        flat = [int(v) for row in labels for v in row]
+        cells.update(str(v) for v in flat)
+        regions["tumor" if any(flat) else "normal"] += 1
+        if decode:
+            try:
+                rgb = decode_image(sample[image_ext])
+                size = meta["region_size"]
+                if rgb.shape != (size, size, 3):
+                    raise ValueError(f"image is {rgb.shape}, expected ({size}, {size}, 3)")
+            except Exception as exc:
+                problems.append(f"{path.name}: sample {key}: image does not decode: {exc}")
+    record = {
+        "name": path.name,
+        "count": len(keys),
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "labels": {"cells": dict(sorted(cells.items())), "regions": dict(sorted(regions.items()))},
+    }
+    return ShardCheck(record, keys, problems)
+
+
+def verify_folder(folder: Path, decode: bool = True) -> list[str]:
+    """Check every shard of an extracted split folder against its manifest."""
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists():
+        return [f"{manifest_path}: missing (the extraction did not finish; rerun the same "
+                "`patchetl extract` command to complete it)"]
+    manifest = json.loads(manifest_path.read_text())
+    problems: list[str] = []
+    listed = {s["name"] for s in manifest["shards"]}
+    for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
+        problems.append(f"{folder / extra}: shard not listed in the manifest")
+    seen: Counter = Counter()
+    for expected in manifest["shards"]:
+        path = folder / expected["name"]
+        if not path.exists():
+            problems.append(f"{path}: missing")
+            continue
+        check = check_shard(path, decode=decode)
+        problems += check.problems
+        seen.update(check.keys)
+        for field in ("count", "bytes", "sha256", "labels"):
+            if check.record[field] != expected[field]:
+                problems.append(f"{path}: {field} is {check.record[field]}, manifest says "
+                                f"{expected[field]}")
+    dupes = [k for k, n in seen.items() if n > 1]
+    if dupes:
+        problems.append(f"{len(dupes)} keys occur more than once, e.g. {dupes[:3]}")
+    total = sum(seen.values())
+    if total != manifest["counts"]["written"]:
+        problems.append(f"{total} samples in shards, manifest says {manifest['counts']['written']}")
+    return problems
