@@ -26,6 +26,43 @@ def fail(message: str, code: int = 2) -> None:
 
 
 # --- synth command (owner: synth) ---
+@app.command()
+def synth(
+    out: Path = typer.Option(Path("data/synth"), help="Output folder (MONAI data-root layout)."),
+    slides: int = typer.Option(4, "--slides", help="Number of slides."),
+    width: int = typer.Option(4000, help="Level-0 width in pixels."),
+    height: int = typer.Option(3000, help="Level-0 height in pixels."),
+    tumor_fraction: float = typer.Option(0.5, help="Share of slides with tumor lesions."),
+    seed: int = typer.Option(0, help="Random seed; same options + seed give identical files."),
+    mpp: float = typer.Option(0.243, help="Micrometres per pixel at level 0 (coarser = smaller textures)."),
+    downsample: int = typer.Option(2, help="Pyramid downsample per level: 2 or 4."),
+    vendor: str = typer.Option("generic", help="generic (tiled TIFF) or aperio (SVS layout, .svs)."),
+    quality: int = typer.Option(90, help="JPEG quality of the slide tiles."),
+    regions_per_slide: int = typer.Option(32, help="Regions per slide in the coordinate files."),
+    region_size: int = typer.Option(768, help="Region side in level-0 pixels."),
+    grid: int = typer.Option(3, help="Label grid per region (grid x grid cells)."),
+    val_fraction: float = typer.Option(0.25, help="Share of slides in the validation split."),
+) -> None:
+    """Write synthetic H&E-like slides, tumor annotations and masks, and dataset_0.json / CSVs."""
+    from etl.synth import synth_cohort
+
+    def report(slide) -> None:
+        typer.echo(f"  {slide.path.name}: {slide.width}x{slide.height}"
+                   f"{'  tumor' if slide.has_tumor else ''}")
+
+    try:
+        cohort = synth_cohort(
+            out, n_slides=slides, width=width, height=height, tumor_fraction=tumor_fraction,
+            seed=seed, mpp=mpp, downsample=downsample, vendor=vendor, jpeg_quality=quality,
+            regions_per_slide=regions_per_slide, region_size=region_size, grid=grid,
+            val_fraction=val_fraction, progress=report)
+    except ValueError as exc:
+        fail(str(exc))
+    n_tumor = sum(s.has_tumor for s in cohort.slides)
+    typer.echo(f"wrote {len(cohort.slides)} slide(s), {n_tumor} with tumor, to "
+               f"{cohort.root / 'training' / 'images'}")
+    typer.echo(f"coordinates: {cohort.dataset_json} (and {cohort.csv_paths['all'].name}); "
+               f"use --data-root {cohort.root}")
 
 
 # --- inspect command (owner: coords) ---

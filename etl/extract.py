@@ -242,6 +242,11 @@ def plan_extraction(coords: Path, params: ExtractParams, *, data_root=None,
     from etl.slide import open_slide
 
     params.validate()
+    if anchor == "corner" and params.level > 0:
+        # The corner -> centre shift is region_size // 2 level-0 pixels; at level > 0 a region
+        # spans region_size * downsample level-0 pixels, which is known only per slide.
+        raise ExtractError("--anchor corner is only supported with --level 0; convert the "
+                           "locations to centres (or read at level 0)")
     table = load_regions(coords, data_root=data_root, location_order=location_order,
                          anchor=anchor, region_size=params.region_size, split=splits)
     by_split = table.splits()

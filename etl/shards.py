@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import random
-import resource
 import tarfile
 import time
 from collections import Counter
@@ -68,6 +67,18 @@ def sha256_file(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- parts (workers)
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is not inherited
+    from the parent across fork + exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def sample_metadata(planned, split: str, params: ExtractParams, mpp, downsample: float) -> dict:
     r = planned.region
     return {
@@ -138,7 +149,7 @@ def extract_part(part: Part, split: str, params: ExtractParams, parts_dir: Path,
         "samples": [{"key": k, "labels": lab, "members": members[k]} for k, lab in order],
         "failures": failures,
         "timing": dict(timing),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
     write_json_atomic(index_path, index)
     return index

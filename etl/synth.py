@@ -49,14 +49,14 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from etl.annotations import points_in_polygons, read_asap_xml, write_asap_xml
 
 __all__ = [
-    "MASK_DOWNSAMPLE", "SlideScene", "SynthCohort", "SynthSlide", "make_scene", "points_in_polygons",
-    "read_asap_xml", "read_mask", "region_labels", "render_slide", "synth_cohort", "tumor_mask",
-    "write_slide",
+    "MASK_DOWNSAMPLE", "SlideScene", "SynthCohort", "SynthSlide", "box_downsample", "make_scene",
+    "points_in_polygons", "pyramid_dims", "read_asap_xml", "read_mask", "region_labels",
+    "render_slide", "sample_regions", "synth_cohort", "tumor_mask", "write_mask", "write_slide",
 ]
 
 TILE = 256
@@ -152,7 +152,7 @@ def _nuclei_layer(rng: np.random.Generator, period: int, style: _NucleiStyle, mp
     stain = rng.uniform(*style.stain, size=len(centres)).astype(np.float32)
     n_protos = 32
     proto_of = rng.integers(0, n_protos, size=len(centres))
-    soft = 0.8  # edge softness in pixels
+    soft = max(0.8, 0.35 / mpp)  # edge softness in pixels (about a scanner's blur)
     flats, vals, offs = [], [], []
     for p in range(n_protos):
         a = rng.uniform(*style.radius_um) / mpp
@@ -167,7 +167,8 @@ def _nuclei_layer(rng: np.random.Generator, period: int, style: _NucleiStyle, mp
                             for k in (2, 3, 5))  # irregular, pleomorphic border
         dist = np.sqrt((u / a) ** 2 + (v / b) ** 2) / outline  # 1 on the nuclear border
         prof = np.clip((1.0 - dist) * b / soft + 0.5, 0.0, 1.0)
-        chromatin = 0.78 + 0.22 * np.clip(rng.standard_normal(dist.shape), -2, 2) / 2
+        clumps = _fft_noise(rng, dist.shape, max(0.8, 0.5 / mpp))  # chromatin texture
+        chromatin = 0.8 + 0.2 * np.clip(clumps, -2, 2) / 2
         prof *= (0.8 + 0.2 * np.clip(dist, 0, 1)) * chromatin  # darker rim, grainy inside
         keep = prof > 0.02
         dy, dx, prof = dy[keep], dx[keep], prof[keep].astype(np.float32)
@@ -223,7 +224,7 @@ def _make_textures(rng: np.random.Generator, mpp: float) -> _Textures:
     hole_b = _fft_noise(rng, (t2, t2), 12.0 / mpp)
     a = _wrap_pad(np.stack([an, at, patchy, hole_a]).astype(np.float32))
     b = _wrap_pad(np.stack([bn, bt, fibres, fine, edge, hole_b]).astype(np.float32))
-    grain = _wrap_pad(_fft_noise(rng, (t2, t2), 0.5)[None])[0]
+    grain = _wrap_pad(_fft_noise(rng, (t2, t2), 1.0)[None])[0]
     reach = int(max(np.abs(o).max() for o in (an_off, at_off, bn_off, bt_off)))
     a_off = _wrap_pad(np.concatenate([an_off, at_off], -1).transpose(2, 0, 1))
     b_off = _wrap_pad(np.concatenate([bn_off, bt_off], -1).transpose(2, 0, 1))
@@ -271,19 +272,17 @@ class SlideScene:
                + (s[i + 1, j] * (1 - fx) + s[i + 1, j + 1] * fx) * fy)
         return (val - self.threshold) / self.score_per_px
 
-    def _weights(self, start: int, n: int, size: int) -> tuple[int, np.ndarray]:
-        """Bilinear upsampling along one axis as a matrix: (first cell, (n, cells) weights)."""
+    def _interp(self, start: int, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bilinear interpolation along one axis: field indices and weights of pixels start..+n."""
         u = (np.arange(start, start + n) + 0.5) / self.cell - 0.5
         idx = np.clip(np.floor(u).astype(np.int64), 0, size - 2)
-        frac = np.clip(u - idx, 0.0, 1.0)
-        first = int(idx[0])
-        wts = np.zeros((n, int(idx[-1]) - first + 2), np.float32)
-        wts[np.arange(n), idx - first] = 1.0 - frac
-        wts[np.arange(n), idx - first + 1] = frac
-        return first, wts
+        return idx, np.clip(u - idx, 0.0, 1.0).astype(np.float32)
 
-    def _tumor_raster(self, x0: int, y0: int, h: int, w: int) -> np.ndarray | None:
-        """Lesion pixels of the window at (x0, y0), size (h, w) (PIL; for looks only), or None."""
+    def _tumor_raster(self, x0: int, y0: int, h: int, w: int) -> Image.Image | None:
+        """Lesion pixels (255) of the window at (x0, y0), size (h, w), or None if it has none.
+
+        PIL rasterisation, for looks only: labels and masks use the exact polygon test.
+        """
         img = None
         for poly in self.polygons:
             (xmin, ymin), (xmax, ymax) = poly.min(axis=0), poly.max(axis=0)
@@ -292,8 +291,8 @@ class SlideScene:
             if img is None:
                 img = Image.new("L", (w, h), 0)
                 draw = ImageDraw.Draw(img)
-            draw.polygon([(x - x0 - 0.5, y - y0 - 0.5) for x, y in poly], fill=1)
-        return None if img is None else np.asarray(img, dtype=bool)
+            draw.polygon([(x - x0 - 0.5, y - y0 - 0.5) for x, y in poly], fill=255)
+        return img
 
     def render_tile(self, x0: int, y0: int, h: int = TILE, w: int = TILE) -> np.ndarray:
         """Render the (h, w, 3) uint8 RGB tile whose top-left level-0 pixel is (x0, y0)."""
@@ -301,18 +300,21 @@ class SlideScene:
             raise ValueError(f"tile size {h}x{w}: at most {TILE}x{TILE}")
         tex = self.textures
         gh, gw = self.fields.shape[1:]
-        iy, wy = self._weights(y0, h, gh)
-        ix, wx = self._weights(x0, w, gw)
+        iy, fy = self._interp(y0, h, gh)
+        ix, fx = self._interp(x0, w, gw)
         oy, ox = self.offset
         t1, t2 = TEXTURE_PERIODS
         ya, xa = (y0 + oy) % t1, (x0 + ox) % t1
         yb, xb = (y0 + oy) % t2, (x0 + ox) % t2
         grain = tex.grain[yb : yb + h, xb : xb + w]
         od = [self.bg_od[c] + 0.012 * grain for c in range(3)]  # planar R, G, B
-        win = self.fields[:, iy : iy + wy.shape[1], ix : ix + wx.shape[1]]
+        win = self.fields[:, iy[0] : iy[-1] + 2, ix[0] : ix[-1] + 2]
         reach = 4.0 * self._ragged_px + self._soft_px
         if (win[0].max() - self.threshold) / self.score_per_px + reach > 0:  # tissue possible
-            f = wy @ win @ wx.T  # (3, h, w): tissue score, hematoxylin and eosin gains
+            # Bilinear upsampling by gathers (tiny BLAS matmuls stall on busy machines).
+            iy, ix = iy - iy[0], ix - ix[0]
+            rows = win[:, iy] * (1 - fy)[:, None] + win[:, iy + 1] * fy[:, None]
+            f = rows[:, :, ix] * (1 - fx) + rows[:, :, ix + 1] * fx  # (3, h, w)
             a = tex.a[:, ya : ya + h, xa : xa + w]
             b = tex.b[:, yb : yb + h, xb : xb + w]
             dist = (f[0] - self.threshold) / self.score_per_px + self._ragged_px * b[4]
@@ -321,7 +323,8 @@ class SlideScene:
             fib, fine, patchy = b[2], b[3], a[2]
             eos = _NORMAL.eosin * np.maximum(0.45 + 0.55 * fib + 0.15 * patchy + 0.08 * fine, 0.05)
             m = tex.reach
-            lesion = self._tumor_raster(x0 - m, y0 - m, h + 2 * m, w + 2 * m)
+            raster = self._tumor_raster(x0 - m, y0 - m, h + 2 * m, w + 2 * m)
+            lesion = None if raster is None else np.asarray(raster) > 127
             tumor_share = None  # how much of the stroma is tumor stroma
             if lesion is None or not lesion.any():
                 hema = np.maximum(a[0], b[0])
@@ -346,9 +349,9 @@ class SlideScene:
                     np.where(centre_in(b_off[2:4]), b[1], 0.0),
                 ])
                 # Stroma changes over about a nucleus' width at the lesion border.
-                near = _box_blur(lesion.astype(np.float32), m)[m : m + h, m : m + w]
-                tumor_share = near
-                base = 0.07 + 0.05 * near
+                near = np.asarray(raster.filter(ImageFilter.BoxBlur(m)), np.float32)
+                tumor_share = near[m : m + h, m : m + w] / np.float32(255.0)
+                base = 0.07 + 0.05 * tumor_share
             if tumor_share is not None:
                 eos_t = _TUMOR.eosin * np.maximum(0.70 + 0.30 * fib + 0.10 * patchy + 0.08 * fine,
                                                   0.05)
@@ -375,19 +378,6 @@ class SlideScene:
         return out
 
 
-def _box_blur(img: np.ndarray, r: int) -> np.ndarray:
-    """Mean over a (2r+1)^2 box, same shape (edges use the available pixels)."""
-    out = img
-    for axis in (0, 1):
-        c = np.cumsum(np.pad(out, [(r + 1, r) if ax == axis else (0, 0) for ax in (0, 1)],
-                             mode="edge"), axis=axis, dtype=np.float32)
-        n = out.shape[axis]
-        hi = np.take(c, np.arange(2 * r + 1, 2 * r + 1 + n), axis=axis)
-        lo = np.take(c, np.arange(0, n), axis=axis)
-        out = (hi - lo) / np.float32(2 * r + 1)
-    return out
-
-
 def _tissue_fields(rng: np.random.Generator, width: int, height: int
                    ) -> tuple[float, np.ndarray, float, float]:
     """Low-resolution tissue score, stain gains, threshold and score slope per pixel."""
@@ -407,9 +397,10 @@ def _tissue_fields(rng: np.random.Generator, width: int, height: int
         score += rng.uniform(0.6, 1.0) * np.exp(-0.5 * ((u / sx) ** 2 + (v / sy) ** 2))
     score += 0.30 * _smooth_noise(rng, (gh, gw), 0.07 * FIELD_CELLS)
     score += 0.10 * _smooth_noise(rng, (gh, gw), 0.02 * FIELD_CELLS)
-    # Keep a margin of glass along the slide border.
+    # Keep a margin of glass along the slide border (a wavy one: no straight tissue edges).
     border = np.minimum(np.minimum(X, width / side - X), np.minimum(Y, height / side - Y))
-    taper = np.clip(border / 0.05, 0.0, 1.0)
+    border = border + 0.015 * _smooth_noise(rng, (gh, gw), 0.03 * FIELD_CELLS)
+    taper = np.clip(border / 0.06, 0.0, 1.0)
     score = score * taper - 2.0 * (1.0 - taper)
     inside = (yc[:, None] < height) & (xc[None, :] < width)
     coverage = rng.uniform(0.30, 0.55)
@@ -425,6 +416,7 @@ def _tissue_fields(rng: np.random.Generator, width: int, height: int
 
 
 def _polygon_area(poly: np.ndarray) -> float:
+    """Shoelace area of an (N, 2) polygon."""
     x, y = poly[:, 0], poly[:, 1]
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
@@ -470,14 +462,15 @@ def _tumor_polygons(rng: np.random.Generator, scene: SlideScene) -> list[np.ndar
         for _ in range(tries):
             radius = min(rng.uniform(*r_um) / mpp, cap)
             c = deep[rng.integers(len(deep))]
-            if any(np.hypot(*(c - pc)) < radius + pr for pc, pr in placed):
-                continue
             poly = _lesion(rng, scene, c, radius)
+            extent = float(np.hypot(*(poly - c).T).max())
+            if any(np.hypot(*(c - pc)) < extent + pe for pc, pe in placed):
+                continue  # lesions never overlap
             diam_um = 2.0 * math.sqrt(_polygon_area(poly) / math.pi) * mpp
             if diam_um < min(min_diam_um, 1.4 * cap * mpp):
                 continue
             polys.append(poly)
-            placed.append((c, radius))
+            placed.append((c, extent))
             return
 
     for _ in range(wanted):
@@ -523,8 +516,11 @@ def render_slide(width: int, height: int, *, mpp: float = 0.243, has_tumor: bool
 # ----------------------------------------------------------------------------- writing
 
 
-def _halve(img: np.ndarray, ds: int) -> np.ndarray:
-    """Box-filter downsample by ``ds`` (drops a remainder row/column), rounded, uint8."""
+def box_downsample(img: np.ndarray, ds: int) -> np.ndarray:
+    """Box-filter downsample of a uint8 image by ``ds`` (remainder rows/columns dropped), rounded.
+
+    This is how each pyramid level is made from the one above it.
+    """
     h, w = img.shape[0] // ds, img.shape[1] // ds
     acc = np.full((h, w) + img.shape[2:], ds * ds // 2, np.uint16)  # rounding offset
     for dy in range(ds):  # summing strided views is much faster than reshape + sum
@@ -565,7 +561,7 @@ def write_slide(path: str | Path, scene: SlideScene, *, downsample: int = 2,
             for x0 in range(0, W, TILE):
                 tile = scene.render_tile(x0, y0)
                 if level1 is not None:  # build level 1 on the way, from exact pixels
-                    small = _halve(tile[: H - y0, : W - x0], downsample)
+                    small = box_downsample(tile[: H - y0, : W - x0], downsample)
                     ly, lx = y0 // downsample, x0 // downsample
                     level1[ly : ly + small.shape[0], lx : lx + small.shape[1]] = small
                 yield tile
@@ -604,7 +600,7 @@ def write_slide(path: str | Path, scene: SlideScene, *, downsample: int = 2,
                         f"JPEG/RGB Q={jpeg_quality}")
             tw.write(level, tile=(TILE, TILE), resolution=resolution(w, h), description=desc,
                      subfiletype=1 if vendor == "generic" else 0, **common)
-            level = _halve(level, downsample)
+            level = box_downsample(level, downsample)
     return dims
 
 
@@ -737,8 +733,8 @@ def _validate(n_slides: int, width: int, height: int, tumor_fraction: float, mpp
                         f"{max(region_size, TILE)} or a smaller region size")
     if not 0.0 <= tumor_fraction <= 1.0:
         problems.append(f"tumor_fraction={tumor_fraction}: use a value in [0, 1]")
-    if not (mpp > 0 and math.isfinite(mpp)):
-        problems.append(f"mpp={mpp}: use a positive micrometres-per-pixel value (e.g. 0.243)")
+    if not 0.02 <= mpp <= 50:
+        problems.append(f"mpp={mpp}: use micrometres per pixel in [0.02, 50] (e.g. 0.243)")
     if downsample not in (2, 4):
         problems.append(f"downsample={downsample}: use 2 or 4")
     if vendor not in ("generic", "aperio"):
@@ -780,14 +776,16 @@ def synth_cohort(out: Path, *, n_slides: int = 4, width: int = 4000, height: int
     kinds += [("normal", i + 1) for i in range(n_slides - n_tumor)]
     ext = ".svs" if vendor == "aperio" else ".tif"
 
-    # Split by slide: validation takes slides alternately from the tumor and normal ends.
+    # Split by slide: validation takes the last slides, alternately tumor and normal; the
+    # first tumor and first normal slide go last, so training keeps one of each if it can.
     n_val = 0
     if n_slides > 1 and val_fraction > 0:
         n_val = min(n_slides - 1, max(1, int(math.floor(val_fraction * n_slides + 0.5))))
     tumor_idx = list(range(n_tumor))[::-1]
     normal_idx = list(range(n_tumor, n_slides))[::-1]
+    tail = [idx.pop() for idx in (normal_idx, tumor_idx) if idx]  # normal_001, tumor_001
     order = [i for pair in zip(tumor_idx, normal_idx) for i in pair]
-    order += tumor_idx[len(normal_idx):] + normal_idx[len(tumor_idx):]
+    order += tumor_idx[len(normal_idx):] + normal_idx[len(tumor_idx):] + tail
     val_set = set(order[:n_val])
 
     slides: list[SynthSlide] = []
@@ -832,15 +830,17 @@ def synth_cohort(out: Path, *, n_slides: int = 4, width: int = 4000, height: int
 
     dataset_json = root / "dataset_0.json"
     parts = []
-    for split in ("training", "validation"):
+    # An empty split is left out: our own parser (rightly) rejects empty splits.
+    splits = [s for s in ("training", "validation") if entries[s]]
+    for split in splits:
         body = ",\n".join("  " + json.dumps(e) for e in entries[split])
-        parts.append(f' "{split}": [\n{body}\n ]' if body else f' "{split}": []')
+        parts.append(f' "{split}": [\n{body}\n ]')
     dataset_json.write_text("{\n" + ",\n".join(parts) + "\n}\n", encoding="utf-8")
 
-    csv_paths = {"all": root / "dataset_0.csv", "training": root / "dataset_0_training.csv",
-                 "validation": root / "dataset_0_validation.csv"}
+    csv_paths = {"all": root / "dataset_0.csv",
+                 **{split: root / f"dataset_0_{split}.csv" for split in splits}}
     _write_csv(csv_paths["all"], entries["training"] + entries["validation"], grid * grid)
-    for split in ("training", "validation"):
+    for split in splits:
         _write_csv(csv_paths[split], entries[split], grid * grid)
 
     params = dict(n_slides=n_slides, width=width, height=height, tumor_fraction=tumor_fraction,
@@ -850,6 +850,9 @@ def synth_cohort(out: Path, *, n_slides: int = 4, width: int = 4000, height: int
     meta = {"generator": "patchetl.etl.synth", "params": params,
             "mask_downsample": MASK_DOWNSAMPLE, "label_order": "column-by-column (k = grid*col + row)",
             "dataset_json": dataset_json.name,
-            "csv": {k: v.name for k, v in csv_paths.items()}, "slides": facts}
-    (root / "synth.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+            "csv": {k: v.name for k, v in csv_paths.items()}}
+    head = json.dumps(meta, indent=1)[: -len("\n}")]  # one line per slide below
+    slide_lines = ",\n".join("  " + json.dumps(f) for f in facts)
+    (root / "synth.json").write_text(f'{head},\n "slides": [\n{slide_lines}\n ]\n}}\n',
+                                     encoding="utf-8")
     return SynthCohort(root=root, slides=slides, dataset_json=dataset_json, csv_paths=csv_paths)

@@ -1,0 +1,125 @@
+"""ETL benchmark: regions/s of the naive per-region OpenSlide ETL vs `patchetl extract`.
+
+(a) naive: OpenSlide `read_region` per region in dataset order, same JPEG encoding, shards
+    written with webdataset's ShardWriter, one process (the seed's read pattern, offline);
+(b) `patchetl extract` with 1 worker;  (c) with 2 workers.
+Same synthetic slides, same coordinates, 768 px regions, JPEG 95. Medians of --repeats runs.
+
+    python benchmarks/bench_etl.py --out benchmarks/results/etl.md
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import openslide
+import webdataset as wds
+
+from benchmarks.common import machine, median, table, write_section
+from etl.encode import encode_region
+from etl.extract import extract_split, plan_extraction
+from etl.plan import ExtractParams, region_box
+from etl.slide import read_region_openslide_rgb
+
+REGION = 768
+
+
+def naive_etl(table_, out: Path, quality: int, shard_size: int) -> int:
+    """The baseline: one OpenSlide handle per slide, regions in file order, one process."""
+    out.mkdir(parents=True)
+    handles: dict = {}
+    n = 0
+    with wds.ShardWriter(str(out / "naive-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+        for r in table_.regions:
+            slide = handles.get(r.slide) or handles.setdefault(r.slide, openslide.OpenSlide(str(r.slide)))
+            x0, y0, _ = region_box(r.x, r.y, REGION)
+            rgb = read_region_openslide_rgb(slide, x0, y0, 0, REGION, REGION)
+            sink.write({"__key__": f"{r.slide.stem}_x{r.x}_y{r.y}", "jpg": encode_region(rgb, "jpg", quality),
+                        "json": {"labels": [list(row) for row in r.labels]}})
+            n += 1
+    for h in handles.values():
+        h.close()
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/etl.md"))
+    ap.add_argument("--slides", type=int, default=4)
+    ap.add_argument("--width", type=int, default=8000)
+    ap.add_argument("--height", type=int, default=6000)
+    ap.add_argument("--regions-per-slide", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quality", type=int, default=95)
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench_etl_"))
+    try:
+        # Synthesise in a child process so its memory does not count as the extractor's.
+        data = work / "data"
+        subprocess.run([sys.executable, "-m", "training.cli", "synth", "--out", str(data),
+                        "--slides", str(args.slides), "--width", str(args.width), "--height",
+                        str(args.height), "--seed", "7", "--regions-per-slide",
+                        str(args.regions_per_slide), "--region-size", str(REGION)],
+                       check=True, stdout=subprocess.DEVNULL)
+        params = ExtractParams(region_size=REGION, quality=args.quality, shard_size=100)
+        table_, plans = plan_extraction(data / "dataset_0.json", params, data_root=data)
+        # Warm up the process pool once (worker start-up is paid once per command, not per run).
+        for plan in plans:
+            extract_split(table_, plan, work / "warmup" / plan.split, params, {}, workers=2)
+        n_regions = len(table_.regions)
+        runs: dict[str, list[float]] = {"naive": [], "w1": [], "w2": []}
+        shares, rss = {}, {}
+        for rep in range(args.repeats):
+            # Interleave the variants so machine noise hits them alike.
+            t0 = time.perf_counter()
+            assert naive_etl(table_, work / f"naive{rep}", args.quality, params.shard_size) == n_regions
+            runs["naive"].append(n_regions / (time.perf_counter() - t0))
+            for name, workers in (("w1", 1), ("w2", 2)):
+                t0 = time.perf_counter()
+                results = [extract_split(table_, plan, work / f"{name}-{rep}" / plan.split, params,
+                                         {}, workers=workers) for plan in plans]
+                elapsed = time.perf_counter() - t0
+                assert sum(r.written for r in results) == n_regions
+                runs[name].append(n_regions / elapsed)
+                timing = {}
+                for r in results:
+                    for k, v in r.timing.items():
+                        timing[k] = timing.get(k, 0.0) + v
+                busy = sum(timing.values())
+                shares[name] = {k: v / busy for k, v in timing.items()}
+                rss[name] = max(r.peak_rss_mb for r in results)
+            for rep_dir in work.glob(f"*{rep}"):
+                shutil.rmtree(rep_dir, ignore_errors=True)
+        naive, w1, w2 = (median(runs[k]) for k in ("naive", "w1", "w2"))
+        rows = [
+            ["(a) naive: OpenSlide read_region per region, 1 process", f"{naive:.1f}", "1.00x", "baseline"],
+            ["(b) patchetl extract --workers 1", f"{w1:.1f}", f"{w1 / naive:.2f}x vs (a)", ">= 3x (a)"],
+            ["(c) patchetl extract --workers 2", f"{w2:.1f}", f"{w2 / w1:.2f}x vs (b)", ">= 1.7x (b)"],
+        ]
+        share_rows = [[name, *(f"{100 * s.get(k, 0):.0f}%" for k in ("read", "encode", "write")),
+                       f"{rss[name]:.0f} MiB"] for name, s in shares.items()]
+        text = "\n\n".join([
+            "## ETL: regions/s (issue 3)",
+            f"Command: `python benchmarks/bench_etl.py` (run by `make bench`). Machine: {machine()}.",
+            f"Data: {args.slides} synthetic slides of {args.width} x {args.height} (JPEG tiles 256), "
+            f"{n_regions} regions of {REGION} px, JPEG quality {args.quality}; medians of "
+            f"{args.repeats} interleaved runs (all runs: "
+            + ", ".join(f"{k} {[round(v, 1) for v in vs]}" for k, vs in runs.items()) + ").",
+            table(["variant", "regions/s (median)", "ratio", "target"], rows),
+            "Share of worker time per stage (read = slide read incl. tile decode; encode = JPEG; "
+            "write = tar member), and peak RSS per worker process:",
+            table(["run", "read", "encode", "write", "peak RSS/worker"], share_rows),
+        ])
+        write_section(args.out, text)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
