@@ -10,6 +10,7 @@ Same synthetic slides, same coordinates, 768 px regions, JPEG 95. Medians of --r
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -18,10 +19,10 @@ import time
 from pathlib import Path
 
 import openslide
-import webdataset as wds
 
 from benchmarks.common import machine, median, table, write_section
 from etl.encode import encode_region
+from etl.shards import SampleTarWriter
 from etl.extract import extract_split, plan_extraction
 from etl.plan import ExtractParams, region_box
 from etl.slide import read_region_openslide_rgb
@@ -30,21 +31,26 @@ REGION = 768
 
 
 def naive_etl(table_, out: Path, quality: int, shard_size: int) -> int:
-    """The baseline: one OpenSlide handle per slide, regions in file order, one process."""
+    """The baseline: one OpenSlide handle per slide, regions in file order, one process,
+    the same JPEG encoder and tar writer, shards of `shard_size` samples."""
     out.mkdir(parents=True)
     handles: dict = {}
-    n = 0
-    with wds.ShardWriter(str(out / "naive-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for r in table_.regions:
-            slide = handles.get(r.slide) or handles.setdefault(r.slide, openslide.OpenSlide(str(r.slide)))
-            x0, y0, _ = region_box(r.x, r.y, REGION)
-            rgb = read_region_openslide_rgb(slide, x0, y0, 0, REGION, REGION)
-            sink.write({"__key__": f"{r.slide.stem}_x{r.x}_y{r.y}", "jpg": encode_region(rgb, "jpg", quality),
-                        "json": {"labels": [list(row) for row in r.labels]}})
-            n += 1
+    for start in range(0, len(table_.regions), shard_size):
+        with open(out / f"naive-{start // shard_size:06d}.tar", "wb") as fh:
+            sink = SampleTarWriter(fh)
+            for r in table_.regions[start:start + shard_size]:
+                slide = handles.get(r.slide) or handles.setdefault(
+                    r.slide, openslide.OpenSlide(str(r.slide)))
+                x0, y0, _ = region_box(r.x, r.y, REGION)
+                rgb = read_region_openslide_rgb(slide, x0, y0, 0, REGION, REGION)
+                meta = {"labels": [list(row) for row in r.labels]}
+                sink.write(f"{r.slide.stem}_x{r.x}_y{r.y}",
+                           {"jpg": encode_region(rgb, "jpg", quality),
+                            "json": json.dumps(meta).encode()})
+            sink.close()
     for h in handles.values():
         h.close()
-    return n
+    return len(table_.regions)
 
 
 def main() -> None:

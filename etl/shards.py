@@ -8,6 +8,7 @@ are the unit of resumption for mixing; `manifest.json` is written last.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -18,13 +19,31 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import webdataset as wds
-
 from etl.encode import decode_image, encode_region
 from etl.plan import ExtractParams, Part
 
 # Fixed member mtime: the same inputs give byte-identical tars (and sha256) on every run.
-TAR_MTIME = 0.0
+TAR_MTIME = 0
+
+
+class SampleTarWriter:
+    """Writes WebDataset samples as `<key>.<ext>` tar members (USTAR, like webdataset's
+    TarWriter). The standard library does this; webdataset's own writer would import torch
+    into every ETL worker (seconds of start-up, and etl must stay torch-free)."""
+
+    def __init__(self, fileobj) -> None:
+        self.tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        for ext in sorted(members):
+            data = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+            info.uname = info.gname = "patchetl"
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.tar.close()  # writes the end-of-archive blocks; the file object stays open
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -120,7 +139,7 @@ def extract_part(part: Part, split: str, params: ExtractParams, parts_dir: Path,
     with open_slide(part.slide, backend=slide_backend, tile_cache_bytes=tile_cache_bytes) as reader, \
             atomic_file(tar_path) as fh:
         downsample = float(reader.level_downsamples[params.level])
-        writer = wds.TarWriter(fh, encoder=False, mtime=TAR_MTIME)
+        writer = SampleTarWriter(fh)
         for planned in part.regions:
             try:
                 t0 = time.perf_counter()
@@ -135,8 +154,8 @@ def extract_part(part: Part, split: str, params: ExtractParams, parts_dir: Path,
                                  "y": planned.region.y, "reason": f"{type(exc).__name__}: {exc}"})
                 continue
             meta = sample_metadata(planned, split, params, reader.mpp, downsample)
-            writer.write({"__key__": planned.key, params.fmt: image,
-                          "json": json.dumps(meta, sort_keys=True).encode()})
+            writer.write(planned.key, {params.fmt: image,
+                                       "json": json.dumps(meta, sort_keys=True).encode()})
             timing["read"] += t1 - t0
             timing["encode"] += t2 - t1
             timing["write"] += time.perf_counter() - t2
@@ -203,16 +222,16 @@ def write_shard(path: Path, entries: list[tuple[str, str]], part_indexes: dict[s
     handles: dict[str, object] = {}
     try:
         with atomic_file(path) as fh:
-            writer = wds.TarWriter(fh, encoder=False, mtime=TAR_MTIME)
+            writer = SampleTarWriter(fh)
             for key, part_id in entries:
                 src = handles.get(part_id)
                 if src is None:
                     src = handles[part_id] = open(part_paths(parts_dir, part_id)[0], "rb")
-                sample = {"__key__": key}
+                sample = {}
                 for ext, (offset, size) in members[part_id][key].items():
                     src.seek(offset)
                     sample[ext] = src.read(size)
-                writer.write(sample)
+                writer.write(key, sample)
             writer.close()
     finally:
         for src in handles.values():

@@ -1,0 +1,22 @@
+"""The ETL stays light: no module of `etl` imports torch (or training), so ETL workers start
+fast on a cluster and `patchetl extract --help` does not load torch."""
+import subprocess
+import sys
+
+
+def test_etl_modules_do_not_import_torch():
+    code = ("import sys, pkgutil, importlib, etl\n"
+            "for m in pkgutil.iter_modules(etl.__path__): importlib.import_module('etl.' + m.name)\n"
+            "bad = [m for m in ('torch', 'training', 'webdataset') if m in sys.modules]\n"
+            "print(bad); sys.exit(1 if bad else 0)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_extract_help_does_not_load_torch():
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom training.cli import app\n"
+            "r = CliRunner().invoke(app, ['extract', '--help'])\n"
+            "assert r.exit_code == 0 and '--json' in r.output, r.output\n"
+            "sys.exit(1 if 'torch' in sys.modules else 0)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
