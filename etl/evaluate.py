@@ -591,6 +591,8 @@ def plot_froc(fps: Sequence[float], sens: Sequence[float], path: str | Path, *,
         pts.append(px(xmax, float(np.interp(xmax, x, y))))
     if len(pts) > 1:
         d.line(pts, fill=(20, 60, 160), width=3)
+    if len(pts) and x[-1] < xmax:  # np.interp holds the last sensitivity beyond the curve
+        d.line([pts[-1], px(xmax, y[-1])], fill=(150, 170, 215), width=2)
     if at is not None:
         for r, s in zip(rates, at):
             if s is not None and math.isfinite(s):
