@@ -30,7 +30,8 @@ def tissue_region(labels: np.ndarray, cell: int, rng: np.random.Generator) -> np
     rgb = np.zeros((grid * cell, grid * cell, 3), np.float32)
     for r in range(grid):
         for c in range(grid):
-            rgb[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = TUMOR if labels[r, c] else NORMAL
+            colour = TUMOR if labels[r, c] else NORMAL
+            rgb[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = colour
     rgb += rng.normal(0, 12, rgb.shape)
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
@@ -88,7 +89,8 @@ def test_grid_split_gives_each_patch_its_cells_colour_and_row_major_label(tmp_pa
     region, grid = 96, 3
     cell = region // grid
     colours = np.array([[r * 80 + 20, c * 80 + 20, 60 + 10 * (3 * r + c)]
-                        for r in range(grid) for c in range(grid)], np.uint8).reshape(grid, grid, 3)
+                        for r in range(grid) for c in range(grid)], np.uint8)
+    colours = colours.reshape(grid, grid, 3)
     asym = np.array([[1, 1, 0], [0, 0, 0], [1, 0, 0]], np.uint8)  # not symmetric, not flip-safe
 
     def painter(i, labels, rng):
@@ -170,7 +172,8 @@ def test_per_patch_colour_jitter_matches_torchvision():
     ours = {"contrast": adjust_contrast(x, factors), "saturation": adjust_saturation(x, factors),
             "hue": adjust_hue(x, hues)}
     for i in range(3):
-        torch.testing.assert_close(ours["contrast"][i], TF.adjust_contrast(x[i], float(factors[i])))
+        torch.testing.assert_close(ours["contrast"][i],
+                                   TF.adjust_contrast(x[i], float(factors[i])))
         torch.testing.assert_close(ours["saturation"][i],
                                    TF.adjust_saturation(x[i], float(factors[i])))
         torch.testing.assert_close(ours["hue"][i], TF.adjust_hue(x[i], float(hues[i])),
@@ -213,7 +216,8 @@ def test_fewer_samples_than_ranks_still_gives_every_rank_work(tmp_path):
     per_rank = [sum(s.size for s in rank_slices(shards, r, 4, 0, 0, True, True)) for r in range(4)]
     assert per_rank == [1, 1, 1, 1]
     keys = [epoch_keys(shards, rank=r, world=4, workers=2)[0] for r in range(4)]
-    assert all(len(k) == 1 for k in keys) and {k[0] for k in keys} == {"s00000", "s00001", "s00002"}
+    assert all(len(k) == 1 for k in keys)
+    assert {k[0] for k in keys} == {"s00000", "s00001", "s00002"}
 
 
 def test_shard_order_and_buffer_change_per_epoch_but_not_per_run(tmp_path):
@@ -263,3 +267,28 @@ def test_missing_manifest_and_pattern_sources(tmp_path):
         open_shards(folder)
     with pytest.raises(ShardError, match="not found"):
         open_shards(str(folder / "training-{000000..000009}.tar"))
+
+
+def test_main_process_batch_decode_matches_worker_decode_and_flags_corrupt_jpeg(tmp_path):
+    """The `--decode cuda` path (bytes to the main process, one batched decode_jpeg call),
+    run here with device="cpu": same pixels as worker decoding; a bad JPEG is a bad slot."""
+    folder = tmp_path / "s"
+    write_region_shards(folder, 5, region=48, shard_size=5)
+    shard = folder / "training-000000.tar"
+    samples = list(wds.tarfile_samples([{"url": str(shard)}]))
+    samples[3]["jpg"] = samples[3]["jpg"][:60]
+    with wds.TarWriter(str(shard), encoder=False) as sink:
+        for s in samples:
+            sink.write({k: v for k, v in s.items() if k != "__url__"})
+    shards = open_shards(folder)
+    out = {}
+    for in_worker in (True, False):
+        stream = RegionStream(shards, epoch=0, seed=0, train=False, regions_per_batch=5, grid=3,
+                              decode_in_worker=in_worker)
+        raw = next(iter(make_loader(stream)))
+        assert isinstance(raw["images"], torch.Tensor) == in_worker
+        (out[in_worker],) = device_batches([raw], torch.device("cpu"), 48)
+    a, b = out[True], out[False]
+    assert a.valid.tolist() == b.valid.tolist() == [True, True, True, False, True]
+    assert torch.equal(a.regions, b.regions) and a.keys == b.keys
+    assert len(b.bad) == 1 and b.bad[0].startswith("s00003:")

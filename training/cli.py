@@ -66,8 +66,57 @@ def train(
     except (TrainError, ShardError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     if os.environ.get("RANK", "0") == "0":
-        best = f" (best epoch: {result['best']})" if result["best"] else ""
+        best = f" (best by validation AUC: {result['best']})" if result["best"] else ""
         typer.echo(f"checkpoint: {result['last']}{best}; metrics: {result['metrics']}")
+
+
+# --- evaluate command (owner: evaluate) ---
+@app.command()
+def evaluate(
+    pred: str = typer.Option("runs/infer", help="Inference output folder: <name>.candidates.csv "
+                             "(+ <name>.prob.npy/.prob.json); its slides are the ones evaluated."),
+    truth: list[str] = typer.Option(["data/synth/training/annotations"], help="Ground-truth "
+                                    "folder(s) of <name>.xml (ASAP) or <name>_mask.tif; repeat "
+                                    "for several. A slide without a file is a normal slide."),
+    slides: str = typer.Option(None, help="Folder of the slides (level-0 size and mpp); default: "
+                               "the .prob.json sidecars."),
+    mpp: float = typer.Option(None, help="Level-0 micrometres per pixel for every slide "
+                              "(overrides the slides' own)."),
+    froc_method: str = typer.Option("interp", help="Sensitivity at the 6 FP rates: interp "
+                                    "(np.interp, as NCRF/MONAI) or step (the later official "
+                                    "script's bisect lookup)."),
+    mask_tumor_value: int = typer.Option(None, help="Tumor value in mask TIFFs (default: the "
+                                         "non-zero value of 0/1 or 0/255 masks)."),
+    checkpoint: str = typer.Option(None, help="Checkpoint for the patch-level AUC (with --shards)."),
+    shards: str = typer.Option(None, help="Validation split folder or shard pattern for the "
+                               "patch-level AUC (with --checkpoint)."),
+    device: str = typer.Option("auto", help="Patch-level evaluation device: auto, cpu or cuda."),
+    workers: int = typer.Option(0, help="DataLoader workers for the patch-level evaluation."),
+    out: str = typer.Option("runs/eval", help="Writes evaluation.json and froc.png here."),
+) -> None:
+    """Score inference outputs: lesion FROC (Camelyon16 rules), slide AUC, patch AUC."""
+    from etl.evaluate import EvaluationError, evaluate as run_evaluation, summary_lines, write_report
+
+    if (checkpoint is None) != (shards is None):
+        fail("the patch-level evaluation needs both --checkpoint and --shards (or neither)")
+    try:
+        report = run_evaluation(pred, truth, slides=slides, mpp=mpp, method=froc_method,
+                                mask_tumor_value=mask_tumor_value)
+    except (EvaluationError, OSError) as exc:
+        fail(str(exc))
+    if checkpoint is not None:
+        from training.data import ShardError
+        from training.patch_eval import evaluate_patches
+        from training.train import TrainError
+
+        try:
+            report["patch"] = evaluate_patches(checkpoint, shards, device=device, workers=workers)
+        except (TrainError, ShardError, OSError) as exc:
+            fail(str(exc))
+    json_path, png_path = write_report(report, out)
+    for line in summary_lines(report) + [f"warning: {w}" for w in report["warnings"]]:
+        typer.echo(line)
+    typer.echo(f"report: {json_path}; FROC curve: {png_path}")
 
 
 def main() -> None:

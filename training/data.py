@@ -77,9 +77,13 @@ def open_shards(spec: str | Path) -> ShardSet:
     if path.is_dir():
         manifest_path = path / "manifest.json"
         if not manifest_path.exists():
-            raise ShardError(f"{manifest_path}: missing; the extraction into {path} did not finish "
-                             "(rerun the same `patchetl extract` command), or pass a brace "
-                             "pattern such as 'dir/training-{000000..000009}.tar'")
+            splits = sorted(p.name for p in path.iterdir() if (p / "manifest.json").exists())
+            if splits:
+                raise ShardError(f"{path} holds split folders {splits}: pass one of them, e.g. "
+                                 f"{path / splits[0]}")
+            raise ShardError(f"{manifest_path}: missing; the extraction into {path} did not "
+                             "finish (rerun the same `patchetl extract` command), or pass a "
+                             "brace pattern such as 'dir/training-{000000..000009}.tar'")
         manifest = json.loads(manifest_path.read_text())
         shards = [s for s in manifest["shards"] if s["count"] > 0]
         urls = tuple(str(path / s["name"]) for s in shards)
@@ -95,9 +99,9 @@ def open_shards(spec: str | Path) -> ShardSet:
         listed = {}
         manifest_path = Path(urls[0]).parent / "manifest.json"
         if manifest_path.exists():
-            listed = {s["name"]: s["count"] for s in json.loads(manifest_path.read_text())["shards"]}
-        counts = tuple(int(listed[Path(u).name]) if Path(u).name in listed else len(index_tar(Path(u)))
-                       for u in urls)
+            manifest = json.loads(manifest_path.read_text())
+            listed = {s["name"]: int(s["count"]) for s in manifest["shards"]}
+        counts = tuple(listed.get(Path(u).name) or len(index_tar(Path(u))) for u in urls)
         region = _first_region_size(urls)
     if sum(counts) == 0:
         raise ShardError(f"{spec}: the shards hold no samples")
@@ -287,21 +291,23 @@ class RegionStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if workers != self.workers:
-            raise RuntimeError(f"RegionStream planned for {self.workers} workers, runs in {workers}")
+            raise RuntimeError(f"RegionStream planned for {self.workers} workers, runs in "
+                               f"{workers}: iterate it through make_loader()")
         pieces = worker_slices(self.slices, worker, workers)
         samples: Iterator[dict] = (s for p in pieces for s in read_slice(p))
         if self.train and self.buffer > 1:
-            samples = wds.filters.shuffle(self.buffer, initial=min(self.buffer, 100), seed=seed_for(
-                self.seed, self.epoch, self.rank, worker))(iter(samples))
-        items = (prepare_sample(s, self.grid, self.shards.region_size, self.decode) for s in samples)
+            seed = seed_for(self.seed, self.epoch, self.rank, worker)
+            samples = wds.filters.shuffle(self.buffer, initial=min(self.buffer, 100),
+                                          seed=seed)(iter(samples))
+        size = self.shards.region_size
+        items = (prepare_sample(s, self.grid, size, self.decode) for s in samples)
         yield from wds.filters.batched(self.batch, collation_fn=collate, partial=True)(items)
 
 
 def make_loader(stream: RegionStream, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over a RegionStream; `stream.workers` processes (0 or 1: in this process)."""
     workers = stream.workers if stream.workers > 1 else 0
-    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory)
 
 
 # --------------------------------------------------------------------------- device side

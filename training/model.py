@@ -50,7 +50,7 @@ class FCResNet18(ResNet):
 
 
 def build_model(pretrained: str | Path | None = None) -> FCResNet18:
-    """The detector, randomly initialised or with a local torchvision ResNet18 trunk (no download)."""
+    """The detector, random or with a local torchvision ResNet18 trunk (never downloads)."""
     model = FCResNet18(num_classes=1)
     if pretrained is not None:
         load_pretrained(model, pretrained)
@@ -77,12 +77,16 @@ def load_pretrained(model: FCResNet18, path: str | Path) -> None:
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     own = model.state_dict()
     if any(k.startswith("fc.") and v.shape != own[k].shape for k, v in state.items() if k in own):
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise ValueError(f"--pretrained {path}: not a ResNet18 state dict (missing {missing[:5]}, "
-                         f"unexpected {list(unexpected)[:5]}); use torchvision's resnet18 weights")
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # ImageNet head
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and not k.startswith("fc.")]
+    unexpected = [k for k in state if k not in own]
+    if wrong or missing or unexpected:
+        raise ValueError(f"--pretrained {path}: not a ResNet18 state dict (shape mismatch "
+                         f"{wrong[:3]}, missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                         "use torchvision's resnet18 weights")
+    model.load_state_dict(state, strict=False)
 
 
 def output_size(input_size: int) -> int:

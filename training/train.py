@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from training.augment import Augment, make_patches
-from training.data import (RegionStream, ShardSet, device_batches, make_loader, open_shards,
-                           seed_for)
+from training.data import (RegionBatch, RegionStream, ShardSet, device_batches, make_loader,
+                           open_shards, seed_for)
 from training.model import build_model
 
 CHECKPOINT_FORMAT = 1
@@ -283,6 +283,32 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor)
     return total / count.clamp(min=1.0), total.detach(), count
 
 
+@dataclass
+class PatchBatch:
+    """Model-ready patches: inputs in [-1, 1], labels, weights (0 for bad slots)."""
+
+    x: torch.Tensor  # (N, 3, p, p) float32
+    y: torch.Tensor  # (N,) float32
+    weight: torch.Tensor  # (N,) float32
+    regions: RegionBatch
+
+
+def patch_batches(loader: Iterable[dict], device: torch.device, region_size: int, *, grid: int,
+                  patch: int, train: bool, aug: Augment, generator: torch.Generator | None = None,
+                  channels_last: bool = True) -> Iterator[PatchBatch]:
+    """Region batches from a loader -> device -> grid crops (+ augmentation when training).
+
+    This is everything between the shards and the model; the benchmark can time it alone.
+    """
+    for batch in device_batches(loader, device, region_size):
+        x, y = make_patches(batch.regions, batch.labels, grid=grid, patch=patch, train=train,
+                            aug=aug, generator=generator)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight = batch.valid.repeat_interleave(grid * grid).to(torch.float32)
+        yield PatchBatch(x, y, weight, batch)
+
+
 class Trainer:
     """State of a run: model, optimiser, schedule, history; `fit` runs the epochs."""
 
@@ -309,9 +335,6 @@ class Trainer:
                                  f"split {cfg.grid}x{cfg.grid} give cells of "
                                  f"{shards.region_size // cfg.grid} px, smaller than --patch-size "
                                  f"{cfg.patch_size}")
-        if self.data.train.total < self.dd.world:
-            raise TrainError(f"--train {cfg.train}: {self.data.train.total} samples for "
-                             f"{self.dd.world} ranks; every rank needs at least one")
         torch.manual_seed(cfg.seed)
         self.net = build_model(cfg.pretrained).to(self.device)
         if cfg.channels_last:
@@ -333,7 +356,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                 "history": self.history, "best": self.best, "bad_total": self.bad_total,
-                "config": {k: v for k, v in asdict(self.cfg).items()},
+                "config": asdict(self.cfg),
                 "arch": "FCResNet18", "grid": self.grid, "patch_size": self.patch,
                 "region_size": self.data.train.region_size}
 
@@ -360,6 +383,8 @@ class Trainer:
                              "another --out")
         if self.dd.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for torn in self.out.glob("*.tmp-*"):  # left by a run killed while writing
+                torn.unlink(missing_ok=True)
         if self.dd.active:
             dist.barrier()
         if last.exists():
@@ -408,23 +433,20 @@ class Trainer:
         count = torch.zeros((), device=dev, dtype=torch.float64)
         keys: list[str] = []
         steps, wait, start = 0, 0.0, time.perf_counter()
-        batches = device_batches(make_loader(stream, self.data.pin_memory), dev,
-                                 stream.shards.region_size)
+        batches = patch_batches(make_loader(stream, self.data.pin_memory), dev,
+                                stream.shards.region_size, grid=self.grid, patch=self.patch,
+                                train=True, aug=self.augment, generator=gen,
+                                channels_last=cfg.channels_last)
         while True:
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()  # data wait: loader, transfer, decode, crops, augmentation
             batch = next(batches, None)
             wait += time.perf_counter() - t0
             if batch is None:
                 break
-            self.note_bad(batch.bad, epoch)
-            x, y = make_patches(batch.regions, batch.labels, grid=self.grid, patch=self.patch,
-                                train=True, aug=self.augment, generator=gen)
-            w = batch.valid.repeat_interleave(self.grid * self.grid).to(torch.float32)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            self.note_bad(batch.regions.bad, epoch)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-                logits = model(x).flatten()
-            loss, total, n = masked_bce(logits, y, w)
+                logits = model(batch.x).flatten()
+            loss, total, n = masked_bce(logits, batch.y, batch.weight)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -433,9 +455,10 @@ class Trainer:
             count += n
             steps += 1
             if cfg.record_keys:
-                keys += [k for k, ok in zip(batch.keys, batch.valid.tolist()) if ok]
-            if bar.tasks and (steps % 10 == 0 or steps == len(stream)):
-                bar.update(task, completed=steps, info=f"loss {float(loss):.4f}")
+                keys += [k for k, ok in zip(batch.regions.keys, batch.regions.valid.tolist())
+                         if ok]
+            if not bar.disable and (steps % 10 == 0 or steps == len(stream)):
+                bar.update(task, completed=steps, info=f"loss {float(loss.detach()):.4f}")
         seconds = time.perf_counter() - start
         bar.remove_task(task)
         if cfg.record_keys:
@@ -470,29 +493,28 @@ class Trainer:
         stream = self.val_stream()
         task = bar.add_task(f"epoch {epoch + 1}/{self.cfg.epochs} val", total=len(stream), info="")
         probs, labels = [], []
-        for batch in device_batches(make_loader(stream, self.data.pin_memory), dev,
-                                    stream.shards.region_size):
-            self.note_bad(batch.bad, epoch)
-            x, y = make_patches(batch.regions, batch.labels, grid=self.grid, patch=self.patch,
-                                train=False, aug=Augment.off())
-            keep = batch.valid.repeat_interleave(self.grid * self.grid)
-            if self.cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+        for batch in patch_batches(make_loader(stream, self.data.pin_memory), dev,
+                                   stream.shards.region_size, grid=self.grid, patch=self.patch,
+                                   train=False, aug=Augment.off(),
+                                   channels_last=self.cfg.channels_last):
+            self.note_bad(batch.regions.bad, epoch)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-                logits = net(x).flatten().float()
+                logits = net(batch.x).flatten().float()
+            loss_sum += masked_bce(logits, batch.y, batch.weight)[1]
+            keep = batch.weight > 0
             probs.append(torch.sigmoid(logits[keep]).cpu())
-            labels.append(y[keep].cpu())
+            labels.append(batch.y[keep].cpu())
             bar.advance(task)
         bar.remove_task(task)
         p = torch.cat(probs).double().numpy() if probs else np.zeros(0)
         t = torch.cat(labels).numpy() if labels else np.zeros(0)
         p, t = gather_arrays((p, t), self.dd)
-        eps = 1e-7
-        clipped = np.clip(p, eps, 1 - eps)
-        loss = float(-np.mean(t * np.log(clipped) + (1 - t) * np.log(1 - clipped))) if len(p) \
-            else math.nan
-        return {"val_loss": loss, "val_acc": float(np.mean((p >= 0.5) == (t >= 0.5))) if len(p)
-                else math.nan, "val_auc": binary_auc(t, p), "val_patches": int(len(p))}
+        (loss,) = all_sum([loss_sum.item()], self.dd, dev)
+        n = len(p)
+        return {"val_loss": loss / n if n else math.nan,
+                "val_acc": float(np.mean((p >= 0.5) == (t >= 0.5))) if n else math.nan,
+                "val_auc": binary_auc(t, p), "val_patches": n}
 
     def fit(self) -> dict:
         """Run the remaining epochs; returns the last epoch's metrics and the output paths."""

@@ -1,0 +1,26 @@
+"""Assemble BENCHMARKS.md from the sections the benchmark scripts wrote to benchmarks/results/."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from benchmarks.common import git_revision, machine
+
+ORDER = ["etl.md", "loader.md", "infer.md", "gpu.md"]
+
+
+def main(results: Path = Path("benchmarks/results")) -> None:
+    sections = [results / name for name in ORDER if (results / name).exists()]
+    sections += sorted(p for p in results.glob("*.md") if p.name not in ORDER)
+    out = ["# Benchmarks", "",
+           "Written by `make bench` (CPU, side by side against a baseline in the same script; "
+           "this machine is shared and noisy, so only the ratios mean much) and `make bench-gpu` "
+           f"(on a CUDA machine, when one is available). Last CPU run: {machine()}, "
+           f"commit {git_revision()}.", ""]
+    for path in sections:
+        out += [path.read_text().rstrip(), ""]
+    sys.stdout.write("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
