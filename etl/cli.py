@@ -213,5 +213,47 @@ def verify(
     typer.echo(f"{folder}: OK, every shard matches manifest.json")
 
 
+# --- qc command (owner: infer) ---
+@app.command()
+def qc(
+    json_file: Path = typer.Option(None, "--json", help="MONAI datalist JSON (e.g. dataset_0.json)."),
+    csv_file: Path = typer.Option(None, "--csv", help="MONAI/NCRF CSV (name,x,y,l0..l8)."),
+    data_root: Path = typer.Option(None, help="Where slide names resolve (env PATCHETL_DATA_ROOT)."),
+    out: Path = typer.Option(Path("runs/qc"), help="Output folder: <slide>.qc.png per slide."),
+    split: list[str] = typer.Option(None, help="Only these splits (repeatable); default: all."),
+    region_size: int = typer.Option(768, help="Region side in level-0 pixels."),
+    max_side: int = typer.Option(2048, help="Longest side of each thumbnail, px."),
+    tissue_downsample: float = typer.Option(32.0, help="Tissue mask resolution (level-0 px per "
+                                            "mask pixel)."),
+    location_order: str = typer.Option("yx", help="Order of `location` in the JSON: yx or xy."),
+    anchor: str = typer.Option("center", help="`location` is the region centre or its corner."),
+    slide_backend: str = typer.Option("auto", help="auto | tiff | openslide."),
+) -> None:
+    """Thumbnails of each slide with its regions drawn (coloured by label) and the tissue outline."""
+    from etl.coords import CoordsError, load_regions
+    from etl.qc import qc_table
+
+    if (json_file is None) == (csv_file is None):
+        fail("give exactly one coordinate file: --json FILE or --csv FILE")
+    try:
+        table = load_regions(json_file or csv_file, data_root=data_root, split=split or None,
+                             region_size=region_size, location_order=location_order,
+                             anchor=anchor)
+    except (CoordsError, ValueError) as exc:
+        fail(str(exc))
+    results = qc_table(table, out, region_size=region_size, max_side=max_side,
+                       tissue_downsample=tissue_downsample, slide_backend=slide_backend)
+    for r in results:
+        if r.error:
+            typer.secho(f"error: {r.error}", fg=typer.colors.RED, err=True)
+            continue
+        typer.echo(f"{r.png}: {r.regions} region(s) ({r.counts['normal']} normal, "
+                   f"{r.counts['mixed']} mixed, {r.counts['tumor']} tumor); "
+                   f"{r.off_tissue} centre(s) off tissue, {r.outside} not inside the slide")
+    failed = [r for r in results if r.error]
+    if failed:
+        fail(f"{len(failed)} of {len(results)} slide(s) could not be read (listed above)", code=1)
+
+
 def main() -> None:  # pragma: no cover - console entry point when torch is absent
     app()

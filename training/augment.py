@@ -65,6 +65,11 @@ def grid_patches(regions: torch.Tensor, grid: int, patch: int, random: bool = Fa
     if h != w or h % grid:
         raise ValueError(f"regions are {h}x{w}: expected square regions divisible by grid {grid}")
     offsets = cell_offsets(grid, h // grid, patch, b, random, generator, regions.device)
+    if regions.device.type == "cpu":
+        # On a CPU, plain slice copies beat the 4-index gather below by ~10x.
+        ys, xs = offsets.reshape(-1, 2).T.tolist()
+        return torch.stack([regions[i // (grid * grid), :, y:y + patch, x:x + patch]
+                            for i, (y, x) in enumerate(zip(ys, xs))])
     steps = torch.arange(patch, device=regions.device)
     rows = (offsets[..., 0, None] + steps).reshape(-1, patch)  # (N, p)
     cols = (offsets[..., 1, None] + steps).reshape(-1, patch)
@@ -85,59 +90,48 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
 
 
-def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    return (ratio * a + (1.0 - ratio) * b).clamp_(0.0, 1.0)
-
-
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(dim=-3)
-    maxc, _ = x.max(dim=-3)
-    minc = x.min(dim=-3).values
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_div = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return torch.stack((h, s, maxc), dim=-3)
-
-
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(dim=-3)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    vpqt = torch.stack((v, p, q, t), dim=-3)
-    # For each hue sector i (0..5), which of v, p, q, t is r, g and b.
-    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]],
-                          device=x.device)
-    index = select[:, i.long() % 6].movedim(0, -3)
-    return vpqt.gather(-3, index)
-
-
+# Each adjustment allocates its result once and then works in place on it: on a CPU these
+# ops are bound by memory traffic, and torchvision's blend-with-temporaries doubles it.
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, torch.zeros_like(x), factor.view(-1, 1, 1, 1))
+    return (x * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    ratio = factor.view(-1, 1, 1, 1)
     mean = _grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
-    return _blend(x, mean, factor.view(-1, 1, 1, 1))
+    return (x * ratio).add_((1.0 - ratio) * mean).clamp_(0.0, 1.0)
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, _grayscale(x), factor.view(-1, 1, 1, 1))
+    ratio = factor.view(-1, 1, 1, 1)
+    return (x * ratio).add_(_grayscale(x).mul_(1.0 - ratio)).clamp_(0.0, 1.0)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    hsv = _rgb_to_hsv(x)
-    h = torch.remainder(hsv[:, 0] + shift.view(-1, 1, 1), 1.0)
-    return _hsv_to_rgb(torch.cat([h.unsqueeze(1), hsv[:, 1:]], dim=1))
+    """Rotate the hue of (N, 3, H, W) images in [0, 1] by `shift` turns, per image.
+
+    torchvision's RGB -> HSV -> RGB round trip, fused: a hue shift keeps the maximum (V) and
+    the chroma (max - min), so the result is c = max - chroma * clamp(min(k, 4 - k), 0, 1)
+    with k = (n + 6 * hue) mod 6, n = 5, 3, 1 for r, g, b. Same values as torchvision
+    (tested), several times fewer full-size temporaries: hue is the costliest jitter on CPU.
+    """
+    r, g, b = x.unbind(dim=-3)
+    maxc, minc = x.amax(dim=-3), x.amin(dim=-3)
+    chroma = maxc - minc
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    # hue in sixths of a turn, torchvision's tie order: r wins over g, g over b
+    h6 = torch.where(maxc == r, (g - b) / safe,
+                     torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    h6 = h6 + 6.0 * shift.view(-1, 1, 1)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + h6.unsqueeze(1), 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return (maxc.unsqueeze(1) - chroma.unsqueeze(1) * ramp).clamp_(0.0, 1.0)
+
+
+# On a CPU, jittering a few patches at a time keeps the working set in cache (about 2x
+# faster than whole-batch ops, which are bound by memory traffic); a GPU takes the batch whole.
+CPU_CHUNK = 4
 
 
 def color_jitter(x: torch.Tensor, aug: Augment, generator: torch.Generator | None) -> torch.Tensor:
@@ -156,10 +150,16 @@ def color_jitter(x: torch.Tensor, aug: Augment, generator: torch.Generator | Non
         ops.append((adjust_saturation, uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation)))
     if aug.hue:
         ops.append((adjust_hue, uniform(-aug.hue, aug.hue)))
-    for i in torch.randperm(len(ops), generator=generator, device=dev).tolist():
-        fn, factor = ops[i]
-        x = fn(x, factor.to(x.dtype))
-    return x
+    order = torch.randperm(len(ops), generator=generator, device=dev).tolist()
+    chunk = CPU_CHUNK if dev.type == "cpu" else max(n, 1)
+    out = torch.empty_like(x)
+    for start in range(0, n, chunk):
+        part = x[start:start + chunk]
+        for i in order:
+            fn, factor = ops[i]
+            part = fn(part, factor[start:start + chunk].to(x.dtype))
+        out[start:start + chunk] = part
+    return out
 
 
 # --------------------------------------------------------------------------- geometry
@@ -172,10 +172,14 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None) -> torch
     """
     n = x.shape[0]
     coins = torch.rand(3, n, generator=generator, device=x.device) < 0.5
-    view = (n, 1, 1, 1)
-    x = torch.where(coins[0].view(view), x.transpose(-1, -2), x)
-    x = torch.where(coins[1].view(view), x.flip(-1), x)
-    return torch.where(coins[2].view(view), x.flip(-2), x)
+    x = x.clone()
+    # Transform only the patches whose coin says so (torch.where would transform them all).
+    for coin, op in zip(coins, (lambda t: t.transpose(-1, -2), lambda t: t.flip(-1),
+                                lambda t: t.flip(-2))):
+        idx = coin.nonzero().squeeze(1)
+        if idx.numel():
+            x[idx] = op(x[idx])
+    return x
 
 
 # --------------------------------------------------------------------------- all together
@@ -193,7 +197,9 @@ def augment_patches(x: torch.Tensor, aug: Augment, generator: torch.Generator | 
 
 def to_unit_range(patches: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [0, 1]."""
-    return patches.to(torch.float32).div_(255.0)
+    # contiguous NCHW: the crops come out of the gather channels-last, which makes the
+    # elementwise colour ops several times slower on a CPU
+    return patches.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
@@ -213,4 +219,5 @@ def make_patches(regions: torch.Tensor, labels: torch.Tensor, *, grid: int, patc
     x = to_unit_range(crops)
     if train:
         x = augment_patches(x, aug, generator)
-    return to_model_range(x), grid_labels(labels).to(torch.float32)
+    # x is our own fresh tensor here, so scale it in place (one pass less than to_model_range)
+    return x.mul_(2.0).sub_(1.0), grid_labels(labels).to(torch.float32)

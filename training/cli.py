@@ -6,6 +6,7 @@ starts without loading it.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import typer
 
@@ -117,6 +118,64 @@ def evaluate(
     for line in summary_lines(report) + [f"warning: {w}" for w in report["warnings"]]:
         typer.echo(line)
     typer.echo(f"report: {json_path}; FROC curve: {png_path}")
+
+
+# --- infer command (owner: infer) ---
+@app.command()
+def infer(
+    slides: list[Path] = typer.Argument(..., help="Slide files, or folders of slides."),
+    checkpoint: Path = typer.Option(Path("runs/train/best.pt"), "--checkpoint", "--ckpt",
+                                    help="Checkpoint written by `patchetl train`."),
+    out: Path = typer.Option(Path("runs/infer"), help="Output folder; files are named after "
+                             "each slide (<name>.prob.npy, .prob.json, .heatmap.png, "
+                             ".heatmap.tif, .candidates.csv, .candidates.geojson)."),
+    mode: str = typer.Option("dense", help="dense (fully convolutional tiles) or patch "
+                             "(classic sliding window, the reference)."),
+    level: int = typer.Option(0, help="Pyramid level to run the model on."),
+    stride: int = typer.Option(32, help="Level px per map pixel (a multiple of 32)."),
+    patch_size: int = typer.Option(None, help="Patch side in level px (multiple of 32); "
+                                   "default: the checkpoint's, else 224."),
+    tile_size: int = typer.Option(2048, help="Level px of map area per tile."),
+    margin: int = typer.Option(224, help="Dense: context px around each tile (224 covers "
+                               "ResNet18's receptive field: no seams)."),
+    batch_size: int = typer.Option(256, help="Patch mode: patches per forward pass."),
+    tiles_per_batch: int = typer.Option(None, help="Dense: tiles per forward pass "
+                                        "(default 4 on CUDA, 1 on CPU)."),
+    workers: int = typer.Option(4, help="Threads reading tiles ahead of the model."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on CUDA)."),
+    tissue_downsample: float = typer.Option(32.0, help="Tissue mask resolution, level-0 px per "
+                                            "mask pixel."),
+    tissue_threshold: float = typer.Option(None, help="Saturation threshold in [0, 1] "
+                                           "(default: Otsu)."),
+    tissue_min_area: float = typer.Option(65536.0, help="Drop tissue pieces smaller than this "
+                                          "(level-0 px^2)."),
+    nms_radius: float = typer.Option(768.0, help="NMS radius in level-0 px (NCRF: 12 px at "
+                                     "level 6 = 768)."),
+    nms_threshold: float = typer.Option(0.5, help="Keep candidates with probability >= this."),
+    slide_backend: str = typer.Option("auto", help="auto | tiff | openslide."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Tumor probability map, heatmaps and lesion candidates for whole slides."""
+    from training.infer import InferConfig, InferError, run_inference
+
+    cfg = InferConfig(
+        checkpoint=str(checkpoint), out=str(out), mode=mode, level=level, stride=stride,
+        patch_size=patch_size, tile_size=tile_size, margin=margin, batch_size=batch_size,
+        tiles_per_batch=tiles_per_batch, workers=workers, device=device, amp=amp,
+        tissue_downsample=tissue_downsample, tissue_threshold=tissue_threshold,
+        tissue_min_area=tissue_min_area, nms_radius=nms_radius, nms_threshold=nms_threshold,
+        slide_backend=slide_backend, progress=progress)
+
+    def warn(message: str) -> None:
+        typer.secho(message, fg=typer.colors.YELLOW, err=True)
+
+    try:
+        done, failed = run_inference(cfg, slides, echo=typer.echo, warn=warn)
+    except (InferError, ValueError) as exc:
+        fail(str(exc))
+    if failed:
+        fail(f"{len(failed)} slide(s) failed (listed above); {len(done)} done", code=1)
 
 
 def main() -> None:

@@ -19,8 +19,9 @@ Two modes give the same geometry:
   px of map area plus ``margin`` px of context on every side). The trunk has stride 32, so the
   logit of the patch at tile offset 32*m is the average-pooled feature window at feature m; the
   margin is cropped off the features before the pool, and every output then sees the same
-  pixels it would see in a single pass over the whole slide (a margin of 224 px, 7 features,
-  covers ResNet18's receptive field beyond a patch, so tile seams do not show).
+  pixels it would see in a single pass over the whole slide: ResNet18's receptive field
+  reaches 217 px beyond a patch (top/left; 186 px bottom/right), so the default margin of
+  224 px (7 features) makes tiled maps equal to a single pass, without seams.
 - ``patch``: the classic sliding window, each patch classified on its own (the reference).
   Patches are cut from the same tile reads, so both modes share the reading cost.
 
@@ -41,7 +42,6 @@ further level halves it (mean) down to 256 px, each level its own tiled page.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import threading
@@ -49,7 +49,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +65,6 @@ from etl.tissue import LowRes, TissueMask, thumbnail, tissue_mask
 from training.augment import to_model_range, to_unit_range
 from training.model import FCResNet18, build_model
 from training.nms import Candidate, candidates_csv, candidates_geojson, nms
-
-log = logging.getLogger(__name__)
 
 MODES = ("dense", "patch")
 FEATURE_STRIDE = 32  # the ResNet trunk's output stride
@@ -178,7 +176,8 @@ class MapGeometry:
 
     def centre(self, i: np.ndarray | int, j: np.ndarray | int) -> tuple[Any, Any]:
         """Level-0 (x, y) centre of map pixel (i, j)."""
-        return self.x_start + np.asarray(j) * self.stride, self.y_start + np.asarray(i) * self.stride
+        x = self.x_start + np.asarray(j) * self.stride
+        return x, self.y_start + np.asarray(i) * self.stride
 
     def patch_origin(self, i: int, j: int) -> tuple[int, int]:
         """Level-px (x, y) top-left of the patch of map pixel (i, j)."""
@@ -198,18 +197,26 @@ class MapGeometry:
 
 @dataclass(frozen=True)
 class Tile:
-    """``n x n`` map pixels from (i0, j0) (the part inside the map is used)."""
+    """``rows x cols`` map pixels from (i0, j0) (the part inside the map is used)."""
 
     i0: int
     j0: int
-    n: int
+    rows: int
+    cols: int
 
 
-def plan_tiles(cells: np.ndarray, n: int) -> list[Tile]:
-    """Tiles of n x n map pixels covering the map, in raster order, keeping those with tissue."""
+def tile_cells(geometry: MapGeometry, tile_size: int) -> tuple[int, int]:
+    """Map pixels per tile (rows, cols): ``tile_size // stride``, no more than the map has."""
+    n = max(1, tile_size // geometry.stride_level)
+    return min(n, geometry.rows), min(n, geometry.cols)
+
+
+def plan_tiles(cells: np.ndarray, shape: tuple[int, int]) -> list[Tile]:
+    """Tiles of ``shape`` map pixels covering the map, in raster order, those with tissue."""
     rows, cols = cells.shape
-    return [Tile(i0, j0, n) for i0 in range(0, rows, n) for j0 in range(0, cols, n)
-            if cells[i0:i0 + n, j0:j0 + n].any()]
+    nr, nc = shape
+    return [Tile(i0, j0, nr, nc) for i0 in range(0, rows, nr) for j0 in range(0, cols, nc)
+            if cells[i0:i0 + nr, j0:j0 + nc].any()]
 
 
 # --------------------------------------------------------------------------- model
@@ -262,7 +269,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu"
 
 
 class Predictor:
-    """Runs the model on uint8 pixels: dense tiles -> probability grids, patches -> probabilities."""
+    """Runs the model on uint8 pixels: dense tiles -> probability grids, patches -> values."""
 
     def __init__(self, model: FCResNet18, patch: int, stride_level: int, device: torch.device,
                  amp: bool = False, channels_last: bool = True) -> None:
@@ -292,7 +299,7 @@ class Predictor:
 
     @torch.inference_mode()
     def dense(self, tiles: np.ndarray, margin: int) -> np.ndarray:
-        """(B, S, S, 3) tiles, each ``margin`` px of context around its patches -> (B, n, n)."""
+        """(B, h, w, 3) tiles, ``margin`` px of context around their patches -> (B, rows, cols)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             f = self._features(self._input(tiles))
             m = margin // FEATURE_STRIDE
@@ -363,20 +370,20 @@ def predict_map(open_reader: Callable[[], SlideReader], geometry: MapGeometry, c
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: use one of {MODES}")
     s, p, d = geometry.stride_level, geometry.patch, geometry.downsample
-    n = max(1, tile_size // s)
+    nr, nc = tile_cells(geometry, tile_size)
     ctx = margin if mode == "dense" else 0
-    side = (n - 1) * s + p + 2 * ctx
-    tiles = plan_tiles(cells, n)
+    side_h, side_w = (nr - 1) * s + p + 2 * ctx, (nc - 1) * s + p + 2 * ctx
+    tiles = plan_tiles(cells, (nr, nc))
     prob = np.zeros(geometry.shape, dtype=np.float32)
     readers = _ThreadReaders(open_reader)
 
     def load(tile: Tile) -> np.ndarray:
         lx, ly = geometry.patch_origin(tile.i0, tile.j0)
         return readers.get().read_region(int(round((lx - ctx) * d)), int(round((ly - ctx) * d)),
-                                         geometry.level, side, side)
+                                         geometry.level, side_w, side_h)
 
     def put(tile: Tile, grid: np.ndarray) -> None:
-        h, w = min(n, geometry.rows - tile.i0), min(n, geometry.cols - tile.j0)
+        h, w = min(nr, geometry.rows - tile.i0), min(nc, geometry.cols - tile.j0)
         prob[tile.i0:tile.i0 + h, tile.j0:tile.j0 + w] = grid[:h, :w]
 
     stream = _prefetched(tiles, load, workers, prefetch or 2 * workers + tiles_per_batch)
@@ -393,7 +400,7 @@ def predict_map(open_reader: Callable[[], SlideReader], geometry: MapGeometry, c
                         on_tile(len(batch))
                     batch = []
         else:
-            _patch_pass(stream, cells, geometry, predictor, prob, n, batch_size, on_tile)
+            _patch_pass(stream, cells, geometry, predictor, prob, batch_size, on_tile)
     finally:
         stream.close()  # stop the reading threads before their readers close
         readers.close()
@@ -402,7 +409,7 @@ def predict_map(open_reader: Callable[[], SlideReader], geometry: MapGeometry, c
 
 
 def _patch_pass(stream: Iterable[tuple[Tile, np.ndarray]], cells: np.ndarray,
-                geometry: MapGeometry, predictor: Predictor, prob: np.ndarray, n: int,
+                geometry: MapGeometry, predictor: Predictor, prob: np.ndarray,
                 batch_size: int, on_tile: Callable[[int], None] | None) -> None:
     """Classify every tissue patch on its own, in batches of ``batch_size`` across tiles."""
     s, p = geometry.stride_level, geometry.patch
@@ -418,16 +425,19 @@ def _patch_pass(stream: Iterable[tuple[Tile, np.ndarray]], cells: np.ndarray,
         crops, where, queued = [], [], 0
 
     for tile, pixels in stream:
-        sub = cells[tile.i0:tile.i0 + n, tile.j0:tile.j0 + n]
+        sub = cells[tile.i0:tile.i0 + tile.rows, tile.j0:tile.j0 + tile.cols]
         a, b = np.nonzero(sub)
-        # (n, n, p, p, 3) view of every patch of the tile; only tissue ones are copied
+        # (rows, cols, p, p, 3) view of every patch of the tile; only tissue ones are copied
         views = np.lib.stride_tricks.sliding_window_view(pixels, (p, p, 3))[::s, ::s, 0]
-        for lo in range(0, len(a), batch_size):
-            aa, bb = a[lo:lo + batch_size], b[lo:lo + batch_size]
+        lo = 0
+        while lo < len(a):  # fill the batch up to batch_size, run it when full
+            take = min(batch_size - queued, len(a) - lo)
+            aa, bb = a[lo:lo + take], b[lo:lo + take]
             crops.append(views[aa, bb])
             where.append(np.column_stack([aa + tile.i0, bb + tile.j0]))
-            queued += len(aa)
-            if queued >= batch_size:
+            queued += take
+            lo += take
+            if queued == batch_size:
                 flush()
         if on_tile:
             on_tile(1)
@@ -493,8 +503,7 @@ def infer_slide(path: str | Path, predictor: Predictor, cfg: InferConfig,
         dims, mpp = reader.dimensions, reader.mpp
     times["tissue"] = time.perf_counter() - t0
     warnings = []
-    n = max(1, cfg.tile_size // cfg.stride)
-    total = len(plan_tiles(cells, n))
+    total = len(plan_tiles(cells, tile_cells(geometry, cfg.tile_size)))
     callback = on_tiles(total) if on_tiles else None
     t1 = time.perf_counter()
     if not cells.any():
@@ -677,7 +686,7 @@ def run_inference(cfg: InferConfig, slides: Sequence[str | Path],
     device = resolve_device(cfg.device)
     model, info = load_model(cfg.checkpoint, device)
     if cfg.patch_size is None:
-        cfg.patch_size = int(info.get("patch_size", 224))
+        cfg = replace(cfg, patch_size=int(info.get("patch_size", 224)))
         if cfg.patch_size % FEATURE_STRIDE:
             raise InferError(f"--checkpoint {cfg.checkpoint}: trained on {cfg.patch_size} px "
                              f"patches; give --patch-size as a multiple of {FEATURE_STRIDE}")

@@ -1,0 +1,156 @@
+"""Loader benchmark: patches/s delivered as ready training batches, on this CPU.
+
+(a) the seed's on-the-fly pattern: a map-style Dataset that calls OpenSlide `read_region` for
+    each 768 region, splits it 3 x 3 into 224 patches and applies the seed's augmentations
+    (torchvision ColorJitter, flip, rot90, scaling) on the CPU per sample, in a DataLoader
+    with 2 workers;
+(b) the shard stream: `RegionStream` over the shards of the same regions (JPEG decoded in 2
+    DataLoader workers), grid split + augmentation on the batch (`patch_batches`).
+Same regions, same batch size (in patches), medians of --repeats interleaved runs.
+
+    python -m benchmarks.bench_loader --out benchmarks/results/loader.md
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from benchmarks.common import machine, median, table, write_section
+from etl.coords import load_regions
+from etl.plan import region_box
+from training.augment import Augment
+from training.data import RegionStream, make_loader, open_shards
+from training.train import patch_batches
+
+REGION, GRID, PATCH = 768, 3, 224
+
+
+class OnTheFlyRegions(Dataset):
+    """The seed's pattern (MONAI tumor_detection): read each region from the slide when it is
+    asked for, split it into its grid, then the seed's CPU transforms on the sample:
+    torchvision ColorJitter, random flip, random rot90, cast, scale to [-1, 1]."""
+
+    def __init__(self, regions, seed: int):
+        self.regions, self.seed, self.slides = regions, seed, {}
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def __getitem__(self, i: int):
+        import openslide
+        from torchvision.transforms import ColorJitter
+
+        from etl.slide import read_region_openslide_rgb
+
+        r = self.regions[i]
+        slide = self.slides.get(r.slide) or self.slides.setdefault(
+            r.slide, openslide.OpenSlide(str(r.slide)))
+        x0, y0, _ = region_box(r.x, r.y, REGION)
+        rgb = read_region_openslide_rgb(slide, x0, y0, 0, REGION, REGION)
+        rng = np.random.default_rng(self.seed * 100003 + i)
+        cell = REGION // GRID
+        patches, labels = [], []
+        for row in range(GRID):
+            for col in range(GRID):
+                oy, ox = (int(v) for v in rng.integers(0, cell - PATCH + 1, 2))
+                y, x = row * cell + oy, col * cell + ox
+                patches.append(rgb[y:y + PATCH, x:x + PATCH].transpose(2, 0, 1))
+                labels.append(r.labels[row][col])
+        torch.manual_seed(self.seed * 100003 + i)
+        image = ColorJitter(64 / 255, 0.75, 0.25, 0.04)(torch.from_numpy(np.stack(patches)))
+        out = image.numpy()
+        if rng.random() < 0.5:
+            out = np.flip(out, axis=-1)
+        out = np.rot90(out, k=int(rng.integers(0, 4)), axes=(-2, -1))
+        out = np.ascontiguousarray(out, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(out), torch.tensor(labels, dtype=torch.float32)
+
+
+def collate_patches(items):
+    return torch.cat([x for x, _ in items]), torch.cat([y for _, y in items])
+
+
+def time_batches(batches, n_batches: int, warmup: int = 2) -> float:
+    """Patches/s over n_batches after `warmup` batches (worker start-up excluded)."""
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    t0, patches = time.perf_counter(), 0
+    for _ in range(n_batches):
+        x = next(it)
+        patches += (x[0] if isinstance(x, tuple) else x.x).shape[0]
+    return patches / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/loader.md"))
+    ap.add_argument("--regions-per-batch", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+
+    work = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    try:
+        data, shards = work / "data", work / "shards"
+        need = (args.batches + 2) * args.regions_per_batch
+        per_slide = -(-need // 3) + 4
+        run = lambda *a: subprocess.run([sys.executable, "-m", "training.cli", *map(str, a)],
+                                        check=True, stdout=subprocess.DEVNULL)
+        run("synth", "--out", data, "--slides", 3, "--width", 8000, "--height", 6000, "--seed", 11,
+            "--regions-per-slide", per_slide, "--region-size", REGION, "--val-fraction", 0)
+        run("extract", "--json", data / "dataset_0.json", "--data-root", data, "--out", shards,
+            "--no-progress", "--shard-size", 32)
+        regions = load_regions(data / "dataset_0.json", data_root=data).regions
+        shard_set = open_shards(shards / "training")
+        cpu = torch.device("cpu")
+        runs: dict[str, list[float]] = {"seed": [], "shards": []}
+        for rep in range(args.repeats):
+            loader = DataLoader(OnTheFlyRegions(regions, rep), batch_size=args.regions_per_batch,
+                                shuffle=True, num_workers=args.workers,
+                                collate_fn=collate_patches, generator=torch.Generator().manual_seed(rep))
+            runs["seed"].append(time_batches(loader, args.batches))
+            del loader
+            stream = RegionStream(shard_set, epoch=rep, seed=0, train=True,
+                                  regions_per_batch=args.regions_per_batch, grid=GRID,
+                                  workers=args.workers, decode_in_worker=True, shuffle_buffer=64)
+            g = torch.Generator().manual_seed(rep)
+            batches = patch_batches(make_loader(stream), cpu, REGION, grid=GRID, patch=PATCH,
+                                    train=True, aug=Augment(), generator=g, channels_last=True)
+            runs["shards"].append(time_batches(batches, args.batches))
+            del batches
+        seed, ours = median(runs["seed"]), median(runs["shards"])
+        rows = [
+            ["(a) seed pattern: OpenSlide read_region + torchvision/numpy transforms per sample, "
+             f"DataLoader {args.workers} workers", f"{seed:.1f}", "1.00x", "baseline"],
+            [f"(b) shard stream: JPEG decode in {args.workers} workers, split/augment on the "
+             "batch (CPU)", f"{ours:.1f}", f"{ours / seed:.2f}x", ">= 5x (a)"],
+        ]
+        text = "\n\n".join([
+            "## Loader: patches/s as ready training batches (issue 4)",
+            f"Command: `python -m benchmarks.bench_loader` (run by `make bench`). Machine: {machine()}.",
+            f"Data: 3 synthetic slides 8000 x 6000, regions {REGION} px (JPEG 95 shards), grid "
+            f"{GRID}x{GRID}, patches {PATCH} px, {args.regions_per_batch * GRID * GRID} patches per "
+            f"batch, {args.batches} timed batches after 2 warm-up batches; medians of "
+            f"{args.repeats} interleaved runs (all runs: "
+            + ", ".join(f"{k} {[round(v, 1) for v in vs]}" for k, vs in runs.items()) + ").",
+            table(["variant", "patches/s (median)", "ratio", "target"], rows),
+        ])
+        write_section(args.out, text)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Low-resolution views of a slide: downsampled reads, thumbnails and the tissue mask.
+
+The tissue mask follows NCRF's ``tissue_mask_gen.py`` (also what MONAI's tumor_detection
+example feeds its masked inference): at a low resolution, a pixel is tissue when
+
+- its HSV saturation is above the Otsu threshold of the saturation histogram (or a fixed
+  ``threshold``), and never below ``min_saturation`` (so a blank slide, whose saturation is
+  only noise, has no tissue instead of half of it);
+- it is not background in all of R, G and B (each channel above its own Otsu threshold);
+- every channel is above ``rgb_min`` (drops black pen marks and scanner artefacts).
+
+Connected pieces smaller than ``min_area`` level-0 square pixels are dropped.
+
+Geometry: mask pixel (r, c) covers level-0 pixels ``[c*ds_x, (c+1)*ds_x) x [r*ds_y, (r+1)*ds_y)``
+where ``(ds_x, ds_y) = TissueMask.downsample``. Only numpy and scipy: no torch here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from etl.slide import SlideReader
+
+__all__ = ["TissueMask", "LowRes", "read_low_res", "thumbnail", "otsu_threshold", "saturation",
+           "tissue_from_rgb", "tissue_mask"]
+
+STRIP_BYTES = 64 << 20  # bound on one strip read while downsampling a level
+
+
+@dataclass(frozen=True)
+class LowRes:
+    """A downsampled RGB view: pixel (r, c) covers level-0 [c*ds_x, (c+1)*ds_x) x [r*ds_y, ...)."""
+
+    rgb: np.ndarray  # (h, w, 3) uint8
+    downsample: tuple[float, float]  # level-0 px per pixel (x, y)
+    level: int  # pyramid level it was read from
+
+
+def _box_reduce(strip: np.ndarray, f: int) -> np.ndarray:
+    """Mean over f x f blocks (the strip is padded with white to whole blocks), uint8."""
+    h, w = strip.shape[:2]
+    ph, pw = -h % f, -w % f
+    if ph or pw:
+        strip = np.pad(strip, ((0, ph), (0, pw), (0, 0)), constant_values=255)
+    blocks = strip.reshape(strip.shape[0] // f, f, strip.shape[1] // f, f, 3)
+    return np.rint(blocks.mean(axis=(1, 3), dtype=np.float32)).astype(np.uint8)
+
+
+def read_low_res(reader: SlideReader, downsample: float, *, coarser: bool = False) -> LowRes:
+    """The slide at about ``downsample`` level-0 px per pixel.
+
+    Reads the coarsest pyramid level whose downsample is at most ``downsample``, in strips of
+    bounded size, then box-averages by the integer factor left (rounded down: the view is at
+    least as fine as asked; ``coarser=True`` rounds up: at most as fine). Partial blocks at
+    the right and bottom edges are averaged with white, so the view covers the whole slide.
+    """
+    if not downsample >= 1:
+        raise ValueError(f"downsample must be >= 1, got {downsample}")
+    w0, h0 = reader.dimensions
+    level = max((i for i, d in enumerate(reader.level_downsamples) if d <= downsample * 1.001),
+                default=0)
+    wl, hl = reader.level_dimensions[level]
+    lds_x, lds_y = w0 / wl, h0 / hl
+    ratio = downsample / reader.level_downsamples[level]
+    f = max(1, int(math.ceil(ratio - 1e-6) if coarser else math.floor(ratio + 1e-6)))
+    rows = max(f, (STRIP_BYTES // max(1, wl * 3)) // f * f)  # strip height, whole blocks
+    step = reader.level_downsamples[level]
+    parts = []
+    for ly in range(0, hl, rows):
+        h = min(rows, hl - ly)
+        strip = reader.read_region(0, int(round(ly * step)), level, wl, h)
+        parts.append(_box_reduce(strip, f) if f > 1 else strip)
+    return LowRes(np.concatenate(parts, axis=0), (lds_x * f, lds_y * f), level)
+
+
+def thumbnail(reader: SlideReader, max_side: int = 2048) -> LowRes:
+    """A whole-slide view whose longest side is at most ``max_side`` px (or level 0 if smaller)."""
+    w0, h0 = reader.dimensions
+    return read_low_res(reader, max(1.0, max(w0, h0) / max_side), coarser=True)
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation (max - min) / max of uint8 RGB, float32 in [0, 1] (0 where max is 0)."""
+    hi = rgb.max(axis=-1).astype(np.float32)
+    lo = rgb.min(axis=-1).astype(np.float32)
+    return np.divide(hi - lo, hi, out=np.zeros_like(hi), where=hi > 0)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256, value_range: tuple[float, float] = (0, 1)
+                   ) -> float:
+    """Otsu's threshold: the histogram split that maximises the between-class variance.
+
+    Returns the upper edge of the last bin of the lower class (values above it are the upper
+    class), as scikit-image's ``threshold_otsu`` does up to the bin-centre convention.
+    """
+    hist, edges = np.histogram(values, bins=bins, range=value_range)
+    hist = hist.astype(np.float64)
+    if hist.sum() == 0:
+        return float(value_range[0])
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
+    mu1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def tissue_from_rgb(rgb: np.ndarray, *, threshold: float | None = None,
+                    min_saturation: float = 0.05, rgb_min: int = 50) -> tuple[np.ndarray, float]:
+    """(bool tissue mask, saturation threshold used) of a low-resolution uint8 RGB image."""
+    sat = saturation(rgb)
+    thr = otsu_threshold(sat) if threshold is None else float(threshold)
+    thr = max(thr, min_saturation)
+    tissue = sat > thr
+    background = np.ones(rgb.shape[:2], dtype=bool)
+    for c in range(3):
+        channel = rgb[..., c]
+        background &= channel > otsu_threshold(channel, value_range=(0, 256))
+    tissue &= ~background
+    tissue &= (rgb > rgb_min).all(axis=-1)
+    return tissue, thr
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """Bool tissue mask; pixel (r, c) covers level-0 [c*ds_x, (c+1)*ds_x) x [r*ds_y, (r+1)*ds_y)."""
+
+    mask: np.ndarray
+    downsample: tuple[float, float]
+    level: int
+    threshold: float
+
+    @property
+    def fraction(self) -> float:
+        """Share of the slide (mask pixels) that is tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def any_in_cells(self, stride: float, shape: tuple[int, int]) -> np.ndarray:
+        """(rows, cols) bool: does cell (i, j), level-0 ``[j*stride, (j+1)*stride)`` x
+        ``[i*stride, (i+1)*stride)``, overlap any tissue pixel? (summed-area table, exact)."""
+        rows, cols = shape
+        h, w = self.mask.shape
+        table = np.zeros((h + 1, w + 1), dtype=np.int64)
+        table[1:, 1:] = self.mask.cumsum(0).cumsum(1)
+        dsx, dsy = self.downsample
+
+        def bounds(n: int, ds: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+            edges = np.arange(n + 1) * float(stride) / ds
+            lo = np.clip(np.floor(edges[:-1] + 1e-9).astype(np.int64), 0, size)
+            hi = np.clip(np.ceil(edges[1:] - 1e-9).astype(np.int64), 0, size)
+            return lo, np.maximum(hi, lo)
+
+        r0, r1 = bounds(rows, dsy, h)
+        c0, c1 = bounds(cols, dsx, w)
+        total = (table[r1[:, None], c1[None, :]] - table[r0[:, None], c1[None, :]]
+                 - table[r1[:, None], c0[None, :]] + table[r0[:, None], c0[None, :]])
+        return total > 0
+
+    def at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Tissue at level-0 points (x, y) (False outside the slide)."""
+        c = np.floor(np.asarray(x, np.float64) / self.downsample[0]).astype(np.int64)
+        r = np.floor(np.asarray(y, np.float64) / self.downsample[1]).astype(np.int64)
+        h, w = self.mask.shape
+        inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        out = np.zeros(np.shape(c), dtype=bool)
+        out[inside] = self.mask[r[inside], c[inside]]
+        return out
+
+
+def tissue_mask(reader: SlideReader, *, downsample: float = 32.0, threshold: float | None = None,
+                min_saturation: float = 0.05, rgb_min: int = 50, min_area: float = 256 * 256
+                ) -> TissueMask:
+    """Tissue mask of a slide at about ``downsample`` level-0 px per mask pixel.
+
+    ``threshold``: fixed saturation threshold in [0, 1] instead of Otsu's. ``min_area``:
+    drop connected tissue pieces smaller than this many level-0 square pixels.
+    """
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"tissue threshold {threshold}: use a saturation in [0, 1]")
+    low = read_low_res(reader, downsample)
+    mask, thr = tissue_from_rgb(low.rgb, threshold=threshold, min_saturation=min_saturation,
+                                rgb_min=rgb_min)
+    if min_area > 0 and mask.any():
+        labels, n = ndimage.label(mask)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1) * low.downsample[0] * low.downsample[1]
+        keep = sizes >= min_area
+        keep[0] = False
+        mask = keep[labels]
+    return TissueMask(mask=mask, downsample=low.downsample, level=low.level, threshold=thr)
