@@ -22,7 +22,10 @@ help:
 	@echo "make test       run the test suite"
 	@echo "make synth      write synthetic slides + dataset_0.json to $(SYNTH_DIR)"
 	@echo "make shards     extract shards (synthetic data unless DATASET=/DATA_ROOT= are given)"
-	@echo "make train | infer | evaluate | demo | bench | bench-gpu   (not built yet)"
+	@echo "make train      train on $(SHARDS_DIR)/ (CPU-sized settings; TRAIN_OPTS=...)"
+	@echo "make infer      SLIDE=slide-or-folder [CKPT=...]: probability map, heatmaps, candidates"
+	@echo "make evaluate   FROC / AUC of $(RUN_DIR)/infer against TRUTH=annotation folder"
+	@echo "make demo | bench | bench-gpu"
 
 setup: $(STAMP)
 
@@ -51,8 +54,26 @@ shards: setup
 	$(BIN)/patchetl extract --json $(DATASET) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) --out $(SHARDS_DIR) $(EXTRACT_OPTS)
 endif
 
+# Training on the default shards, sized to finish on a 2-core CPU in a few minutes (96 px
+# patches: the model is fully convolutional). The full-size GPU command is in README.md.
+RUN_DIR ?= runs
+TRAIN_OPTS ?= --epochs 2 --batch-size 72 --patch-size 96 --optimizer adamw --warmup-epochs 0 --workers 1
+train: setup
+	$(BIN)/patchetl train --train $(SHARDS_DIR)/training --val $(SHARDS_DIR)/validation --out $(RUN_DIR)/train --resume $(TRAIN_OPTS)
+
+# make infer SLIDE=path/to/slide.tif (or a folder) [CKPT=runs/train/best.pt]
+SLIDE ?= $(SYNTH_DIR)/training/images
+CKPT ?= $(RUN_DIR)/train/best.pt
+INFER_OPTS ?=
+infer: setup
+	$(BIN)/patchetl infer $(SLIDE) --checkpoint $(CKPT) --out $(RUN_DIR)/infer $(INFER_OPTS)
+
+TRUTH ?= $(SYNTH_DIR)/training/annotations
+evaluate: setup
+	$(BIN)/patchetl evaluate --pred $(RUN_DIR)/infer --truth $(TRUTH) --slides $(SLIDE) --checkpoint $(CKPT) --shards $(SHARDS_DIR)/validation --out $(RUN_DIR)/eval
+
 # Targets that later work fills in: fail loudly rather than pretend.
-train infer evaluate demo bench bench-gpu:
+demo bench bench-gpu:
 	@echo "make $@: not built yet (see the open issues); nothing was run." >&2
 	@exit 2
 
