@@ -86,10 +86,17 @@ demo: setup
 	$(BIN)/patchetl evaluate --pred $(DEMO_DIR)/infer --truth $(DEMO_DIR)/test/training/annotations --slides $(DEMO_DIR)/test/training/images --checkpoint $(DEMO_DIR)/run/best.pt --shards $(DEMO_DIR)/shards/validation --out $(DEMO_DIR)/eval
 	@echo "heatmaps: $(DEMO_DIR)/infer/*.heatmap.png (and .heatmap.tif for QuPath/ASAP); report: $(DEMO_DIR)/eval/evaluation.json, $(DEMO_DIR)/eval/froc.png"
 
-# Targets that later work fills in: fail loudly rather than pretend.
-bench bench-gpu:
-	@echo "make $@: not built yet (see the open issues); nothing was run." >&2
-	@exit 2
+# Side-by-side benchmarks (each against its baseline in the same script) -> BENCHMARKS.md
+bench: setup
+	$(BIN)/python -m benchmarks.bench_etl --out benchmarks/results/etl.md
+	$(BIN)/python -m benchmarks.bench_loader --out benchmarks/results/loader.md
+	$(BIN)/python -m benchmarks.bench_infer --out benchmarks/results/infer.md
+	$(BIN)/python -m benchmarks.report > BENCHMARKS.md.tmp && mv BENCHMARKS.md.tmp BENCHMARKS.md
+
+# On a CUDA machine: training patches/s and data wait (decode on CPU vs GPU), whole-slide time.
+bench-gpu: setup
+	$(BIN)/python -m benchmarks.bench_gpu --out benchmarks/results/gpu.md
+	$(BIN)/python -m benchmarks.report > BENCHMARKS.md.tmp && mv BENCHMARKS.md.tmp BENCHMARKS.md
 
 clean:
 	rm -rf data/synth data/demo .pytest_cache

@@ -1,0 +1,452 @@
+"""GPU benchmark (`make bench-gpu`): training patches/s and data wait, whole-slide inference time.
+
+One script, about 3-5 minutes on a CUDA machine; writes a markdown section (default
+benchmarks/results/gpu.md, which `benchmarks.report` puts into BENCHMARKS.md):
+
+1. data: a few synthetic slides (`patchetl synth`) and their shards (`patchetl extract`,
+   768 px regions, JPEG 95), in a temporary folder;
+2. training on CUDA with the real `train()` (bf16 autocast, channels_last, batch 512 patches
+   rounded down to whole regions, 224 px patches), JPEG decode on CPU DataLoader workers vs on
+   the GPU (batched nvJPEG). TrainConfig has no step limit, so the epoch is bounded by the data:
+   the shards hold `workers x regions per batch x batches_per_worker` regions (6 full batches
+   per DataLoader worker, 48 steps with 8 workers); epoch 1 (cuDNN autotuning, worker start)
+   is dropped and the table gives the medians of epochs 2-3 of 2 interleaved runs per variant,
+   as the trainer logs them (patches/s over the epoch, share of it spent waiting for data);
+3. whole-slide dense inference on CUDA of a 100k x 100k synthetic slide with the checkpoint
+   the training runs wrote, after a warm-up on one of the small slides. Rendering 10^10 pixels
+   would take about 10 minutes, so the slide is a *mosaic*: tissue blocks of 4096 px rendered
+   once by the synthetic generator and placed on glass where the generator's tissue layout
+   for the full size says tissue is; level 0 and the levels whose block is still whole tiles
+   are written from pre-encoded JPEG tiles (`tifffile` writes an iterator of tile bytes), the
+   coarser levels from downsampled blocks. It is a real pyramidal tiled TIFF that OpenSlide and
+   the direct reader open; every tile is read and decoded like any other slide's.
+
+It refuses to run (exit 2) without CUDA. `--device cpu --tiny` runs every stage at toy size
+on the CPU (about 1-2 minutes on 2 cores) so that the code paths are checked anywhere; its
+numbers mean nothing and it writes $TMPDIR/bench_gpu_smoke.md unless --out is given.
+
+    python -m benchmarks.bench_gpu                      # CUDA machine
+    python -m benchmarks.bench_gpu --device cpu --tiny  # smoke run, any machine
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+
+from benchmarks.common import machine, median, table, write_section
+from etl.synth import TILE, box_downsample, make_scene, pyramid_dims
+
+GLASS_RGB = (243, 241, 245)  # the synthetic generator's glass colour
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything that differs between the real run and the toy (--tiny) run."""
+
+    slides: int
+    slide_width: int
+    slide_height: int
+    batch_size: int  # patches per step (the trainer rounds down to whole regions of 9)
+    batches_per_worker: int  # bounds the epoch: every worker yields this many full batches
+    workers: int  # DataLoader workers
+    region: int
+    patch: int
+    epochs: int
+    rounds: int
+    big_side: int  # the mosaic slide is big_side x big_side
+    block: int  # mosaic block side (a multiple of TILE)
+    unique_blocks: int
+
+    @property
+    def regions_per_batch(self) -> int:
+        return self.batch_size // 9
+
+
+def full_sizes(cpus: int) -> Sizes:
+    return Sizes(slides=4, slide_width=8000, slide_height=6000, batch_size=512,
+                 batches_per_worker=6, workers=max(1, min(8, cpus)), region=768, patch=224,
+                 epochs=3, rounds=2, big_side=100_000, block=4096, unique_blocks=4)
+
+
+def tiny_sizes() -> Sizes:
+    return Sizes(slides=2, slide_width=1600, slide_height=1200, batch_size=36,
+                 batches_per_worker=2, workers=2, region=288, patch=64, epochs=2, rounds=1,
+                 big_side=1536, block=256, unique_blocks=3)
+
+
+def log(message: str) -> None:
+    print(f"[bench-gpu {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- mosaic slide
+def _jpeg_kwargs(quality: int) -> dict:
+    return dict(photometric="rgb", compression="jpeg", compressionargs={"level": quality},
+                tile=(TILE, TILE), metadata=None)
+
+
+def encode_tiles(tiles: list[np.ndarray], quality: int) -> list[bytes]:
+    """Each (TILE, TILE, 3) tile encoded exactly as `tifffile` encodes a JPEG tile with the
+    same arguments (written to an in-memory TIFF, its tile bytes read back), so the bytes can
+    be written as they are into another TIFF page with those arguments."""
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tw:
+        tw.write(np.concatenate(tiles, axis=0), **_jpeg_kwargs(quality))
+    buf.seek(0)
+    with tifffile.TiffFile(buf) as tf:
+        page = tf.pages[0]
+        if page.jpegtables is not None:  # shared tables would not travel with the bytes
+            raise RuntimeError("tifffile wrote JPEG tables; pre-encoded tiles cannot be reused")
+        fh, out = tf.filehandle, []
+        for offset, count in zip(page.dataoffsets, page.databytecounts):
+            fh.seek(offset)
+            out.append(fh.read(count))
+    return out
+
+
+@dataclass
+class Mosaic:
+    """What `write_mosaic_slide` wrote."""
+
+    path: Path
+    width: int
+    height: int
+    levels: list[tuple[int, int]]
+    tissue_blocks: int
+    blocks: int
+    seconds: float
+
+    @property
+    def gib(self) -> float:
+        return self.path.stat().st_size / 2**30
+
+
+def block_layout(width: int, height: int, block: int, unique: int, mpp: float, seed: int
+                 ) -> tuple[np.ndarray, list[tuple[int, int]], Callable]:
+    """Which block shows which rendered source block (-1: glass), the sources' (x, y), and
+    the scene to render them from. Tissue blocks follow the generator's full-size tissue
+    layout (at least half of a 5 x 5 sample of the block on tissue)."""
+    scene = make_scene(width, height, mpp=mpp, has_tumor=False, seed=seed)
+    nby, nbx = -(-height // block), -(-width // block)
+    frac = np.zeros((nby, nbx))
+    offs = (np.arange(5) + 0.5) * block / 5
+    for by in range(nby):
+        for bx in range(nbx):
+            xs, ys = np.meshgrid(bx * block + offs, by * block + offs)
+            frac[by, bx] = np.mean(scene.tissue_distance(xs.ravel(), ys.ravel()) > 0)
+    # sources: the most tissue-filled blocks lying wholly inside the slide
+    inside = [(by, bx) for by in range(height // block) for bx in range(width // block)]
+    if not inside:
+        raise ValueError(f"slide {width} x {height} is smaller than one block of {block} px")
+    rng = np.random.default_rng(seed)
+    inside.sort(key=lambda b: (-frac[b], rng.random()))
+    sources = [(bx * block, by * block) for by, bx in inside[:unique]]
+    layout = np.full((nby, nbx), -1, dtype=np.int64)
+    tissue = frac >= 0.5
+    layout[tissue] = rng.integers(len(sources), size=int(tissue.sum()))
+    return layout, sources, scene.render_tile
+
+
+def write_mosaic_slide(path: Path, side: int, *, block: int = 4096, unique: int = 4,
+                       mpp: float = 0.243, seed: int = 0, quality: int = 90) -> Mosaic:
+    """A side x side pyramidal JPEG TIFF made of `unique` rendered tissue blocks on glass.
+
+    Level k (downsample 2^k, sizes as `patchetl synth` makes them) is written from
+    pre-encoded tiles while a block is whole tiles at that level, else from an array
+    assembled from downsampled blocks (those levels are small).
+    """
+    if block % TILE:
+        raise ValueError(f"block {block}: use a multiple of {TILE}")
+    t0 = time.perf_counter()
+    layout, sources, render_tile = block_layout(side, side, block, unique, mpp, seed)
+    blocks = []
+    for x0, y0 in sources:
+        img = np.empty((block, block, 3), np.uint8)
+        for ty in range(0, block, TILE):
+            for tx in range(0, block, TILE):
+                img[ty:ty + TILE, tx:tx + TILE] = render_tile(x0 + tx, y0 + ty)
+        blocks.append(img)
+    glass = np.empty((TILE, TILE, 3), np.uint8)
+    glass[:] = GLASS_RGB
+    levels = pyramid_dims(side, side, 2)
+    small = blocks
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for k, (w, h) in enumerate(levels):
+            d = 2 ** k
+            if block % d:
+                raise ValueError(f"block {block} is not a multiple of level {k}'s downsample {d}")
+            bl = block // d  # block side at this level
+            if k:  # each level from the one above, as the generator's pyramid is made
+                small = [box_downsample(b, 2) for b in small]
+            res = 1e4 / (mpp * side / w), 1e4 / (mpp * side / h)  # pixels per cm
+            extra = dict(resolution=res, resolutionunit="CENTIMETER", subfiletype=1 if k else 0)
+            if bl % TILE == 0:
+                per = bl // TILE  # tiles per block side
+                coded = encode_tiles([glass] + [s[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE]
+                                                for s in small for r in range(per)
+                                                for c in range(per)], quality)
+                glass_bytes, tiles = coded[0], coded[1:]
+
+                def tile_bytes(w: int = w, h: int = h, per: int = per, tiles=tiles,
+                               glass_bytes=glass_bytes) -> Iterator[bytes]:
+                    for ty in range(-(-h // TILE)):
+                        for tx in range(-(-w // TILE)):
+                            src = layout[ty // per, tx // per]
+                            yield glass_bytes if src < 0 else tiles[
+                                (src * per + ty % per) * per + tx % per]
+
+                tw.write(tile_bytes(), shape=(h, w, 3), dtype=np.uint8, **_jpeg_kwargs(quality),
+                         **extra)
+            else:
+                img = np.empty((h, w, 3), np.uint8)
+                img[:] = GLASS_RGB
+                for by, bx in zip(*np.nonzero(layout >= 0)):
+                    y, x = by * bl, bx * bl
+                    part = small[layout[by, bx]][:max(0, h - y), :max(0, w - x)]
+                    img[y:y + part.shape[0], x:x + part.shape[1]] = part
+                tw.write(img, **_jpeg_kwargs(quality), **extra)
+    return Mosaic(path, side, side, levels, int((layout >= 0).sum()), layout.size,
+                  time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- stages
+def cli(*args) -> None:
+    """`patchetl ...` in a child process (its memory and threads are not ours)."""
+    subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def make_shards(work: Path, sz: Sizes) -> tuple[Path, Path, int]:
+    """Synthetic slides + shards; returns (data folder, training split folder, regions)."""
+    data, shards = work / "data", work / "shards"
+    regions = sz.workers * sz.regions_per_batch * sz.batches_per_worker
+    per_slide = -(-regions // sz.slides)
+    cli("synth", "--out", data, "--slides", sz.slides, "--width", sz.slide_width, "--height",
+        sz.slide_height, "--seed", 3, "--regions-per-slide", per_slide, "--region-size",
+        sz.region, "--val-fraction", 0)
+    cli("extract", "--json", data / "dataset_0.json", "--data-root", data, "--out", shards,
+        "--region-size", sz.region, "--quality", 95, "--no-progress",
+        "--shard-size", max(1, -(-regions // 16)), "--workers", os.cpu_count() or 1)
+    return data, shards / "training", per_slide * sz.slides
+
+
+def run_training(shards: Path, out: Path, sz: Sizes, device: str, decode: str, seed: int
+                 ) -> list[dict]:
+    """The real trainer for `sz.epochs` epochs; returns its per-epoch metric rows."""
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(train=str(shards), out=str(out), epochs=sz.epochs,
+                      batch_size=sz.batch_size, patch_size=sz.patch, decode=decode,
+                      device=device, channels_last=True, workers=sz.workers, seed=seed,
+                      progress=False)
+    result = train(cfg, log=lambda m: log(f"  {m}"))
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result["history"]
+
+
+def bench_training(shards: Path, work: Path, sz: Sizes, device: str
+                   ) -> tuple[list[list], Path]:
+    """Interleaved runs of both decode variants; rows for the table, a checkpoint."""
+    variants = {"cpu": "JPEG decode on CPU DataLoader workers", "cuda": "JPEG decode on the GPU "
+                "(batched nvJPEG, `torchvision.io.decode_jpeg(device='cuda')`)"}
+    speed: dict[str, list[float]] = {v: [] for v in variants}
+    wait: dict[str, list[float]] = {v: [] for v in variants}
+    ckpt = None
+    for rnd in range(sz.rounds):
+        for variant in (list(variants) if rnd % 2 == 0 else list(variants)[::-1]):
+            # on the CPU smoke run nvJPEG does not exist: the 'cuda' row runs CPU decode
+            decode = variant if device == "cuda" else "cpu"
+            out = work / f"train-{variant}-{rnd}"
+            log(f"training: decode {variant}, round {rnd + 1}/{sz.rounds}")
+            history = run_training(shards, out, sz, device, decode, seed=rnd)
+            later = history[1:] or history  # epoch 1 warms up (cuDNN autotune, workers)
+            speed[variant] += [r["patches_per_s"] for r in later]
+            wait[variant] += [r["data_wait"] for r in later]
+            ckpt = out / "last.pt"
+    if device != "cuda":
+        variants["cuda"] += " (smoke run: ran CPU decode)"
+    base = median(speed["cpu"])
+    rows = [[variants[v], f"{median(speed[v]):.0f}", f"{100 * median(wait[v]):.0f}%",
+             f"{median(speed[v]) / base:.2f}x",
+             ", ".join(f"{s:.0f}" for s in speed[v])] for v in variants]
+    assert ckpt is not None
+    return rows, ckpt
+
+
+def bench_inference(slide: Path, warmup_slide: Path, ckpt: Path, out: Path, device: str,
+                    workers: int) -> dict:
+    """Warm-up on a small slide, then the whole big slide, timed by stage."""
+    from training.infer import InferConfig, Predictor, infer_slide, load_model, write_outputs
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model, info = load_model(ckpt, dev)
+    patch = int(info.get("patch_size", 224))
+    cfg = InferConfig(checkpoint=str(ckpt), out=str(out), mode="dense", stride=32,
+                      patch_size=patch, device=device, workers=workers, progress=False)
+    amp = dev.type == "cuda"
+    predictor = Predictor(model, patch, cfg.stride, dev, amp=amp, channels_last=True)
+    t0 = time.perf_counter()
+    infer_slide(warmup_slide, predictor, cfg)
+    warm = time.perf_counter() - t0
+    log(f"inference warm-up on {warmup_slide.name}: {warm:.1f} s")
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    result = infer_slide(slide, predictor, cfg)
+    t1 = time.perf_counter()
+    write_outputs(result, out, cfg, {"device": dev.type, "amp": amp})
+    outputs = time.perf_counter() - t1
+    s = result.seconds
+    return {"tissue_s": s["tissue"], "map_s": s["model"], "slide_s": s["total"],
+            "outputs_s": outputs, "tissue_px": result.tissue_pixels,
+            "tissue_fraction": result.tissue.fraction, "map": result.geometry.shape,
+            "cells": int(result.cells.sum()), "patch": patch, "amp": amp,
+            "tiles_per_batch": cfg.tiles_per_batch or (4 if dev.type == "cuda" else 1),
+            "candidates": len(result.candidates),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
+
+
+def device_line(device: str) -> str:
+    if device != "cuda":
+        return f"CPU (smoke run), torch {torch.__version__}"
+    props = torch.cuda.get_device_properties(0)
+    return (f"{torch.cuda.get_device_name(0)} ({props.total_memory / 2**30:.0f} GiB), torch "
+            f"{torch.__version__}, CUDA {torch.version.cuda}")
+
+
+def refuse_without_cuda() -> None:
+    if not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device is available (torch "
+              f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none'}); run it on a "
+              "machine with an NVIDIA GPU, or `python -m benchmarks.bench_gpu --device cpu "
+              "--tiny` for a smoke run of every stage on the CPU. Nothing was measured.",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: float,
+           n_regions: int, train_rows: list[list], mosaic: Mosaic, inf: dict,
+           infer_workers: int) -> str:
+    """The markdown section."""
+    batch = sz.regions_per_batch * 9
+    steps = sz.batches_per_worker * sz.workers
+    per_1e8 = inf["map_s"] / (inf["tissue_px"] / 1e8)
+    rows_inf = [
+        ["tissue mask (Otsu on saturation, level-0 / 32)", f"{inf['tissue_s']:.1f}", ""],
+        ["probability map: tile reads + dense model", f"{inf['map_s']:.1f}",
+         f"{per_1e8:.2f} s per 1e8 tissue px"],
+        ["whole slide (mask + map + NMS)", f"{inf['slide_s']:.1f}", "target < 60 s"],
+        ["writing the outputs (npy, PNG, pyramidal TIFF, CSV, GeoJSON)",
+         f"{inf['outputs_s']:.1f}", ""],
+    ]
+    title = "## GPU: training throughput and whole-slide inference (issues 4 and 5)"
+    if args.device != "cuda":
+        title += " — CPU SMOKE RUN, toy sizes, numbers mean nothing"
+    return "\n\n".join([
+        title,
+        f"Command: `python -m benchmarks.bench_gpu{' --device cpu --tiny' if args.tiny else ''}`"
+        f" (`make bench-gpu`). Device: {device_line(args.device)}. Host: {machine()}. "
+        f"Whole script: {total:.0f} s ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in stage.items()) + ").",
+        f"### Training: patches/s and data wait, JPEG decode on CPU workers vs GPU\n\n"
+        f"Real `train()` ({'bf16 autocast' if args.device == 'cuda' else 'fp32'}, "
+        f"channels_last, SGD, augmentation on the device), batch {batch} patches "
+        f"(--batch-size {sz.batch_size} rounded down to {sz.regions_per_batch} whole regions "
+        f"x 9) of {sz.patch} px from {sz.region} px regions "
+        f"(JPEG 95 shards, {n_regions} regions from {sz.slides} synthetic slides), "
+        f"{sz.workers} DataLoader workers, {steps} steps per epoch. Medians over epochs "
+        f"2-{sz.epochs} of {sz.rounds} interleaved run(s) per variant (epoch 1 warms up); "
+        "data wait = share of the epoch spent in `next(batches)` (loader, transfer, "
+        "decode, crops, augmentation).",
+        table(["decode", "patches/s (median)", "data wait (median)", "ratio",
+               "patches/s of each measured epoch"],
+              train_rows),
+        f"### Whole-slide dense inference\n\n"
+        f"Slide: {mosaic.width} x {mosaic.height} px synthetic mosaic at 0.243 um/px "
+        f"({mosaic.gib:.2f} GiB pyramidal JPEG TIFF, {len(mosaic.levels)} levels, "
+        f"{mosaic.tissue_blocks}/{mosaic.blocks} blocks of {sz.block} px with tissue, "
+        f"written in {mosaic.seconds:.0f} s; tissue {inf['tissue_fraction']:.0%} of the "
+        f"slide = {inf['tissue_px'] / 1e9:.2f} G px). Checkpoint: the training runs' last.pt; "
+        f"dense mode, stride 32, patch {inf['patch']} px, tiles 2048 px + 224 px margin, "
+        f"tiles per pass: {inf['tiles_per_batch']}, {'bf16' if inf['amp'] else 'fp32'}, "
+        f"{infer_workers} tile-reading threads; map {inf['map'][1]} x {inf['map'][0]} "
+        f"({inf['cells']} tissue cells), after a warm-up on a small slide"
+        + (f"; peak GPU memory {inf['peak_gib']:.1f} GiB" if inf["peak_gib"] else "")
+        + ". NCRF reports 0.5-1 h per Camelyon16 slide.",
+        table(["stage", "seconds", "note"], rows_inf),
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=None,
+                    help="markdown section to write (default: benchmarks/results/gpu.md; "
+                         "with --tiny: $TMPDIR/bench_gpu_smoke.md)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="toy sizes (a smoke run of every stage)")
+    ap.add_argument("--infer-workers", type=int, default=None,
+                    help="tile-reading threads for inference (default: CPU count, at most 16)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="work folder (kept); default: a temporary folder, deleted at the end")
+    args = ap.parse_args(argv)
+    if args.device == "cuda":
+        refuse_without_cuda()
+    cpus = os.cpu_count() or 1
+    sz = tiny_sizes() if args.tiny else full_sizes(cpus)
+    infer_workers = args.infer_workers or max(1, min(16, cpus))
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_gpu_"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = args.out or (Path(tempfile.gettempdir()) / "bench_gpu_smoke.md" if args.tiny
+                       else Path("benchmarks/results/gpu.md"))
+    started = time.perf_counter()
+    stage: dict[str, float] = {}
+    try:
+        t = time.perf_counter()
+        log(f"data: {sz.slides} synthetic slides {sz.slide_width} x {sz.slide_height} + shards")
+        data, shards, n_regions = make_shards(work, sz)
+        stage["data"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        train_rows, ckpt = bench_training(shards, work, sz, args.device)
+        stage["training"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        log(f"mosaic slide {sz.big_side} x {sz.big_side}")
+        mosaic = write_mosaic_slide(work / f"mosaic_{sz.big_side}.tif", sz.big_side, block=sz.block,
+                                    unique=sz.unique_blocks, seed=1)
+        log(f"  written in {mosaic.seconds:.1f} s: {mosaic.gib:.2f} GiB, {len(mosaic.levels)} "
+            f"levels, {mosaic.tissue_blocks}/{mosaic.blocks} tissue blocks")
+        stage["mosaic slide"] = time.perf_counter() - t
+        t = time.perf_counter()
+        warmup_slide = min((data / "training" / "images").glob("*.tif"))
+        inf = bench_inference(mosaic.path, warmup_slide, ckpt, work / "infer", args.device,
+                              infer_workers)
+        stage["inference"] = time.perf_counter() - t
+        total = time.perf_counter() - started
+        log("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in stage.items())
+            + f"; total {total:.0f} s")
+
+        write_section(out, report(args, sz, stage, total, n_regions, train_rows, mosaic, inf,
+                                  infer_workers))
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
