@@ -124,7 +124,8 @@ def main() -> None:
         for rep in range(args.repeats):
             loader = DataLoader(OnTheFlyRegions(regions, rep), batch_size=args.regions_per_batch,
                                 shuffle=True, num_workers=args.workers,
-                                collate_fn=collate_patches, generator=torch.Generator().manual_seed(rep))
+                                collate_fn=collate_patches,
+                                generator=torch.Generator().manual_seed(rep))
             runs["seed"].append(time_batches(loader, args.batches))
             del loader
             for name, spec in (("shards", PatchSpec(PATCH, Augment(), channels_last=True)),

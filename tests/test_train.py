@@ -16,7 +16,9 @@ import torch
 import webdataset as wds
 
 from test_train_data import write_region_shards  # tests/ is on sys.path under pytest
-from training.train import TrainConfig, TrainError, binary_auc, train
+from training.augment import Augment
+from training.data import PatchSpec
+from training.train import TrainConfig, TrainError, Trainer, binary_auc, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
@@ -94,6 +96,17 @@ def test_short_run_lowers_the_loss_and_writes_loadable_checkpoints(shards, strai
     assert best["epoch"] == max(range(2), key=lambda i: float(rows[i]["val_auc"])) + 1
     with pytest.raises(TrainError, match="--resume"):  # never clobbers a finished run
         train(config(shards, out, epochs=2), log=quiet)
+
+
+def test_on_a_cpu_the_workers_make_the_patches(shards, tmp_path):
+    """CPU training hands crops + augmentation to the DataLoader workers (validation: centre
+    crops, no augmentation), so that every core works; the main process runs the model."""
+    trainer = Trainer(config(shards, tmp_path / "run", epochs=1), log=quiet)
+    assert trainer.train_stream(0).patches == PatchSpec(28, Augment(), channels_last=True)
+    assert trainer.val_stream().patches == PatchSpec(28, Augment.off(), channels_last=True)
+    plain = Trainer(config(shards, tmp_path / "plain", epochs=1, augment=False,
+                           channels_last=False), log=quiet)
+    assert plain.train_stream(0).patches == PatchSpec(28, Augment.off(), channels_last=False)
 
 
 def test_resume_after_kill_continues_exactly_from_the_checkpoint(shards, straight, tmp_path):

@@ -12,9 +12,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from training.augment import (Augment, adjust_contrast, adjust_hue, adjust_saturation,
-                              augment_patches, grid_labels, grid_patches, make_patches)
-from training.data import (RegionStream, ShardError, count_batches, device_batches,
+from training.augment import (Augment, adjust_brightness, adjust_contrast, adjust_hue,
+                              adjust_saturation, augment_patches, empty_patches, grid_labels,
+                              grid_patches, make_patches)
+from training.data import (PatchSpec, RegionStream, ShardError, count_batches, device_batches,
                            make_loader, open_shards, rank_slices)
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not a dependency here).
@@ -166,18 +167,65 @@ def test_augmentations_keep_shape_dtype_range_and_are_identity_when_off():
 def test_per_patch_colour_jitter_matches_torchvision():
     from torchvision.transforms.v2 import functional as TF
 
-    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    factors = torch.tensor([0.3, 1.0, 1.6])
-    hues = torch.tensor([-0.04, 0.0, 0.03])
-    ours = {"contrast": adjust_contrast(x, factors), "saturation": adjust_saturation(x, factors),
-            "hue": adjust_hue(x, hues)}
-    for i in range(3):
-        torch.testing.assert_close(ours["contrast"][i],
-                                   TF.adjust_contrast(x[i], float(factors[i])))
-        torch.testing.assert_close(ours["saturation"][i],
-                                   TF.adjust_saturation(x[i], float(factors[i])))
-        torch.testing.assert_close(ours["hue"][i], TF.adjust_hue(x[i], float(hues[i])),
-                                   atol=1e-5, rtol=1e-5)
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[0] = x[0, :1]  # grey: no hue
+    x[1, 0] = x[1, 1]  # ties for the maximum: r == g, r == b, g == b
+    x[2, 2] = x[2, 0]
+    x[3, 1] = x[3, 2]
+    x[4] = (x[4] > 0.5).float()  # pure colours, black and white
+    x[5] = torch.round(x[5] * 4) / 4  # many equal values
+    factors = torch.tensor([0.3, 1.0, 1.6, 0.25, 1.75, 0.9, 1.1, 0.0])
+    hues = {  # small shifts (no wrap-around) and large ones (wrap-around), per image
+        "small": torch.tensor([-0.04, 0.0, 0.03, 1 / 6, -1 / 6, 0.01, -0.02, 0.04]),
+        "large": torch.tensor([-0.5, 0.5, 0.3, -0.3, 0.45, -0.2, 0.25, 0.17])}
+    for name, tv, ours in (("brightness", TF.adjust_brightness, adjust_brightness(x, factors)),
+                           ("contrast", TF.adjust_contrast, adjust_contrast(x, factors)),
+                           ("saturation", TF.adjust_saturation, adjust_saturation(x, factors))):
+        for i in range(8):
+            torch.testing.assert_close(ours[i], tv(x[i], float(factors[i])), msg=name)
+    for shifts in hues.values():
+        ours = adjust_hue(x, shifts)
+        assert ours.min() >= 0 and ours.max() <= 1
+        for i in range(8):
+            torch.testing.assert_close(ours[i], TF.adjust_hue(x[i], float(shifts[i])),
+                                       atol=1e-5, rtol=1e-5)
+    before = x.clone()
+    adjust_hue(x, hues["small"])
+    assert torch.equal(x, before)  # the public functions leave their input alone
+
+
+def hwc_regions(n: int, size: int, seed: int) -> list[torch.Tensor]:
+    """(3, R, R) uint8 regions laid out in memory as decoders return them (HWC)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (size, size, 3), generator=gen, dtype=torch.uint8)
+            .permute(2, 0, 1) for _ in range(n)]
+
+
+@pytest.mark.parametrize("aug", [Augment(), Augment(0, 0, 0, 0, True),
+                                 Augment(0.3, 0.5, 0, 0.2, False)])
+def test_cpu_chunked_patches_equal_the_whole_batch_path(aug):
+    """The fused CPU path (flips first on uint8, in-place jitter by chunks, straight into a
+    channels-last output) gives the patches of the whole-batch (GPU) path for the same draws."""
+    regions = hwc_regions(3, 96, seed=4)
+    labels = torch.randint(0, 2, (3, 3, 3), dtype=torch.uint8)
+    for train in (True, False):
+        out = {}
+        for fused in (True, False):
+            out[fused] = make_patches(regions, labels, grid=3, patch=28, train=train, aug=aug,
+                                      generator=torch.Generator().manual_seed(9),
+                                      channels_last=True, fused=fused)
+        (xf, yf), (xb, yb) = out[True], out[False]
+        assert xf.shape == (27, 3, 28, 28) and xf.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(xf, xb, atol=1e-5, rtol=0)
+        assert torch.equal(yf, yb) and torch.equal(yf, labels.reshape(-1).float())
+        assert xf.min() >= -1 and xf.max() <= 1
+    layouts = [make_patches(regions, labels, grid=3, patch=28, train=True, aug=aug,
+                            generator=torch.Generator().manual_seed(9), channels_last=cl)[0]
+               for cl in (False, True)]
+    assert layouts[0].is_contiguous() and torch.equal(layouts[0], layouts[1])
+    with pytest.raises(ValueError, match="empty_patches"):
+        make_patches(regions, labels, grid=3, patch=28, train=True, aug=aug,
+                     out=empty_patches(26, 28))
 
 
 # --------------------------------------------------------------------------- splitting
@@ -292,3 +340,58 @@ def test_main_process_batch_decode_matches_worker_decode_and_flags_corrupt_jpeg(
     assert a.valid.tolist() == b.valid.tolist() == [True, True, True, False, True]
     assert torch.equal(a.regions, b.regions) and a.keys == b.keys
     assert len(b.bad) == 1 and b.bad[0].startswith("s00003:")
+
+
+# --------------------------------------------------------------------------- CPU training
+def test_workers_make_ready_patches_reproducibly_with_their_cells_labels(tmp_path):
+    """CPU training: 2 DataLoader workers crop, augment and scale; the main process receives
+    ready float32 channels-last patches (through shared memory), labelled by their cells."""
+    region, grid = 96, 3
+    cell = region // grid
+    colours = np.array([[r * 80 + 20, c * 80 + 20, 60 + 10 * (3 * r + c)]
+                        for r in range(grid) for c in range(grid)], np.uint8).reshape(3, 3, 3)
+
+    def painter(i, labels, rng):
+        return np.repeat(np.repeat(colours, cell, 0), cell, 1)
+
+    metas = write_region_shards(tmp_path / "s", 8, region=region, painter=painter, fmt="png",
+                                shard_size=3)
+    by_key = {m["key"]: np.array(m["labels"]) for m in metas}
+    shards = open_shards(tmp_path / "s")
+
+    def batches(epoch: int, aug: Augment, train: bool = True) -> list[dict]:
+        stream = RegionStream(shards, epoch=epoch, seed=3, train=train, regions_per_batch=3,
+                              grid=grid, workers=2, shuffle_buffer=4, patches=PatchSpec(28, aug))
+        return list(make_loader(stream))
+
+    flips_only = batches(0, Augment(0, 0, 0, 0, True))
+    assert len(flips_only) == count_batches(8, 2, 3)
+    assert sorted(k for b in flips_only for k in b["keys"]) == sorted(by_key)
+    for b in flips_only:
+        x, y = b["patches"], b["patch_labels"]
+        assert x.dtype == torch.float32 and x.shape == (len(b["keys"]) * 9, 3, 28, 28)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        for k, key in enumerate(b["keys"]):
+            for r in range(grid):
+                for c in range(grid):
+                    i = k * 9 + r * grid + c
+                    assert y[i] == by_key[key][r, c]
+                    pixel = ((x[i].mean(dim=(1, 2)) + 1) * 127.5).round().to(torch.uint8)
+                    assert pixel.tolist() == colours[r, c].tolist()
+    # full augmentation: the same epoch gives the same patches (exact resume), another does not
+    first, again, other = batches(1, Augment()), batches(1, Augment()), batches(2, Augment())
+    assert all(torch.equal(a["patches"], b["patches"]) for a, b in zip(first, again))
+    assert not torch.equal(first[0]["patches"], other[0]["patches"])
+    # evaluation: the workers' centre crops are make_patches on the regions, in this process
+    plain = RegionStream(shards, epoch=0, seed=3, train=False, regions_per_batch=3, grid=grid,
+                         workers=2)
+    regions = list(device_batches(make_loader(plain), torch.device("cpu"), region))
+    ready = batches(0, Augment(), train=False)
+    assert len(ready) == len(regions)
+    for a, b in zip(ready, regions):
+        x, _ = make_patches(b.regions, b.labels, grid=grid, patch=28, train=False,
+                            aug=Augment.off())
+        assert a["keys"] == b.keys and torch.equal(a["patches"], x)
+    with pytest.raises(ValueError, match="decode_in_worker"):
+        RegionStream(shards, epoch=0, seed=3, train=True, regions_per_batch=3, grid=grid,
+                     decode_in_worker=False, patches=PatchSpec(28, Augment()))

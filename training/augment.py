@@ -1,20 +1,32 @@
-"""Regions -> model-ready patches, on the device, vectorised over the batch.
+"""Regions -> model-ready patches: grid split, the seed's augmentations, scaling to [-1, 1].
 
 `make_patches` splits each region into its grid of cells, crops one patch per cell (random
 offset inside the cell for training, centred for evaluation), broadcasts the row-major label
 grid to the patches, and applies the seed's augmentations per patch: ColorJitter(brightness
 64/255, contrast 0.75, saturation 0.25, hue 0.04), random flips and 90-degree rotations; then
-scales to [-1, 1]. Every random draw is per patch and comes from one `torch.Generator`, so an
-epoch is reproducible from its seed.
+scales to [-1, 1].
 
-torchvision's ColorJitter draws one set of factors per call (per batch); the per-patch version
-here uses torchvision's formulas with a factor tensor (checked against torchvision in the
-tests). Like torchvision it applies the four adjustments in a random order, drawn per batch.
+Every random draw is per patch and comes from one `torch.Generator`, in a fixed order
+(`draw_patches`: crop offsets, jitter factors, jitter order, flip coins), so an epoch is
+reproducible from its seed. torchvision's ColorJitter draws one set of factors per call (per
+batch); the per-patch version here uses torchvision's formulas with a factor tensor (checked
+against torchvision in the tests). Like torchvision it applies the four adjustments in a random
+order, drawn per batch.
+
+Two executions of the same draws:
+- on a GPU the batch is processed whole (gather crops, then each adjustment on all patches);
+- on a CPU a few patches at a time (`CPU_CHUNK`), fused: crop, flip/rotate and uint8 -> float in
+  one strided copy, then every adjustment in place while the chunk is in cache, then the scaled
+  result straight into the output. Flips and rotations only move pixels and every colour
+  adjustment is per pixel (contrast uses the patch mean, which a permutation keeps), so doing
+  the dihedral step first on uint8 gives the same patches as doing it last (tested).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 
@@ -33,8 +45,65 @@ class Augment:
         return cls(0.0, 0.0, 0.0, 0.0, False)
 
     @property
+    def jitter(self) -> bool:
+        return any((self.brightness, self.contrast, self.saturation, self.hue))
+
+    @property
     def enabled(self) -> bool:
-        return self.flips or any((self.brightness, self.contrast, self.saturation, self.hue))
+        return self.flips or self.jitter
+
+
+# --------------------------------------------------------------------------- random draws
+@dataclass
+class JitterDraws:
+    """Per-patch colour factors, as (name, (n,) factors) in the order they are applied."""
+
+    steps: list[tuple[str, torch.Tensor]]
+
+
+def draw_jitter(n: int, aug: Augment, generator: torch.Generator | None,
+                device=None) -> JitterDraws:
+    """Factors for n patches (brightness, contrast, saturation, hue), then a random order."""
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator, device=device) * (hi - lo) + lo
+
+    ops = []
+    if aug.brightness:
+        ops.append(("brightness", uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness)))
+    if aug.contrast:
+        ops.append(("contrast", uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast)))
+    if aug.saturation:
+        ops.append(("saturation", uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation)))
+    if aug.hue:
+        ops.append(("hue", uniform(-aug.hue, aug.hue)))
+    order = torch.randperm(len(ops), generator=generator, device=device).tolist()
+    return JitterDraws([ops[i] for i in order])
+
+
+def draw_coins(n: int, generator: torch.Generator | None, device=None) -> torch.Tensor:
+    """(3, n) bool: transpose, flip left-right, flip up-down, per patch."""
+    return torch.rand(3, n, generator=generator, device=device) < 0.5
+
+
+@dataclass
+class PatchDraws:
+    """Every random draw of one batch of patches."""
+
+    offsets: torch.Tensor  # (n, 2) top-left (y, x) of each patch in its region
+    jitter: JitterDraws | None  # None: no colour jitter
+    coins: torch.Tensor | None  # (3, n) bool, or None: no flips
+
+
+def draw_patches(regions: int, grid: int, cell: int, patch: int, train: bool, aug: Augment,
+                 generator: torch.Generator | None, device=None) -> PatchDraws:
+    """The draws of `make_patches`, in its fixed order: offsets, jitter factors, jitter order,
+    flip coins (evaluation: centre offsets and no draws at all)."""
+    offsets = cell_offsets(grid, cell, patch, regions, train, generator, device).reshape(-1, 2)
+    n = offsets.shape[0]
+    jitter = draw_jitter(n, aug, generator, device) if train and aug.jitter else None
+    coins = draw_coins(n, generator, device) if train and aug.flips else None
+    return PatchDraws(offsets, jitter, coins)
 
 
 # --------------------------------------------------------------------------- grid split
@@ -55,28 +124,35 @@ def cell_offsets(grid: int, cell: int, patch: int, n: int, random: bool,
     return base + jitter
 
 
+def _check_regions(shape: Sequence[int], grid: int) -> None:
+    h, w = shape[-2:]
+    if h != w or h % grid:
+        raise ValueError(f"regions are {h}x{w}: expected square regions divisible by grid {grid}")
+
+
+def crop_patches(regions: torch.Tensor, offsets: torch.Tensor, grid: int, patch: int
+                 ) -> torch.Tensor:
+    """(B, C, R, R) regions + (B * g * g, 2) offsets -> (B * g * g, C, p, p) crops (a gather)."""
+    b = regions.shape[0]
+    steps = torch.arange(patch, device=regions.device)
+    rows = (offsets[:, 0, None] + steps)  # (N, p)
+    cols = (offsets[:, 1, None] + steps)
+    index = torch.arange(b, device=regions.device).repeat_interleave(grid * grid)
+    # Advanced indexing puts the indexed dims first: (N, p, p, C) -> (N, C, p, p).
+    crops = regions[index[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return crops.permute(0, 3, 1, 2)
+
+
 def grid_patches(regions: torch.Tensor, grid: int, patch: int, random: bool = False,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, C, R, R) regions -> (B * grid * grid, C, patch, patch) crops, cells row-major.
 
     Patch `b * grid * grid + row * grid + col` comes from cell (row, col) of region b.
     """
-    b, c, h, w = regions.shape
-    if h != w or h % grid:
-        raise ValueError(f"regions are {h}x{w}: expected square regions divisible by grid {grid}")
+    b, _, h, _ = regions.shape
+    _check_regions(regions.shape, grid)
     offsets = cell_offsets(grid, h // grid, patch, b, random, generator, regions.device)
-    if regions.device.type == "cpu":
-        # On a CPU, plain slice copies beat the 4-index gather below by ~10x.
-        ys, xs = offsets.reshape(-1, 2).T.tolist()
-        return torch.stack([regions[i // (grid * grid), :, y:y + patch, x:x + patch]
-                            for i, (y, x) in enumerate(zip(ys, xs))])
-    steps = torch.arange(patch, device=regions.device)
-    rows = (offsets[..., 0, None] + steps).reshape(-1, patch)  # (N, p)
-    cols = (offsets[..., 1, None] + steps).reshape(-1, patch)
-    index = torch.arange(b, device=regions.device).repeat_interleave(grid * grid)
-    # Advanced indexing puts the indexed dims first: (N, p, p, C) -> (N, C, p, p).
-    crops = regions[index[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    return crops.permute(0, 3, 1, 2)
+    return crop_patches(regions, offsets.reshape(-1, 2), grid, patch)
 
 
 def grid_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -85,93 +161,105 @@ def grid_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- colour
-def _grayscale(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(dim=-3)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+# In-place versions work on a tensor the caller owns: on a CPU these ops are bound by memory
+# traffic, so every temporary and every extra pass counts. The public adjust_* copy first.
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
-# Each adjustment allocates its result once and then works in place on it: on a CPU these
-# ops are bound by memory traffic, and torchvision's blend-with-temporaries doubles it.
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+def _per_image(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return factor.to(x.dtype).view(-1, 1, 1, 1)
 
 
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    ratio = factor.view(-1, 1, 1, 1)
-    mean = _grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
-    return (x * ratio).add_((1.0 - ratio) * mean).clamp_(0.0, 1.0)
+def brightness_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return x.mul_(_per_image(factor, x)).clamp_(0.0, 1.0)
 
 
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    ratio = factor.view(-1, 1, 1, 1)
-    return (x * ratio).add_(_grayscale(x).mul_(1.0 - ratio)).clamp_(0.0, 1.0)
+def contrast_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the mean grey level of each image (the mean of the weighted channel means)."""
+    ratio = _per_image(factor, x)
+    mean = (x.mean(dim=(-2, -1)) * x.new_tensor(GRAY)).sum(-1).view(-1, 1, 1, 1)
+    # (addcmul is several times slower here: both of its small operands broadcast)
+    return x.mul_(ratio).add_((1.0 - ratio) * mean).clamp_(0.0, 1.0)
 
 
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of (N, 3, H, W) images in [0, 1] by `shift` turns, per image.
+def saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the grey image; (1 - ratio) * grey is one small matrix product."""
+    n = x.shape[0]
+    ratio = _per_image(factor, x)
+    weights = x.new_tensor(GRAY) * (1.0 - ratio.view(n, 1))  # (n, 3)
+    grey = torch.bmm(weights.unsqueeze(1), x.reshape(n, 3, -1)).view(n, 1, *x.shape[-2:])
+    return torch.addcmul(grey, x, ratio, out=x).clamp_(0.0, 1.0)
+
+
+def hue_(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of (N, 3, H, W) images in [0, 1] by `shift` turns, per image, in place.
 
     torchvision's RGB -> HSV -> RGB round trip, fused: a hue shift keeps the maximum (V) and
-    the chroma (max - min), so the result is c = max - chroma * clamp(min(k, 4 - k), 0, 1)
-    with k = (n + 6 * hue) mod 6, n = 5, 3, 1 for r, g, b. Same values as torchvision
-    (tested), several times fewer full-size temporaries: hue is the costliest jitter on CPU.
+    the chroma (max - min), and each channel is c = max - chroma * clamp(d - 1, 0, 1), with d
+    the distance around the hue circle (in sixths of a turn) from the shifted hue to the
+    channel's own hue. Hues are measured from green (red -2, green 0, blue 2), so that they
+    lie in [-3, 3] before the shift. Same values as torchvision (tested). No boolean masks,
+    `where` or `remainder` (unless a shift exceeds a sixth of a turn): on a CPU those are
+    several times slower than plain arithmetic.
     """
     r, g, b = x.unbind(dim=-3)
     maxc, minc = x.amax(dim=-3), x.amin(dim=-3)
-    chroma = maxc - minc
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    # hue in sixths of a turn, torchvision's tie order: r wins over g, g over b
-    h6 = torch.where(maxc == r, (g - b) / safe,
-                     torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
-    h6 = h6 + 6.0 * shift.view(-1, 1, 1)
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(n + h6.unsqueeze(1), 6.0)
-    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return (maxc.unsqueeze(1) - chroma.unsqueeze(1) * ramp).clamp_(0.0, 1.0)
+    chroma = maxc.sub(minc)
+    # 1.0 where the channel holds the maximum, else 0.0
+    is_r = torch.sub(r, maxc).sign_().add_(1.0)
+    is_g = torch.sub(g, maxc).sign_().add_(1.0)
+    # hue * chroma; torchvision's tie order: r wins over g, g over b (ties agree modulo 6)
+    h = torch.add(torch.sub(r, g), chroma, alpha=2.0)  # b is the max
+    h.lerp_(torch.sub(b, r), is_g)
+    h.lerp_(torch.sub(g, b).sub_(chroma, alpha=2.0), is_r)
+    # grey pixels (chroma 0) have h * chroma = 0: any hue gives c = max
+    h.div_(chroma.clamp(min=1e-30)).add_(6.0 * shift.to(x.dtype).view(-1, 1, 1))
+    if x.device.type != "cpu" or float(shift.abs().max()) > 1.0 / 6.0:
+        h.sub_(torch.mul(h, 1.0 / 6.0).round_().mul_(6.0))  # back into [-3, 3]
+    # d - 1 for each channel, then c = max - chroma * clamp(d - 1, 0, 1), in [0, max]
+    ramps = (torch.minimum(torch.add(h, 2.0).abs_().sub_(1.0), 3.0 - h),  # red: -2 (or 4)
+             h.abs().sub_(1.0),  # green: 0 (|h| up to 4 saturates the same way)
+             torch.minimum(torch.sub(h, 2.0).abs_().sub_(1.0), h + 3.0))  # blue: 2 (or -4)
+    for c, ramp in enumerate(ramps):
+        torch.addcmul(maxc, chroma, ramp.clamp_(0.0, 1.0), value=-1.0, out=x[:, c])
+    return x
 
 
-# On a CPU, jittering a few patches at a time keeps the working set in cache (about 2x
-# faster than whole-batch ops, which are bound by memory traffic); a GPU takes the batch whole.
-CPU_CHUNK = 4
+JITTER: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "brightness": brightness_, "contrast": contrast_, "saturation": saturation_, "hue": hue_}
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return brightness_(x.clone(), factor)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return contrast_(x.clone(), factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return saturation_(x.clone(), factor)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    return hue_(x.clone(), shift)
+
+
+def apply_jitter_(x: torch.Tensor, draws: JitterDraws, start: int = 0) -> torch.Tensor:
+    """Apply the drawn adjustments in place to patches start .. start + len(x) of the batch."""
+    for name, factor in draws.steps:
+        JITTER[name](x, factor[start:start + x.shape[0]])
+    return x
 
 
 def color_jitter(x: torch.Tensor, aug: Augment, generator: torch.Generator | None) -> torch.Tensor:
-    """Per-patch ColorJitter of float (N, 3, H, W) images in [0, 1]."""
-    n, dev = x.shape[0], x.device
-
-    def uniform(lo: float, hi: float) -> torch.Tensor:
-        return torch.rand(n, generator=generator, device=dev) * (hi - lo) + lo
-
-    ops = []
-    if aug.brightness:
-        ops.append((adjust_brightness, uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness)))
-    if aug.contrast:
-        ops.append((adjust_contrast, uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast)))
-    if aug.saturation:
-        ops.append((adjust_saturation, uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation)))
-    if aug.hue:
-        ops.append((adjust_hue, uniform(-aug.hue, aug.hue)))
-    order = torch.randperm(len(ops), generator=generator, device=dev).tolist()
-    chunk = CPU_CHUNK if dev.type == "cpu" else max(n, 1)
-    out = torch.empty_like(x)
-    for start in range(0, n, chunk):
-        part = x[start:start + chunk]
-        for i in order:
-            fn, factor = ops[i]
-            part = fn(part, factor[start:start + chunk].to(x.dtype))
-        out[start:start + chunk] = part
-    return out
+    """Per-patch ColorJitter of float (N, 3, H, W) images in [0, 1] (a new tensor)."""
+    return apply_jitter_(x.clone(), draw_jitter(x.shape[0], aug, generator, x.device))
 
 
 # --------------------------------------------------------------------------- geometry
-def random_dihedral(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Random flips and 90-degree rotations per square patch (uniform over the 8 symmetries).
-
-    A random transpose followed by random horizontal and vertical flips reaches each of the
-    8 elements of the square's symmetry group with probability 1/8, which is the same law as
-    the seed's random flip + random rot90 chain.
-    """
-    n = x.shape[0]
-    coins = torch.rand(3, n, generator=generator, device=x.device) < 0.5
+def apply_dihedral(x: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
+    """Transpose, flip left-right, flip up-down the square patches whose coins say so."""
     x = x.clone()
     # Transform only the patches whose coin says so (torch.where would transform them all).
     for coin, op in zip(coins, (lambda t: t.transpose(-1, -2), lambda t: t.flip(-1),
@@ -182,13 +270,23 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None) -> torch
     return x
 
 
+def random_dihedral(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Random flips and 90-degree rotations per square patch (uniform over the 8 symmetries).
+
+    A random transpose followed by random horizontal and vertical flips reaches each of the
+    8 elements of the square's symmetry group with probability 1/8, which is the same law as
+    the seed's random flip + random rot90 chain.
+    """
+    return apply_dihedral(x, draw_coins(x.shape[0], generator, x.device))
+
+
 # --------------------------------------------------------------------------- all together
 def augment_patches(x: torch.Tensor, aug: Augment, generator: torch.Generator | None = None
                     ) -> torch.Tensor:
     """Augment float (N, 3, p, p) patches in [0, 1]; the input itself when `aug` is off."""
     if not aug.enabled:
         return x
-    if any((aug.brightness, aug.contrast, aug.saturation, aug.hue)):
+    if aug.jitter:
         x = color_jitter(x, aug, generator)
     if aug.flips:
         x = random_dihedral(x, generator)
@@ -207,17 +305,109 @@ def to_model_range(x: torch.Tensor) -> torch.Tensor:
     return x * 2.0 - 1.0
 
 
-def make_patches(regions: torch.Tensor, labels: torch.Tensor, *, grid: int, patch: int,
-                 train: bool, aug: Augment, generator: torch.Generator | None = None
+# On a CPU, a few patches at a time keep the working set in cache (the ops are bound by memory
+# traffic), and are enough to keep the per-op overhead of torch small.
+CPU_CHUNK = 2
+
+
+def empty_patches(n: int, patch: int, channels_last: bool = False, shared: bool = False
+                  ) -> torch.Tensor:
+    """An uninitialised (n, 3, patch, patch) float32 CPU output for `make_patches`.
+
+    shared=True puts it in shared memory first, so that a DataLoader worker hands it to the
+    main process without another copy.
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if not shared:
+        return torch.empty((n, 3, patch, patch), memory_format=fmt)
+    like = torch.empty((0, 3, patch, patch), memory_format=fmt)
+    size, stride = (n, 3, patch, patch), like.stride()
+    try:  # allocate in shared memory at once (share_memory_() copies what it is given)
+        storage = torch.UntypedStorage._new_shared(n * 3 * patch * patch * 4)
+        return torch.empty(0).set_(storage, 0, size, stride)
+    except (AttributeError, RuntimeError, TypeError):  # private torch API: fall back
+        return torch.empty(size, memory_format=fmt).share_memory_()
+
+
+def _patches_cpu(regions: Sequence[torch.Tensor], draws: PatchDraws, grid: int, patch: int,
+                 out: torch.Tensor) -> torch.Tensor:
+    """The fused CPU execution of `draws` (see the module docstring), chunk by chunk."""
+    n, cells = out.shape[0], grid * grid
+    # (R, R, 3) numpy views of the regions, whatever their memory layout (decoders give HWC)
+    hwc = [r.permute(1, 2, 0).numpy() for r in regions]
+    ys, xs = draws.offsets.T.tolist()
+    coins = draws.coins.tolist() if draws.coins is not None else None
+    chunk = torch.empty((min(CPU_CHUNK, n), 3, patch, patch))
+    planes = chunk.numpy()
+    minus_one = torch.tensor(-1.0)
+    nhwc = out.permute(0, 2, 3, 1)
+    channels_last = nhwc.is_contiguous()
+    nhwc = nhwc.numpy()
+    for start in range(0, n, CPU_CHUNK):
+        stop = min(n, start + CPU_CHUNK)
+        for j, i in enumerate(range(start, stop)):
+            view = hwc[i // cells][ys[i]:ys[i] + patch, xs[i]:xs[i] + patch]
+            if coins is not None:  # transpose, then flip columns, then rows: views only
+                if coins[0][i]:
+                    view = view.transpose(1, 0, 2)
+                if coins[1][i]:
+                    view = view[:, ::-1]
+                if coins[2][i]:
+                    view = view[::-1]
+            np.copyto(planes[j], view.transpose(2, 0, 1), casting="unsafe")  # uint8 -> float
+        part = chunk[:stop - start].div_(255.0)
+        if draws.jitter is not None:
+            apply_jitter_(part, draws.jitter, start)
+        # [0, 1] -> [-1, 1] (one pass: -1 + 2 x), into the output's layout
+        if channels_last:  # plane by plane: a strided copy per channel beats a 4-D one
+            torch.add(minus_one, part, alpha=2.0, out=part)
+            for c in range(3):
+                np.copyto(nhwc[start:stop, :, :, c], planes[:stop - start, c])
+        else:
+            torch.add(minus_one, part, alpha=2.0, out=out[start:stop])
+    return out
+
+
+def make_patches(regions: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor, *,
+                 grid: int, patch: int, train: bool, aug: Augment,
+                 generator: torch.Generator | None = None, channels_last: bool = False,
+                 out: torch.Tensor | None = None, fused: bool | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 regions (B, 3, R, R) + label grids (B, g, g) -> (patches in [-1, 1], labels).
 
     Training crops at a random offset inside each cell and augments; evaluation crops the
-    centre of each cell and does not augment.
+    centre of each cell and does not augment. `regions` may also be a list of (3, R, R)
+    tensors of any memory layout (decoded images, unstacked). `fused` (default: on a CPU)
+    picks the chunked CPU execution, which writes into `out` when given (`empty_patches`);
+    otherwise the batch is processed whole, as on a GPU. Both give the same patches.
     """
-    crops = grid_patches(regions, grid, patch, random=train, generator=generator)
-    x = to_unit_range(crops)
-    if train:
-        x = augment_patches(x, aug, generator)
+    if not len(regions):
+        raise ValueError("make_patches: no regions")
+    first = regions[0]
+    _check_regions(first.shape, grid)
+    b, device = len(regions), first.device
+    draws = draw_patches(b, grid, first.shape[-1] // grid, patch, train, aug, generator, device)
+    y = grid_labels(labels).to(torch.float32)
+    if fused if fused is not None else device.type == "cpu":
+        n = b * grid * grid
+        if out is None:
+            out = empty_patches(n, patch, channels_last)
+        elif tuple(out.shape) != (n, 3, patch, patch) or out.dtype != torch.float32 \
+                or out.device.type != "cpu":
+            raise ValueError(f"make_patches: out is {out.dtype} {tuple(out.shape)} on "
+                             f"{out.device}, expected float32 {(n, 3, patch, patch)} on the CPU "
+                             "(use empty_patches)")
+        return _patches_cpu(regions, draws, grid, patch, out), y
+    # The whole batch at once: one gather, then each step on every patch.
+    if not isinstance(regions, torch.Tensor):
+        regions = torch.stack(list(regions))
+    x = to_unit_range(crop_patches(regions, draws.offsets, grid, patch))
+    if draws.jitter is not None:
+        apply_jitter_(x, draws.jitter)
+    if draws.coins is not None:
+        x = apply_dihedral(x, draws.coins)
     # x is our own fresh tensor here, so scale it in place (one pass less than to_model_range)
-    return x.mul_(2.0).sub_(1.0), grid_labels(labels).to(torch.float32)
+    x = x.mul_(2.0).sub_(1.0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y

@@ -22,6 +22,13 @@ worker), are decoded on the CPU (`decode="cpu"`) or passed on as JPEG bytes for 
 `torchvision.io.decode_jpeg(..., device="cuda")` in the main process (`decode="cuda"`), and are
 grouped into batches of regions.
 
+When the model runs on the CPU, the workers also make the patches (`RegionStream(patches=...)`:
+grid split, augmentation, scaling, in `training.augment`), single-threaded, each on its own
+batches, so that every core works and the main process only receives ready float32 patches
+(written into shared memory, so the hand-over costs no extra copy). Their random draws come from
+a generator seeded per (seed, epoch, rank, worker), so an epoch is reproducible and a resumed
+run continues exactly. On a GPU the workers hand over regions and the device makes the patches.
+
 A corrupt sample (bad image, bad json, missing member) or a shard that cannot be read to its
 manifest count becomes a *bad slot*: the batch keeps its place (a blank image, `valid=False`,
 excluded from loss and metrics) and carries the reason. Batches and step counts therefore never
@@ -33,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -42,6 +50,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+from training.augment import Augment, empty_patches, make_patches
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 
@@ -258,12 +268,9 @@ def bad_slot(key: str, reason: str, grid: int, region_size: int) -> dict:
             "labels": np.zeros((grid, grid), np.uint8), "bad": reason}
 
 
-def collate(items: list[dict]) -> dict:
-    """Worker-side batch: stacked images when decoded, else a list for the device decoder."""
-    images = [it["image"] for it in items]
-    decoded = all(im.ndim == 3 for im in images)
+def batch_info(items: list[dict]) -> dict:
+    """What every worker batch carries besides its pixels: label grids, validity, keys, reasons."""
     return {
-        "images": torch.stack(images) if decoded else images,
         "labels": torch.from_numpy(np.stack([it["labels"] for it in items])),
         "valid": torch.tensor([it["bad"] is None for it in items]),
         "keys": [it["key"] for it in items],
@@ -271,16 +278,59 @@ def collate(items: list[dict]) -> dict:
     }
 
 
+def collate(items: list[dict]) -> dict:
+    """Worker-side batch: stacked images when decoded, else a list for the device decoder."""
+    images = [it["image"] for it in items]
+    decoded = all(im.ndim == 3 for im in images)
+    return {"images": torch.stack(images) if decoded else images, **batch_info(items)}
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """Patches made in the DataLoader workers (CPU training): size, augmentation, layout."""
+
+    patch: int
+    aug: Augment
+    channels_last: bool = True
+
+
+# Extra seed part that keeps the workers' patch draws apart from their shuffle buffers.
+PATCH_DRAWS = 1
+
+
+def collate_patches(items: list[dict], *, grid: int, train: bool, spec: PatchSpec,
+                    generator: torch.Generator, shared: bool) -> dict:
+    """Worker-side batch of ready patches: `make_patches` on the decoded regions.
+
+    `patches` (N, 3, p, p) float32 in [-1, 1] and `patch_labels` (N,) float32, with
+    N = regions * grid * grid; bad slots give patches of their blank regions (weight 0 later).
+    shared=True (in a worker process) writes the patches into shared memory directly.
+    """
+    info = batch_info(items)
+    out = empty_patches(len(items) * grid * grid, spec.patch, spec.channels_last, shared)
+    x, y = make_patches([it["image"] for it in items], info["labels"], grid=grid,
+                        patch=spec.patch, train=train, aug=spec.aug, generator=generator, out=out)
+    return {"patches": x, "patch_labels": y, **info}
+
+
 class RegionStream(IterableDataset):
-    """One rank's epoch of region batches (iterate it through `make_loader`)."""
+    """One rank's epoch of region batches (iterate it through `make_loader`).
+
+    With `patches`, the workers also make the patches (`collate_patches`): batches then hold
+    ready `patches` instead of `images` (training crops and augments when `train`).
+    """
 
     def __init__(self, shards: ShardSet, *, epoch: int, seed: int, train: bool,
                  regions_per_batch: int, grid: int, rank: int = 0, world: int = 1,
-                 workers: int = 0, decode_in_worker: bool = True, shuffle_buffer: int = 1000):
+                 workers: int = 0, decode_in_worker: bool = True, shuffle_buffer: int = 1000,
+                 patches: PatchSpec | None = None):
         super().__init__()
+        if patches is not None and not decode_in_worker:
+            raise ValueError("RegionStream: patches made in the workers need decode_in_worker")
         self.shards, self.epoch, self.seed, self.train = shards, epoch, seed, train
         self.batch, self.grid, self.rank, self.world = regions_per_batch, grid, rank, world
         self.workers, self.decode, self.buffer = max(1, workers), decode_in_worker, shuffle_buffer
+        self.patches = patches
         self.slices = rank_slices(shards, rank, world, epoch, seed, shuffle=train, pad=train)
         self.samples = sum(s.size for s in self.slices)
 
@@ -301,7 +351,13 @@ class RegionStream(IterableDataset):
                                           seed=seed)(iter(samples))
         size = self.shards.region_size
         items = (prepare_sample(s, self.grid, size, self.decode) for s in samples)
-        yield from wds.filters.batched(self.batch, collation_fn=collate, partial=True)(items)
+        collation = collate
+        if self.patches is not None:
+            generator = torch.Generator().manual_seed(
+                seed_for(self.seed, self.epoch, self.rank, worker, PATCH_DRAWS))
+            collation = partial(collate_patches, grid=self.grid, train=self.train,
+                                spec=self.patches, generator=generator, shared=info is not None)
+        yield from wds.filters.batched(self.batch, collation_fn=collation, partial=True)(items)
 
 
 def make_loader(stream: RegionStream, pin_memory: bool = False) -> DataLoader:
@@ -313,9 +369,12 @@ def make_loader(stream: RegionStream, pin_memory: bool = False) -> DataLoader:
 # --------------------------------------------------------------------------- device side
 @dataclass
 class RegionBatch:
-    """A batch of regions on the device. Invalid (bad) slots hold blank regions."""
+    """A batch of regions on the device. Invalid (bad) slots hold blank regions.
 
-    regions: torch.Tensor  # (B, 3, R, R) uint8
+    `regions` is None when the workers already made the patches (`RegionStream(patches=...)`).
+    """
+
+    regions: torch.Tensor | None  # (B, 3, R, R) uint8
     labels: torch.Tensor  # (B, g, g) uint8, row-major
     valid: torch.Tensor  # (B,) bool
     keys: list[str]
@@ -359,10 +418,15 @@ def decode_on_device(images: list[torch.Tensor], device: torch.device, region_si
 
 
 def to_device(batch: dict, device: torch.device, region_size: int) -> RegionBatch:
-    """Move a worker batch to the device, decoding JPEG bytes there when they came encoded."""
+    """Move a worker batch to the device, decoding JPEG bytes there when they came encoded.
+
+    A batch of ready patches (`collate_patches`) keeps `regions` None: take its `patches`.
+    """
     valid = batch["valid"].to(device, non_blocking=True)
     bad = list(batch["bad"])
-    if isinstance(batch["images"], torch.Tensor):
+    if "patches" in batch:
+        regions = None
+    elif isinstance(batch["images"], torch.Tensor):
         regions = batch["images"].to(device, non_blocking=True)
     else:
         images, errors = decode_on_device(batch["images"], device, region_size)

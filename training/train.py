@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from training.augment import Augment, make_patches
-from training.data import (RegionBatch, RegionStream, ShardSet, device_batches, make_loader,
-                           open_shards, seed_for)
+from training.data import (PatchSpec, RegionBatch, RegionStream, ShardSet, make_loader,
+                           open_shards, seed_for, to_device)
 from training.model import build_model
 
 CHECKPOINT_FORMAT = 1
@@ -273,6 +273,7 @@ class EpochData:
     workers: int
     decode_in_worker: bool
     pin_memory: bool
+    patches_in_workers: bool  # CPU training: the workers crop and augment too
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor):
@@ -296,17 +297,23 @@ class PatchBatch:
 def patch_batches(loader: Iterable[dict], device: torch.device, region_size: int, *, grid: int,
                   patch: int, train: bool, aug: Augment, generator: torch.Generator | None = None,
                   channels_last: bool = True) -> Iterator[PatchBatch]:
-    """Region batches from a loader -> device -> grid crops (+ augmentation when training).
+    """Worker batches -> device -> grid crops (+ augmentation when training) -> PatchBatches.
 
     This is everything between the shards and the model; the benchmark can time it alone.
+    Batches the workers already turned into patches (CPU training, `RegionStream(patches=...)`)
+    are passed on as they are; `grid`, `patch`, `aug` and `generator` then served the workers.
     """
-    for batch in device_batches(loader, device, region_size):
-        x, y = make_patches(batch.regions, batch.labels, grid=grid, patch=patch, train=train,
-                            aug=aug, generator=generator)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        weight = batch.valid.repeat_interleave(grid * grid).to(torch.float32)
-        yield PatchBatch(x, y, weight, batch)
+    for batch in loader:
+        regions = to_device(batch, device, region_size)
+        if regions.regions is None:
+            x = batch["patches"].to(device, non_blocking=True)
+            y = batch["patch_labels"].to(device, non_blocking=True)
+        else:
+            x, y = make_patches(regions.regions, regions.labels, grid=grid, patch=patch,
+                                train=train, aug=aug, generator=generator,
+                                channels_last=channels_last)
+        weight = regions.valid.repeat_interleave(grid * grid).to(torch.float32)
+        yield PatchBatch(x, y, weight, regions)
 
 
 class Trainer:
@@ -328,13 +335,14 @@ class Trainer:
         self.data = EpochData(
             train=open_shards(cfg.train), val=open_shards(cfg.val) if cfg.val else None,
             workers=cfg.workers if cfg.workers is not None else default_workers(self.dd.world),
-            decode_in_worker=decode == "cpu", pin_memory=cuda)
+            decode_in_worker=decode == "cpu", pin_memory=cuda, patches_in_workers=not cuda)
         for name, shards in (("train", self.data.train), ("val", self.data.val)):
             if shards is not None and shards.region_size // cfg.grid < cfg.patch_size:
                 raise TrainError(f"--{name} {shards.source}: regions of {shards.region_size} px "
                                  f"split {cfg.grid}x{cfg.grid} give cells of "
                                  f"{shards.region_size // cfg.grid} px, smaller than --patch-size "
                                  f"{cfg.patch_size}")
+        self.augment = Augment() if cfg.augment else Augment.off()
         torch.manual_seed(cfg.seed)
         self.net = build_model(cfg.pretrained).to(self.device)
         if cfg.channels_last:
@@ -346,7 +354,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(total, warmup))
         self.epoch, self.history, self.best, self.bad_total = 0, [], -math.inf, 0
-        self.augment = Augment() if cfg.augment else Augment.off()
         if cuda:
             torch.backends.cudnn.benchmark = True
 
@@ -400,14 +407,22 @@ class Trainer:
                             regions_per_batch=self.cfg.regions_per_batch, grid=self.grid,
                             rank=self.dd.rank, world=self.dd.world, workers=d.workers,
                             decode_in_worker=d.decode_in_worker,
-                            shuffle_buffer=self.cfg.shuffle_buffer)
+                            shuffle_buffer=self.cfg.shuffle_buffer,
+                            patches=self.patch_spec(self.augment))
 
     def val_stream(self) -> RegionStream:
         d = self.data
         return RegionStream(d.val, epoch=0, seed=self.cfg.seed, train=False,
                             regions_per_batch=self.cfg.regions_per_batch, grid=self.grid,
                             rank=self.dd.rank, world=self.dd.world, workers=d.workers,
-                            decode_in_worker=d.decode_in_worker)
+                            decode_in_worker=d.decode_in_worker,
+                            patches=self.patch_spec(Augment.off()))
+
+    def patch_spec(self, aug: Augment) -> PatchSpec | None:
+        """On a CPU the DataLoader workers make the patches (all cores work); else the device."""
+        if not self.data.patches_in_workers:
+            return None
+        return PatchSpec(self.patch, aug, self.cfg.channels_last)
 
     def note_bad(self, bad: list[str], epoch: int) -> None:
         if not bad:
