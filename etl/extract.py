@@ -18,11 +18,11 @@ from typing import Callable
 
 import joblib
 
+from etl.atomic import remove_temporaries, write_json_atomic
 from etl.coords import RegionTable, load_regions
 from etl.plan import ExtractParams, PreflightProblem, SplitPlan, inspect_slides, plan_split
-from etl.shards import (check_shard, extract_part, load_part_index, plan_shards,
-                        remove_temporaries, sha256_file, shard_name, write_json_atomic,
-                        write_shard)
+from etl.shards import (check_shard, extract_part, load_part_index, plan_shards, sha256_file,
+                        shard_name, write_shard)
 
 BACKENDS = ("loky", "dask")
 

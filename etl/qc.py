@@ -10,7 +10,6 @@ Outputs ``<out>/<slide name>.qc.png`` (written to a temporary file, then renamed
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from etl.atomic import atomic_path
 from etl.coords import Region, RegionTable
 from etl.plan import slide_stem
 from etl.slide import SlideError, open_slide
@@ -119,12 +119,8 @@ def qc_slide(slide: Path, regions: Sequence[Region], out_png: Path, *, region_si
         width, height = reader.dimensions
     image = draw_qc(thumb.rgb, thumb.downsample, regions, region_size, tissue.mask)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out_png) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, out_png)
-    finally:
-        tmp.unlink(missing_ok=True)
     xs = np.array([r.x for r in regions], dtype=np.float64)
     ys = np.array([r.y for r in regions], dtype=np.float64)
     half = region_size // 2

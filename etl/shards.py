@@ -10,15 +10,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import tarfile
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from etl.atomic import atomic_file, write_json_atomic
 from etl.encode import decode_image, encode_region
 from etl.plan import ExtractParams, Part
 
@@ -44,37 +43,6 @@ class SampleTarWriter:
 
     def close(self) -> None:
         self.tar.close()  # writes the end-of-archive blocks; the file object stays open
-
-
-# --------------------------------------------------------------------------- atomic files
-@contextmanager
-def atomic_file(path: Path, mode: str = "wb"):
-    """Open `path.tmp-<pid>` for writing; fsync and rename onto `path` only on success."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    with atomic_file(path, "w") as fh:
-        json.dump(obj, fh, indent=1)
-
-
-def remove_temporaries(folder: Path) -> int:
-    """Delete leftovers of an interrupted run (`*.tmp-<pid>`). Returns how many."""
-    n = 0
-    for tmp in Path(folder).rglob("*.tmp-*"):
-        tmp.unlink(missing_ok=True)
-        n += 1
-    return n
 
 
 def sha256_file(path: Path) -> str:

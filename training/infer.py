@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -59,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from etl.atomic import atomic_path
 from etl.plan import slide_stem
 from etl.slide import SlideError, SlideReader, open_slide
 from etl.tissue import LowRes, TissueMask, thumbnail, tissue_mask
@@ -529,12 +529,8 @@ def infer_slide(path: str | Path, predictor: Predictor, cfg: InferConfig,
 # --------------------------------------------------------------------------- outputs
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Write through ``write(tmp)`` then rename, so a visible output is always complete."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

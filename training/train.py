@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from etl.atomic import atomic_file, atomic_path
+from etl.evaluate import binary_auc  # rank AUC, shared with slide-level evaluation
 from training.augment import Augment, make_patches
 from training.data import (PatchSpec, RegionBatch, RegionStream, ShardSet, make_loader,
                            open_shards, seed_for, to_device)
@@ -138,21 +140,6 @@ def gather_arrays(arrays: tuple[np.ndarray, ...], dd: Dist) -> tuple[np.ndarray,
 
 
 # --------------------------------------------------------------------------- pieces
-def binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve from ranks (Mann-Whitney U), ties averaged; NaN with one class."""
-    positive = np.asarray(labels) >= 0.5
-    n_pos = int(positive.sum())
-    n_neg = positive.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    _, inverse, counts = np.unique(np.asarray(scores, np.float64), return_inverse=True,
-                                   return_counts=True)
-    ends = np.cumsum(counts)
-    mean_rank = (ends - counts + 1 + ends) / 2.0  # 1-based average rank of each tie group
-    rank_sum = mean_rank[inverse.reshape(-1)][positive.reshape(-1)].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
 def resolve_device(cfg: TrainConfig, dd: Dist) -> torch.device:
     kind = cfg.device
     if kind == "auto":
@@ -209,25 +196,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename: a visible checkpoint is complete."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save through a temporary file: a visible checkpoint is always complete."""
+    with atomic_file(path) as fh:
+        torch.save(obj, fh)
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -240,12 +216,10 @@ def load_checkpoint(path: Path) -> dict:
 
 def write_csv(path: Path, history: list[dict]) -> None:
     """Rewrite the metrics CSV from the history (so a resumed run never duplicates rows)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_file(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def tensorboard_writer(out: Path):

@@ -1,0 +1,56 @@
+"""Atomic outputs: write under a temporary name next to the target, flush it to disk, then
+rename. A visible file is therefore always complete, whatever kills the writer; leftovers of
+a killed writer carry `.tmp-<pid>` in their name and are swept by `remove_temporaries`.
+
+Every part of the project (shards, manifests, checkpoints, maps, thumbnails) writes this way.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write `path` through (for writers that want a file name);
+    on success the file is fsynced and renamed onto `path`, on failure it is removed."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "wb", **open_kwargs):
+    """Like `open(path, mode)` for writing, but the file appears only once it is complete."""
+    with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as fh:
+        yield fh
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    with atomic_file(path, "w") as fh:
+        json.dump(obj, fh, indent=1)
+
+
+def remove_temporaries(folder: str | Path) -> int:
+    """Delete leftovers of an interrupted run (`*.tmp-<pid>`, hidden or not). Returns how many."""
+    n = 0
+    for tmp in Path(folder).rglob("*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
