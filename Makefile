@@ -76,10 +76,10 @@ evaluate: setup
 # train, infer on the held-out slides, evaluate. Sized for a 2-core CPU (see README.md).
 DEMO_DIR ?= data/demo
 DEMO_SYNTH ?= --width 2048 --height 2048 --mpp 1.0 --region-size 384
-DEMO_TRAIN ?= --epochs 1 --batch-size 72 --patch-size 96 --optimizer adamw --warmup-epochs 0 --workers 1
+DEMO_TRAIN ?= --epochs 3 --batch-size 72 --patch-size 96 --optimizer adamw --warmup-epochs 0 --workers 1
 demo: setup
 	@test -f $(DEMO_DIR)/train/dataset_0.json || $(BIN)/patchetl synth --out $(DEMO_DIR)/train --slides 6 --tumor-fraction 0.67 --seed 1 --regions-per-slide 64 --val-fraction 0.34 $(DEMO_SYNTH)
-	@test -f $(DEMO_DIR)/test/synth.json || $(BIN)/patchetl synth --out $(DEMO_DIR)/test --slides 6 --tumor-fraction 0.5 --seed 2 --regions-per-slide 4 --val-fraction 0 $(DEMO_SYNTH)
+	@test -f $(DEMO_DIR)/test/synth.json || $(BIN)/patchetl synth --out $(DEMO_DIR)/test --slides 8 --tumor-fraction 0.5 --seed 2 --regions-per-slide 4 --val-fraction 0 $(DEMO_SYNTH)
 	$(BIN)/patchetl extract --json $(DEMO_DIR)/train/dataset_0.json --data-root $(DEMO_DIR)/train --out $(DEMO_DIR)/shards --region-size 384
 	$(BIN)/patchetl train --train $(DEMO_DIR)/shards/training --val $(DEMO_DIR)/shards/validation --out $(DEMO_DIR)/run --resume $(DEMO_TRAIN)
 	$(BIN)/patchetl infer $(DEMO_DIR)/test/training/images --checkpoint $(DEMO_DIR)/run/best.pt --out $(DEMO_DIR)/infer
