@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--slides", type=int, default=4)
     ap.add_argument("--width", type=int, default=8000)
     ap.add_argument("--height", type=int, default=6000)
-    ap.add_argument("--regions-per-slide", type=int, default=40)
+    ap.add_argument("--regions-per-slide", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quality", type=int, default=95)
     args = ap.parse_args()

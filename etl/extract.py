@@ -10,7 +10,7 @@ import fcntl
 import json
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -21,8 +21,8 @@ import joblib
 from etl.atomic import remove_temporaries, write_json_atomic
 from etl.coords import RegionTable, load_regions
 from etl.plan import ExtractParams, PreflightProblem, SplitPlan, inspect_slides, plan_split
-from etl.shards import (check_shard, extract_part, load_part_index, plan_shards, sha256_file,
-                        shard_name, write_shard)
+from etl.shards import (check_shard, extract_part, load_part_index, plan_shards,
+                        sample_catalog, sha256_file, shard_name, write_shard)
 
 BACKENDS = ("loky", "dask")
 
@@ -123,31 +123,30 @@ def prepare_folder(folder: Path, expected: dict, overwrite: bool) -> None:
     write_json_atomic(params_path, expected)
 
 
-def _parallel(backend: str, workers: int, scheduler: str | None):
-    """A joblib Parallel for the local process pool or a dask.distributed cluster."""
+@contextmanager
+def executor(backend: str, workers: int, scheduler: str | None):
+    """Yield `run(calls)`: runs joblib delayed calls on local processes (loky) or on a
+    dask.distributed cluster, yielding results as they finish (in any order)."""
     if backend == "loky":
-        return nullcontext(), joblib.Parallel(n_jobs=workers, return_as="generator_unordered")
-    if backend == "dask":
-        try:
-            from dask.distributed import Client, LocalCluster
-        except ImportError:
-            raise ExtractError("--backend dask needs dask.distributed: pip install "
-                               "'patchetl[dask]'") from None
-        client = (Client(scheduler) if scheduler else
-                  Client(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True)))
-        ctx = joblib.parallel_config(backend="dask")
-
-        @contextmanager
-        def both():
-            with client, ctx:
-                yield
-
-        return both(), None
-    raise ExtractError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+        parallel = joblib.Parallel(n_jobs=workers, return_as="generator_unordered")
+        yield lambda calls: parallel(calls)
+        return
+    if backend != "dask":
+        raise ExtractError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise ExtractError("--backend dask needs dask.distributed: pip install "
+                           "'patchetl[dask]'") from None
+    client = (Client(scheduler) if scheduler else
+              Client(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True)))
+    with client, joblib.parallel_config(backend="dask"):
+        parallel = joblib.Parallel(n_jobs=-1, return_as="generator_unordered")
+        yield lambda calls: parallel(calls)
 
 
-def run_parts(plan: SplitPlan, params: ExtractParams, parts_dir: Path, *, workers: int,
-              backend: str, scheduler: str | None, slide_backend: str, tile_cache_bytes: int,
+def run_parts(plan: SplitPlan, params: ExtractParams, parts_dir: Path, run, *,
+              slide_backend: str, tile_cache_bytes: int,
               on_progress: Callable[[int], None]) -> tuple[list[dict], int]:
     """Extract every part not already finished; returns all part indexes and how many resumed."""
     done, todo = [], []
@@ -157,16 +156,30 @@ def run_parts(plan: SplitPlan, params: ExtractParams, parts_dir: Path, *, worker
     for index in done:
         on_progress(len(index["samples"]) + len(index["failures"]))
     if todo:
-        ctx, parallel = _parallel(backend, workers, scheduler)
-        with ctx:
-            if parallel is None:
-                parallel = joblib.Parallel(n_jobs=-1, return_as="generator_unordered")
-            jobs = (joblib.delayed(extract_part)(p, plan.split, params, parts_dir, slide_backend,
-                                                 tile_cache_bytes) for p in todo)
-            for index in parallel(jobs):
-                done.append(index)
-                on_progress(len(index["samples"]) + len(index["failures"]))
+        calls = (joblib.delayed(extract_part)(p, plan.split, params, parts_dir, slide_backend,
+                                              tile_cache_bytes) for p in todo)
+        for index in run(calls):
+            done.append(index)
+            on_progress(len(index["samples"]) + len(index["failures"]))
     return done, len(plan.parts) - len(todo)
+
+
+def mix_shards(folder: Path, split: str, indexes: list[dict], params: ExtractParams,
+               parts_dir: Path, run) -> list[dict]:
+    """Write every final shard not already there (in parallel, by copying part members);
+    returns the manifest records in shard order."""
+    catalog = sample_catalog(indexes)
+    records, calls = {}, []
+    for i, entries in enumerate(plan_shards(indexes, params.shard_size, params.seed)):
+        path = folder / shard_name(split, i)
+        if path.exists():  # complete (atomic rename), from a run that was interrupted
+            records[path.name] = check_shard(path, decode=False).record
+        else:
+            resolved = [(key, part_id, catalog[part_id][key]) for key, part_id in entries]
+            calls.append(joblib.delayed(write_shard)(path, resolved, parts_dir))
+    for record in run(calls):
+        records[record["name"]] = record
+    return [records[name] for name in sorted(records)]
 
 
 def extract_split(table: RegionTable, plan: SplitPlan, out: Path, params: ExtractParams,
@@ -191,16 +204,12 @@ def extract_split(table: RegionTable, plan: SplitPlan, out: Path, params: Extrac
                                time.perf_counter() - start, resumed_parts=len(plan.parts))
         parts_dir = folder / ".parts"
         parts_dir.mkdir(exist_ok=True)
-        indexes, resumed = run_parts(plan, params, parts_dir, workers=workers, backend=backend,
-                                     scheduler=scheduler, slide_backend=slide_backend,
-                                     tile_cache_bytes=tile_cache_bytes, on_progress=on_progress)
-        by_part = {idx["part_id"]: idx for idx in indexes}
-        shards = []
-        for i, entries in enumerate(plan_shards(indexes, params.shard_size, params.seed)):
-            path = folder / shard_name(plan.split, i)
-            if not path.exists():  # a visible shard is complete (atomic rename)
-                write_shard(path, entries, by_part, parts_dir)
-            shards.append(check_shard(path, decode=False).record)
+        with executor(backend, workers, scheduler) as run:
+            indexes, resumed = run_parts(plan, params, parts_dir, run,
+                                         slide_backend=slide_backend,
+                                         tile_cache_bytes=tile_cache_bytes,
+                                         on_progress=on_progress)
+            shards = mix_shards(folder, plan.split, indexes, params, parts_dir, run)
         failed = [f for idx in indexes for f in idx["failures"]]
         timing: dict = {}
         for idx in indexes:

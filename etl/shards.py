@@ -13,7 +13,7 @@ import json
 import random
 import tarfile
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,28 +182,66 @@ def shard_name(split: str, i: int) -> str:
     return f"{split}-{i:06d}.tar"
 
 
-def write_shard(path: Path, entries: list[tuple[str, str]], part_indexes: dict[str, dict],
-                parts_dir: Path) -> None:
-    """Copy the members of `entries` from their part tars into a new shard (no re-encoding)."""
-    members = {idx["part_id"]: {s["key"]: s["members"] for s in idx["samples"]}
-               for idx in part_indexes.values()}
-    handles: dict[str, object] = {}
+MAX_OPEN_PARTS = 64  # file handles a shard writer keeps open (well under the usual ulimit)
+
+
+def sample_catalog(part_indexes: list[dict]) -> dict[str, dict[str, dict]]:
+    """part_id -> key -> sample entry of its index (members and labels); built once per run."""
+    return {idx["part_id"]: {s["key"]: s for s in idx["samples"]} for idx in part_indexes}
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what passes through it, so a shard's
+    sha256 comes for free instead of from reading the shard back."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.sha, self.bytes = fh, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.fh.write(data)
+
+
+def write_shard(path: Path, entries: list[tuple[str, str, dict]], parts_dir: Path) -> dict:
+    """Copy the members of `entries` ((key, part_id, catalog entry), in shard order) from
+    their part tars into a new shard (no re-encoding); return its manifest record (count,
+    bytes, sha256, label histogram). Runs in a worker: shards are mixed in parallel."""
+    handles: OrderedDict[str, object] = OrderedDict()  # LRU: a shard may touch 1000s of parts
+    grids = []
     try:
         with atomic_file(path) as fh:
-            writer = SampleTarWriter(fh)
-            for key, part_id in entries:
-                src = handles.get(part_id)
+            out = _HashingWriter(fh)
+            writer = SampleTarWriter(out)
+            for key, part_id, entry in entries:
+                src = handles.pop(part_id, None)
                 if src is None:
-                    src = handles[part_id] = open(part_paths(parts_dir, part_id)[0], "rb")
+                    src = open(part_paths(parts_dir, part_id)[0], "rb")
+                    if len(handles) >= MAX_OPEN_PARTS:
+                        handles.popitem(last=False)[1].close()
+                handles[part_id] = src
                 sample = {}
-                for ext, (offset, size) in members[part_id][key].items():
+                for ext, (offset, size) in entry["members"].items():
                     src.seek(offset)
                     sample[ext] = src.read(size)
                 writer.write(key, sample)
+                grids.append(entry["labels"])
             writer.close()
     finally:
         for src in handles.values():
             src.close()
+    return {"name": path.name, "count": len(entries), "bytes": out.bytes,
+            "sha256": out.sha.hexdigest(), "labels": label_histogram(grids)}
+
+
+def label_histogram(grids) -> dict:
+    """Cell-level label counts and region-level (any tumor cell) counts of label grids."""
+    cells, regions = Counter(), Counter()
+    for labels in grids:
+        flat = [int(v) for row in labels for v in row]
+        cells.update(str(v) for v in flat)
+        regions["tumor" if any(flat) else "normal"] += 1
+    return {"cells": dict(sorted(cells.items())), "regions": dict(sorted(regions.items()))}
 
 
 # --------------------------------------------------------------------------- describe / verify
@@ -233,8 +271,7 @@ class ShardCheck:
 
 def check_shard(path: Path, decode: bool = True) -> ShardCheck:
     """Describe a shard (for the manifest) and list what is wrong with its samples."""
-    problems, keys = [], []
-    cells, regions = Counter(), Counter()
+    problems, keys, grids = [], [], []
     for key, sample in iter_samples(path):
         keys.append(key)
         image_ext = next((e for e in ("jpg", "png") if e in sample), None)
@@ -249,9 +286,7 @@ def check_shard(path: Path, decode: bool = True) -> ShardCheck:
         except Exception as exc:
             problems.append(f"{path.name}: sample {key}: bad json member: {exc}")
             continue
-        flat = [int(v) for row in labels for v in row]
-        cells.update(str(v) for v in flat)
-        regions["tumor" if any(flat) else "normal"] += 1
+        grids.append(labels)
         if decode:
             try:
                 rgb = decode_image(sample[image_ext])
@@ -265,7 +300,7 @@ def check_shard(path: Path, decode: bool = True) -> ShardCheck:
         "count": len(keys),
         "bytes": path.stat().st_size,
         "sha256": sha256_file(path),
-        "labels": {"cells": dict(sorted(cells.items())), "regions": dict(sorted(regions.items()))},
+        "labels": label_histogram(grids),
     }
     return ShardCheck(record, keys, problems)
 

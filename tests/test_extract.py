@@ -228,3 +228,15 @@ def test_dask_backend_writes_the_same_shards_as_local(cohort, tmp_path):
         _, (viadask,) = run_extract(cohort, tmp_path / "dask", backend="dask",
                                     scheduler=cluster.scheduler_address)
     assert [s["sha256"] for s in viadask.shards] == [s["sha256"] for s in local.shards]
+
+
+def test_shard_mixing_with_few_open_part_files_gives_the_same_shards(cohort, tmp_path,
+                                                                    monkeypatch):
+    """Mixing reads from many part files; the LRU of open handles must not change a byte."""
+    import etl.shards as shards
+
+    _, (normal,) = run_extract(cohort, tmp_path / "a", part_size=2, workers=1)
+    monkeypatch.setattr(shards, "MAX_OPEN_PARTS", 1)
+    _, (few,) = run_extract(cohort, tmp_path / "b", part_size=2, workers=1)
+    assert [s["sha256"] for s in few.shards] == [s["sha256"] for s in normal.shards]
+    assert len({s["sha256"] for s in few.shards}) == len(few.shards) > 1
