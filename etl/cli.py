@@ -138,7 +138,7 @@ def extract(
     image_format: str = typer.Option("jpg", "--format", help="jpg, or png for lossless."),
     quality: int = typer.Option(95, help="JPEG quality."),
     shard_size: int = typer.Option(1000, help="Samples per shard (the last may be shorter)."),
-    part_size: int = typer.Option(64, help="Regions per work unit (one slide each)."),
+    part_size: int = typer.Option(32, help="Regions per work unit (one slide each)."),
     seed: int = typer.Option(0, help="Seed of the global shuffle that mixes shards."),
     outside: str = typer.Option("error", help="Region not inside its slide: error | skip | pad."),
     workers: int = typer.Option(os.cpu_count() or 1, help="Worker processes."),

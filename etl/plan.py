@@ -24,7 +24,7 @@ class ExtractParams:
     fmt: str = "jpg"
     quality: int = 95
     shard_size: int = 1000
-    part_size: int = 64
+    part_size: int = 32
     seed: int = 0
     outside: str = "error"
 
@@ -204,8 +204,11 @@ def plan_split(
         band = region_box(0, 0, params.region_size,
                           slides[slide].level_downsamples[params.level])[2]
         todo.sort(key=lambda p: (p.y0 // band, p.x0, p.y0))
-        for i in range(0, len(todo), params.part_size):
-            chunk = tuple(todo[i:i + params.part_size])
-            plan.parts.append(Part(f"{stem}-{i // params.part_size:05d}", slide,
-                                   chunk[0].region.image, chunk))
+        # Equal-sized parts of at most part_size (100 regions -> 4 x 25, not 32 + 32 + 32 + 4),
+        # so that workers finish together.
+        n_parts = -(-len(todo) // params.part_size)
+        bounds = [round(k * len(todo) / n_parts) for k in range(n_parts + 1)]
+        for k in range(n_parts):
+            chunk = tuple(todo[bounds[k]:bounds[k + 1]])
+            plan.parts.append(Part(f"{stem}-{k:05d}", slide, chunk[0].region.image, chunk))
     return plan
