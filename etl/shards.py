@@ -88,6 +88,30 @@ def sample_metadata(planned, split: str, params: ExtractParams, mpp, downsample:
     }
 
 
+_OPEN_READER: dict = {}  # this worker's open slide: (path, mtime, size, backend, cache) -> reader
+
+
+def worker_reader(path: Path, backend: str, tile_cache_bytes: int):
+    """The slide reader of this worker process, kept open from one part to the next.
+
+    Parts are planned slide by slide, so a worker's next part is usually on the same slide:
+    keeping it open saves re-parsing the file and keeps the tile cache warm across the part
+    boundary. Only one slide stays open per worker, so memory stays bounded by one cache.
+    """
+    from etl.slide import open_slide  # imported here: worker processes start light
+
+    stat = Path(path).stat()  # a rewritten file at the same path is another slide
+    key = (str(path), stat.st_mtime_ns, stat.st_size, backend, tile_cache_bytes)
+    reader = _OPEN_READER.get(key)
+    if reader is None:
+        for old in _OPEN_READER.values():
+            old.close()
+        _OPEN_READER.clear()
+        reader = _OPEN_READER[key] = open_slide(path, backend=backend,
+                                                tile_cache_bytes=tile_cache_bytes)
+    return reader
+
+
 def part_paths(parts_dir: Path, part_id: str) -> tuple[Path, Path]:
     return parts_dir / f"{part_id}.tar", parts_dir / f"{part_id}.json"
 
@@ -99,13 +123,11 @@ def extract_part(part: Part, split: str, params: ExtractParams, parts_dir: Path,
     A region that fails to read or encode is recorded as a failure with its reason, never
     dropped silently. Runs in a worker process: opens its own slide reader.
     """
-    from etl.slide import open_slide  # imported here: worker processes start light
-
     tar_path, index_path = part_paths(parts_dir, part.part_id)
     timing = Counter()
     failures, order = [], []
-    with open_slide(part.slide, backend=slide_backend, tile_cache_bytes=tile_cache_bytes) as reader, \
-            atomic_file(tar_path) as fh:
+    reader = worker_reader(part.slide, slide_backend, tile_cache_bytes)
+    with atomic_file(tar_path) as fh:
         downsample = float(reader.level_downsamples[params.level])
         writer = SampleTarWriter(fh)
         for planned in part.regions:
