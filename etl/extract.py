@@ -93,7 +93,8 @@ def fingerprint(table: RegionTable, split: str, params: ExtractParams, parse_opt
     return {
         "coordinates_sha256": sha256_file(table.source),
         "split": split,
-        "params": params.as_dict(),
+        # part_size only changes how the work is cut, not a byte of the shards
+        "params": {k: v for k, v in params.as_dict().items() if k != "part_size"},
         "parse": parse_options,
     }
 
@@ -111,8 +112,9 @@ def prepare_folder(folder: Path, expected: dict, overwrite: bool) -> None:
             else:
                 diffs = [k for k in expected if previous.get(k) != expected[k]]
                 if "params" in diffs:
-                    diffs += [f"params.{k}" for k in expected["params"]
-                              if previous["params"].get(k) != expected["params"][k]]
+                    before, now = previous.get("params", {}), expected["params"]
+                    diffs += [f"params.{k}" for k in sorted(set(before) | set(now))
+                              if before.get(k) != now.get(k)]
                 why = "it holds an extraction made with different " + ", ".join(diffs)
             raise ExtractError(f"refusing to write into {folder}: {why}. Use another --out, or "
                                "--overwrite to delete it and start again.")
