@@ -19,6 +19,11 @@ def main(results: Path = Path("benchmarks/results")) -> None:
            f"commit {git_revision()}.", ""]
     for path in sections:
         out += [path.read_text().rstrip(), ""]
+    if not (results / "gpu.md").exists():
+        out += ["## GPU (`make bench-gpu`)", "",
+                "Not measured yet: no CUDA machine has run `make bench-gpu` "
+                "(`python -m benchmarks.bench_gpu`; training patches/s and data wait with "
+                "decode on CPU vs GPU, and whole-slide time for a 100k x 100k slide).", ""]
     sys.stdout.write("\n".join(out))
 
 
