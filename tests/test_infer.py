@@ -25,13 +25,7 @@ W, H = 768, 512
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a busy 2-core machine, OpenMP threads waiting for each other make CPU runs erratic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class ArraySlide:
