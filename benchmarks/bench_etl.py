@@ -23,7 +23,7 @@ import openslide
 from benchmarks.common import machine, median, table, write_section
 from etl.encode import encode_region
 from etl.shards import SampleTarWriter
-from etl.extract import extract_split, plan_extraction
+from etl.extract import extract_splits, plan_extraction
 from etl.plan import ExtractParams, region_box
 from etl.slide import read_region_openslide_rgb
 
@@ -76,8 +76,8 @@ def main() -> None:
         params = ExtractParams(region_size=REGION, quality=args.quality, shard_size=100)
         table_, plans = plan_extraction(data / "dataset_0.json", params, data_root=data)
         # Warm up the process pool once (worker start-up is paid once per command, not per run).
-        for plan in plans:
-            extract_split(table_, plan, work / "warmup" / plan.split, params, {}, workers=2)
+        extract_splits(table_, [(plan, work / "warmup" / plan.split, lambda n: None)
+                                for plan in plans], params, {}, workers=2)
         n_regions = len(table_.regions)
         runs: dict[str, list[float]] = {"naive": [], "w1": [], "w2": []}
         shares, rss = {}, {}
@@ -88,8 +88,9 @@ def main() -> None:
             runs["naive"].append(n_regions / (time.perf_counter() - t0))
             for name, workers in (("w1", 1), ("w2", 2)):
                 t0 = time.perf_counter()
-                results = [extract_split(table_, plan, work / f"{name}-{rep}" / plan.split, params,
-                                         {}, workers=workers) for plan in plans]
+                results = extract_splits(
+                    table_, [(plan, work / f"{name}-{rep}" / plan.split, lambda n: None)
+                             for plan in plans], params, {}, workers=workers)
                 elapsed = time.perf_counter() - t0
                 assert sum(r.written for r in results) == n_regions
                 runs[name].append(n_regions / elapsed)

@@ -153,7 +153,7 @@ def extract(
 ) -> None:
     """Read every region once from its slide and write labelled regions into WebDataset shards."""
     from etl.coords import CoordsError
-    from etl.extract import ExtractError, extract_split, plan_extraction
+    from etl.extract import ExtractError, extract_splits, plan_extraction
     from etl.plan import ExtractParams
 
     if (json_file is None) == (csv_file is None):
@@ -170,17 +170,17 @@ def extract(
         fail(str(exc))
     for warning in table.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
-    results = []
     bar = _region_progress(sum(p.n_regions for p in plans), progress)
     try:
         with bar:
+            jobs = []
             for plan in plans:
                 task = bar.add_task(plan.split, total=plan.n_regions)
-                results.append(extract_split(
-                    table, plan, out / plan.split, params, parse_options, workers=workers,
-                    backend=backend, scheduler=scheduler, overwrite=overwrite,
-                    slide_backend=slide_backend, tile_cache_bytes=tile_cache_mb << 20,
-                    on_progress=lambda n, t=task: bar.advance(t, n)))
+                jobs.append((plan, out / plan.split, lambda n, t=task: bar.advance(t, n)))
+            results = extract_splits(
+                table, jobs, params, parse_options, workers=workers, backend=backend,
+                scheduler=scheduler, overwrite=overwrite, slide_backend=slide_backend,
+                tile_cache_bytes=tile_cache_mb << 20)
     except ExtractError as exc:
         fail(str(exc))
     failed = 0

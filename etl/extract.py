@@ -10,7 +10,7 @@ import fcntl
 import json
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -147,102 +147,146 @@ def executor(backend: str, workers: int, scheduler: str | None):
         yield lambda calls: parallel(calls)
 
 
-def run_parts(plan: SplitPlan, params: ExtractParams, parts_dir: Path, run, *,
-              slide_backend: str, tile_cache_bytes: int,
-              on_progress: Callable[[int], None]) -> tuple[list[dict], int]:
-    """Extract every part not already finished; returns all part indexes and how many resumed."""
-    done, todo = [], []
-    for part in plan.parts:
-        index = load_part_index(parts_dir, part.part_id)
-        (done if index is not None else todo).append(index if index is not None else part)
-    for index in done:
-        on_progress(len(index["samples"]) + len(index["failures"]))
-    if todo:
-        calls = (joblib.delayed(extract_part)(p, plan.split, params, parts_dir, slide_backend,
-                                              tile_cache_bytes) for p in todo)
-        for index in run(calls):
-            done.append(index)
-            on_progress(len(index["samples"]) + len(index["failures"]))
-    return done, len(plan.parts) - len(todo)
+@dataclass
+class _SplitRun:
+    """One split's state during a run of `extract_splits`."""
+
+    plan: SplitPlan
+    folder: Path
+    expected: dict
+    on_progress: Callable[[int], None]
+    indexes: list[dict] = field(default_factory=list)
+    records: dict = field(default_factory=dict)
+    resumed: int = 0
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.folder / ".parts"
 
 
-def mix_shards(folder: Path, split: str, indexes: list[dict], params: ExtractParams,
-               parts_dir: Path, run) -> list[dict]:
-    """Write every final shard not already there (in parallel, by copying part members);
-    returns the manifest records in shard order."""
-    catalog = sample_catalog(indexes)
-    records, calls = {}, []
-    for i, entries in enumerate(plan_shards(indexes, params.shard_size, params.seed)):
-        path = folder / shard_name(split, i)
+def part_calls(st: _SplitRun, params: ExtractParams, slide_backend: str,
+               tile_cache_bytes: int) -> list:
+    """Collect the finished parts of a split (resume) and the calls for the others."""
+    calls = []
+    for part in st.plan.parts:
+        index = load_part_index(st.parts_dir, part.part_id)
+        if index is None:
+            calls.append(joblib.delayed(extract_part)(part, st.plan.split, params, st.parts_dir,
+                                                      slide_backend, tile_cache_bytes))
+        else:
+            st.indexes.append(index)
+            st.resumed += 1
+            st.on_progress(len(index["samples"]) + len(index["failures"]))
+    return calls
+
+
+def shard_calls(st: _SplitRun, params: ExtractParams) -> list:
+    """Records of the shards already there, and the calls that write the others (by copying
+    part members in a seeded global shuffle)."""
+    catalog = sample_catalog(st.indexes)
+    calls = []
+    for i, entries in enumerate(plan_shards(st.indexes, params.shard_size, params.seed)):
+        path = st.folder / shard_name(st.plan.split, i)
         if path.exists():  # complete (atomic rename), from a run that was interrupted
-            records[path.name] = check_shard(path, decode=False).record
+            st.records[path.name] = check_shard(path, decode=False).record
         else:
             resolved = [(key, part_id, catalog[part_id][key]) for key, part_id in entries]
-            calls.append(joblib.delayed(write_shard)(path, resolved, parts_dir))
-    for record in run(calls):
-        records[record["name"]] = record
-    return [records[name] for name in sorted(records)]
+            calls.append(joblib.delayed(write_shard)(path, resolved, st.parts_dir))
+    return calls
+
+
+def finish_split(st: _SplitRun, table: RegionTable, params: ExtractParams,
+                 parse_options: dict, seconds: float) -> SplitResult:
+    """Write the manifest (last), remove the work folder, and summarise."""
+    plan, indexes = st.plan, st.indexes
+    shards = [st.records[name] for name in sorted(st.records)]
+    failed = [f for idx in indexes for f in idx["failures"]]
+    timing: dict = {}
+    slides: dict[str, dict] = {}
+    for idx in indexes:
+        for k, v in idx["timing"].items():
+            timing[k] = timing.get(k, 0.0) + v
+        entry = slides.setdefault(idx["slide"], {"count": 0, "failed": 0})
+        entry["count"] += len(idx["samples"])
+        entry["failed"] += len(idx["failures"])
+    written = sum(s["count"] for s in shards)
+    manifest = {
+        "tool": "patchetl",
+        "version": tool_version(),
+        "split": plan.split,
+        "coordinates": {"path": str(table.source), "sha256": st.expected["coordinates_sha256"]},
+        "params": params.as_dict(),
+        "parse": parse_options,
+        "counts": {"planned": plan.n_regions + len(plan.skipped), "written": written,
+                   "skipped": len(plan.skipped), "failed": len(failed)},
+        "shards": shards,
+        "slides": dict(sorted(slides.items())),
+        "skipped": plan.skipped,
+        "failed": failed,
+    }
+    write_json_atomic(st.folder / "manifest.json", manifest)
+    shutil.rmtree(st.parts_dir, ignore_errors=True)
+    return SplitResult(plan.split, st.folder, manifest["counts"]["planned"], written,
+                       plan.skipped, failed, shards, seconds, resumed_parts=st.resumed,
+                       timing=timing,
+                       peak_rss_mb=max((i.get("peak_rss_mb", 0) for i in indexes), default=0))
+
+
+def extract_splits(table: RegionTable, jobs: list[tuple[SplitPlan, Path, Callable[[int], None]]],
+                   params: ExtractParams, parse_options: dict, *, workers: int = 1,
+                   backend: str = "loky", scheduler: str | None = None,
+                   overwrite: bool = False, slide_backend: str = "auto",
+                   tile_cache_bytes: int = 256 << 20) -> list[SplitResult]:
+    """Extract several splits, each `(plan, output folder, progress callback)`, resuming a
+    previous run of the same command. The parts of all splits go through one pool, then the
+    shards of all splits, so no worker idles at the end of a split."""
+    start = time.perf_counter()
+    results: dict[str, SplitResult] = {}
+    with ExitStack() as locks:
+        runs = []
+        for plan, folder, on_progress in jobs:
+            folder = Path(folder)
+            expected = fingerprint(table, plan.split, params, parse_options)
+            locks.enter_context(folder_lock(folder))
+            prepare_folder(folder, expected, overwrite)
+            manifest_path = folder / "manifest.json"
+            if manifest_path.exists():  # finished before: nothing to redo
+                manifest = json.loads(manifest_path.read_text())
+                shutil.rmtree(folder / ".parts", ignore_errors=True)
+                on_progress(plan.n_regions)
+                results[plan.split] = SplitResult(
+                    plan.split, folder, manifest["counts"]["planned"],
+                    manifest["counts"]["written"], manifest["skipped"], manifest["failed"],
+                    manifest["shards"], time.perf_counter() - start,
+                    resumed_parts=len(plan.parts))
+                continue
+            (folder / ".parts").mkdir(exist_ok=True)
+            runs.append(_SplitRun(plan, folder, expected, on_progress))
+        if runs:
+            by_split = {st.plan.split: st for st in runs}
+            with executor(backend, workers, scheduler) as run:
+                calls = [c for st in runs
+                         for c in part_calls(st, params, slide_backend, tile_cache_bytes)]
+                for index in run(calls):
+                    st = by_split[index["split"]]
+                    st.indexes.append(index)
+                    st.on_progress(len(index["samples"]) + len(index["failures"]))
+                calls = [c for st in runs for c in shard_calls(st, params)]
+                owner = {shard_name(st.plan.split, 0).rsplit("-", 1)[0]: st for st in runs}
+                for record in run(calls):
+                    owner[record["name"].rsplit("-", 1)[0]].records[record["name"]] = record
+            for st in runs:
+                results[st.plan.split] = finish_split(st, table, params, parse_options,
+                                                      time.perf_counter() - start)
+    return [results[plan.split] for plan, _, _ in jobs]
 
 
 def extract_split(table: RegionTable, plan: SplitPlan, out: Path, params: ExtractParams,
-                  parse_options: dict, *, workers: int = 1, backend: str = "loky",
-                  scheduler: str | None = None, overwrite: bool = False,
-                  slide_backend: str = "auto", tile_cache_bytes: int = 256 << 20,
-                  on_progress: Callable[[int], None] = lambda n: None) -> SplitResult:
-    """Extract one split into `out` (resuming a previous run of the same command)."""
-    start = time.perf_counter()
-    folder = Path(out)
-    expected = fingerprint(table, plan.split, params, parse_options)
-    with folder_lock(folder):
-        prepare_folder(folder, expected, overwrite)
-        manifest_path = folder / "manifest.json"
-        if manifest_path.exists():  # finished before: nothing to redo
-            manifest = json.loads(manifest_path.read_text())
-            shutil.rmtree(folder / ".parts", ignore_errors=True)
-            on_progress(plan.n_regions)
-            return SplitResult(plan.split, folder, manifest["counts"]["planned"],
-                               manifest["counts"]["written"], manifest["skipped"],
-                               manifest["failed"], manifest["shards"],
-                               time.perf_counter() - start, resumed_parts=len(plan.parts))
-        parts_dir = folder / ".parts"
-        parts_dir.mkdir(exist_ok=True)
-        with executor(backend, workers, scheduler) as run:
-            indexes, resumed = run_parts(plan, params, parts_dir, run,
-                                         slide_backend=slide_backend,
-                                         tile_cache_bytes=tile_cache_bytes,
-                                         on_progress=on_progress)
-            shards = mix_shards(folder, plan.split, indexes, params, parts_dir, run)
-        failed = [f for idx in indexes for f in idx["failures"]]
-        timing: dict = {}
-        for idx in indexes:
-            for k, v in idx["timing"].items():
-                timing[k] = timing.get(k, 0.0) + v
-        slides: dict[str, dict] = {}
-        for idx in indexes:
-            entry = slides.setdefault(idx["slide"], {"count": 0, "failed": 0})
-            entry["count"] += len(idx["samples"])
-            entry["failed"] += len(idx["failures"])
-        written = sum(s["count"] for s in shards)
-        manifest = {
-            "tool": "patchetl",
-            "version": tool_version(),
-            "split": plan.split,
-            "coordinates": {"path": str(table.source), "sha256": expected["coordinates_sha256"]},
-            "params": params.as_dict(),
-            "parse": parse_options,
-            "counts": {"planned": plan.n_regions + len(plan.skipped), "written": written,
-                       "skipped": len(plan.skipped), "failed": len(failed)},
-            "shards": shards,
-            "slides": dict(sorted(slides.items())),
-            "skipped": plan.skipped,
-            "failed": failed,
-        }
-        write_json_atomic(manifest_path, manifest)
-        shutil.rmtree(parts_dir, ignore_errors=True)
-    return SplitResult(plan.split, folder, manifest["counts"]["planned"], written, plan.skipped,
-                       failed, shards, time.perf_counter() - start, resumed_parts=resumed,
-                       timing=timing,
-                       peak_rss_mb=max((i.get("peak_rss_mb", 0) for i in indexes), default=0))
+                  parse_options: dict, *, on_progress: Callable[[int], None] = lambda n: None,
+                  **options) -> SplitResult:
+    """Extract one split into `out` (see `extract_splits` for the options)."""
+    return extract_splits(table, [(plan, out, on_progress)], params, parse_options,
+                          **options)[0]
 
 
 def plan_extraction(coords: Path, params: ExtractParams, *, data_root=None,

@@ -154,6 +154,7 @@ def extract_part(part: Part, split: str, params: ExtractParams, parts_dir: Path,
     members = index_tar(tar_path)
     index = {
         "part_id": part.part_id,
+        "split": split,
         "slide": part.image,
         "samples": [{"key": k, "labels": lab, "members": members[k]} for k, lab in order],
         "failures": failures,

@@ -240,3 +240,22 @@ def test_shard_mixing_with_few_open_part_files_gives_the_same_shards(cohort, tmp
     _, (few,) = run_extract(cohort, tmp_path / "b", part_size=2, workers=1)
     assert [s["sha256"] for s in few.shards] == [s["sha256"] for s in normal.shards]
     assert len({s["sha256"] for s in few.shards}) == len(few.shards) > 1
+
+
+def test_cli_extracts_every_split_through_one_pool(cohort, tmp_path):
+    out = tmp_path / "out"
+    args = ["extract", "--json", str(cohort.dataset_json), "--data-root", str(cohort.root),
+            "--out", str(out), "--region-size", str(REGION), "--part-size", "3",
+            "--shard-size", "5", "--workers", "2", "--no-progress"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    table = load_regions(cohort.dataset_json, data_root=cohort.root)
+    for split, regions in table.splits().items():
+        folder = out / split
+        assert verify_folder(folder) == []
+        metas = [json.loads(s["json"]) for s in shard_samples(folder).values()]
+        assert {(m["slide"], m["x"], m["y"]) for m in metas} == \
+            {(r.image, r.x, r.y) for r in regions}
+        assert {m["split"] for m in metas} == {split}
+    again = CliRunner().invoke(app, args)  # finished: a rerun writes nothing new
+    assert again.exit_code == 0 and "0 part(s) resumed" not in again.output
