@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import openslide
 
-from benchmarks.common import machine, median, table, write_section
+from benchmarks.common import cli, machine, median, table, write_section
 from etl.encode import encode_region
 from etl.shards import SampleTarWriter
 from etl.extract import extract_splits, plan_extraction
@@ -68,11 +66,9 @@ def main() -> None:
     try:
         # Synthesise in a child process so its memory does not count as the extractor's.
         data = work / "data"
-        subprocess.run([sys.executable, "-m", "training.cli", "synth", "--out", str(data),
-                        "--slides", str(args.slides), "--width", str(args.width), "--height",
-                        str(args.height), "--seed", "7", "--regions-per-slide",
-                        str(args.regions_per_slide), "--region-size", str(REGION)],
-                       check=True, stdout=subprocess.DEVNULL)
+        cli("synth", "--out", data, "--slides", args.slides, "--width", args.width,
+            "--height", args.height, "--seed", 7, "--regions-per-slide", args.regions_per_slide,
+            "--region-size", REGION)
         params = ExtractParams(region_size=REGION, quality=args.quality, shard_size=100)
         table_, plans = plan_extraction(data / "dataset_0.json", params, data_root=data)
         # Warm up the process pool once (worker start-up is paid once per command, not per run).

@@ -34,7 +34,6 @@ import argparse
 import io
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ import numpy as np
 import tifffile
 import torch
 
-from benchmarks.common import machine, median, table, write_section
+from benchmarks.common import cli, machine, median, table, write_section
 from etl.synth import TILE, box_downsample, make_scene, pyramid_dims
 
 GLASS_RGB = (243, 241, 245)  # the synthetic generator's glass colour
@@ -222,12 +221,6 @@ def write_mosaic_slide(path: Path, side: int, *, block: int = 4096, unique: int 
 
 
 # --------------------------------------------------------------------------- stages
-def cli(*args) -> None:
-    """`patchetl ...` in a child process (its memory and threads are not ours)."""
-    subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)], check=True,
-                   stdout=subprocess.DEVNULL)
-
-
 def make_shards(work: Path, sz: Sizes) -> tuple[Path, Path, int]:
     """Synthetic slides + shards; returns (data folder, training split folder, regions)."""
     data, shards = work / "data", work / "shards"

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, median, table, write_section
+from benchmarks.common import cli, machine, median, table, write_section
 from training.infer import InferConfig, Predictor, infer_slide, load_model
 from training.model import build_model
 
@@ -30,11 +28,9 @@ PATCH, STRIDE = 224, 32
 
 def synth_slide(out: Path, width: int, height: int, mpp: float, seed: int) -> Path:
     """One synthetic tumor slide, written by the CLI in a child process; returns its path."""
-    subprocess.run([sys.executable, "-m", "training.cli", "synth", "--out", str(out),
-                    "--slides", "1", "--tumor-fraction", "1", "--width", str(width),
-                    "--height", str(height), "--mpp", str(mpp), "--seed", str(seed),
-                    "--regions-per-slide", "1", "--val-fraction", "0"],
-                   check=True, stdout=subprocess.DEVNULL)
+    cli("synth", "--out", out, "--slides", 1, "--tumor-fraction", 1, "--width", width,
+        "--height", height, "--mpp", mpp, "--seed", seed, "--regions-per-slide", 1,
+        "--val-fraction", 0)
     return next((out / "training" / "images").glob("*.tif"))
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.common import machine, median, table, write_section
+from benchmarks.common import cli, machine, median, table, write_section
 from etl.coords import load_regions
 from etl.plan import region_box
 from training.augment import Augment
@@ -111,11 +109,9 @@ def main() -> None:
         data, shards = work / "data", work / "shards"
         need = (args.batches + 2) * args.regions_per_batch
         per_slide = -(-need // 3) + 4
-        run = lambda *a: subprocess.run([sys.executable, "-m", "training.cli", *map(str, a)],
-                                        check=True, stdout=subprocess.DEVNULL)
-        run("synth", "--out", data, "--slides", 3, "--width", 8000, "--height", 6000, "--seed", 11,
+        cli("synth", "--out", data, "--slides", 3, "--width", 8000, "--height", 6000, "--seed", 11,
             "--regions-per-slide", per_slide, "--region-size", REGION, "--val-fraction", 0)
-        run("extract", "--json", data / "dataset_0.json", "--data-root", data, "--out", shards,
+        cli("extract", "--json", data / "dataset_0.json", "--data-root", data, "--out", shards,
             "--no-progress", "--shard-size", 32)
         regions = load_regions(data / "dataset_0.json", data_root=data).regions
         shard_set = open_shards(shards / "training")

@@ -5,6 +5,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -26,6 +27,12 @@ def git_revision() -> str:
                               text=True, check=True).stdout.strip()
     except Exception:
         return "unknown"
+
+
+def cli(*args) -> None:
+    """`patchetl ...` in a child process (its memory and threads are not the benchmark's)."""
+    subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)], check=True,
+                   stdout=subprocess.DEVNULL)
 
 
 def median(values) -> float:
