@@ -68,6 +68,8 @@ class Sizes:
     big_side: int  # the mosaic slide is big_side x big_side
     block: int  # mosaic block side (a multiple of TILE)
     unique_blocks: int
+    heldout_width: int  # the two held-out slides of the dense-vs-patch agreement stage
+    heldout_height: int
 
     @property
     def regions_per_batch(self) -> int:
@@ -77,13 +79,15 @@ class Sizes:
 def full_sizes(cpus: int) -> Sizes:
     return Sizes(slides=4, slide_width=8000, slide_height=6000, batch_size=512,
                  batches_per_worker=6, workers=max(1, min(8, cpus)), region=768, patch=224,
-                 epochs=3, rounds=2, big_side=100_000, block=4096, unique_blocks=4)
+                 epochs=3, rounds=2, big_side=100_000, block=4096, unique_blocks=4,
+                 heldout_width=4000, heldout_height=3000)
 
 
 def tiny_sizes() -> Sizes:
     return Sizes(slides=2, slide_width=1600, slide_height=1200, batch_size=36,
                  batches_per_worker=2, workers=2, region=288, patch=64, epochs=2, rounds=1,
-                 big_side=1536, block=256, unique_blocks=3)
+                 big_side=1536, block=256, unique_blocks=3,
+                 heldout_width=1024, heldout_height=768)
 
 
 def log(message: str) -> None:
@@ -240,10 +244,12 @@ def run_training(shards: Path, out: Path, sz: Sizes, device: str, decode: str, s
     """The real trainer for `sz.epochs` epochs; returns its per-epoch metric rows."""
     from training.train import TrainConfig, train
 
+    # AdamW without warm-up (the demo's settings): the last run's checkpoint is also the
+    # trained model of the dense-vs-patch agreement stage
     cfg = TrainConfig(train=str(shards), out=str(out), epochs=sz.epochs,
                       batch_size=sz.batch_size, patch_size=sz.patch, decode=decode,
                       device=device, channels_last=True, workers=sz.workers, seed=seed,
-                      progress=False)
+                      optimizer="adamw", warmup_epochs=0.0, progress=False)
     result = train(cfg, log=lambda m: log(f"  {m}"))
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -314,6 +320,33 @@ def bench_inference(slide: Path, warmup_slide: Path, ckpt: Path, out: Path, devi
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
 
 
+def bench_agreement(work: Path, ckpt: Path, sz: Sizes, device: str, workers: int
+                    ) -> tuple[list[list], dict]:
+    """Dense vs patch maps of the trained checkpoint on held-out slides (one with tumor, one
+    without, not seen in training), as `patchetl check-dense` computes them."""
+    from training.agreement import compare_slide, pooled
+    from training.infer import InferConfig, make_predictor
+
+    held = work / "heldout"
+    cli("synth", "--out", held, "--slides", 2, "--width", sz.heldout_width, "--height",
+        sz.heldout_height, "--seed", 11, "--tumor-fraction", 0.5, "--val-fraction", 0)
+    cfg, predictor = make_predictor(InferConfig(checkpoint=str(ckpt), device=device,
+                                                workers=workers, progress=False))
+    rows, results = [], []
+    for path in sorted((held / "training" / "images").glob("*.tif")):
+        res = compare_slide(path, predictor, cfg)
+        results.append(res)
+        a = res.agreement
+        rows.append([res.slide, a.cells, f"{a.pearson:.4f}", f"{a.mean_abs:.4f}",
+                     f"{a.max_abs:.3f}", f"{a.same_call:.2%}", f"{res.dense_seconds:.1f}",
+                     f"{res.patch_seconds:.1f}"])
+        log(f"  {res.slide}: r {a.pearson:.4f}, mean |d| {a.mean_abs:.4f}")
+    total = pooled(results)
+    rows.append(["**pooled**", total.cells, f"**{total.pearson:.4f}**", f"{total.mean_abs:.4f}",
+                 f"{total.max_abs:.3f}", f"{total.same_call:.2%}", "", ""])
+    return rows, {"patch": cfg.patch_size, "amp": predictor.amp, "r": total.pearson}
+
+
 def device_line(device: str) -> str:
     if device != "cuda":
         return f"CPU (smoke run), torch {torch.__version__}"
@@ -333,24 +366,15 @@ def refuse_without_cuda() -> None:
 
 
 def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: float,
-           n_regions: int, train_rows: list[list], mosaic: Mosaic, inf: dict,
-           infer_workers: int) -> str:
-    """The markdown section."""
+           n_regions: int, train_rows: list[list], agree_rows: list[list], agree: dict,
+           mosaic: Mosaic | None, inf: dict | None, infer_workers: int) -> str:
+    """The markdown section (without the whole-slide part while mosaic/inf are None)."""
     batch = sz.regions_per_batch * 9
     steps = sz.batches_per_worker * sz.workers
-    per_1e8 = inf["map_s"] / (inf["tissue_px"] / 1e8)
-    rows_inf = [
-        ["tissue mask (Otsu on saturation, level-0 / 32)", f"{inf['tissue_s']:.1f}", ""],
-        ["probability map: tile reads + dense model", f"{inf['map_s']:.1f}",
-         f"{per_1e8:.2f} s per 1e8 tissue px"],
-        ["whole slide (mask + map + NMS)", f"{inf['slide_s']:.1f}", "target < 60 s"],
-        ["writing the outputs (npy, PNG, pyramidal TIFF, CSV, GeoJSON)",
-         f"{inf['outputs_s']:.1f}", ""],
-    ]
-    title = "## GPU: training throughput and whole-slide inference (issues 4 and 5)"
+    title = "## GPU: training throughput, dense-vs-patch agreement, whole-slide inference"
     if args.device != "cuda":
         title += " — CPU SMOKE RUN, toy sizes, numbers mean nothing"
-    return "\n\n".join([
+    parts = [
         title,
         f"Command: `python -m benchmarks.bench_gpu{' --device cpu --tiny' if args.tiny else ''}`"
         f" (`make bench-gpu`). Device: {device_line(args.device)}. Host: {machine()}. "
@@ -358,7 +382,7 @@ def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: 
         + ", ".join(f"{k} {v:.0f} s" for k, v in stage.items()) + ").",
         f"### Training: patches/s and data wait, JPEG decode on CPU workers vs GPU\n\n"
         f"Real `train()` ({'bf16 autocast' if args.device == 'cuda' else 'fp32'}, "
-        f"channels_last, SGD, augmentation on the device), batch {batch} patches "
+        f"channels_last, AdamW, augmentation on the device), batch {batch} patches "
         f"(--batch-size {sz.batch_size} rounded down to {sz.regions_per_batch} whole regions "
         f"x 9) of {sz.patch} px from {sz.region} px regions "
         f"(JPEG 95 shards, {n_regions} regions from {sz.slides} synthetic slides), "
@@ -367,22 +391,48 @@ def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: 
         "data wait = share of the epoch spent in `next(batches)` (loader, transfer, "
         "decode, crops, augmentation).",
         table(["decode", "patches/s (median)", "data wait (median)", "ratio",
-               "patches/s of each measured epoch"],
-              train_rows),
-        f"### Whole-slide dense inference\n\n"
-        f"Slide: {mosaic.width} x {mosaic.height} px synthetic mosaic at 0.243 um/px "
-        f"({mosaic.gib:.2f} GiB pyramidal JPEG TIFF, {len(mosaic.levels)} levels, "
-        f"{mosaic.tissue_blocks}/{mosaic.blocks} blocks of {sz.block} px with tissue, "
-        f"written in {mosaic.seconds:.0f} s; tissue {inf['tissue_fraction']:.0%} of the "
-        f"slide = {inf['tissue_px'] / 1e9:.2f} G px). Checkpoint: the training runs' last.pt; "
-        f"dense mode, stride 32, patch {inf['patch']} px, tiles 2048 px + 224 px margin, "
-        f"tiles per pass: {inf['tiles_per_batch']}, {'bf16' if inf['amp'] else 'fp32'}, "
-        f"{infer_workers} tile-reading threads; map {inf['map'][1]} x {inf['map'][0]} "
-        f"({inf['cells']} tissue cells), after a warm-up on a small slide"
-        + (f"; peak GPU memory {inf['peak_gib']:.1f} GiB" if inf["peak_gib"] else "")
-        + ". NCRF reports 0.5-1 h per Camelyon16 slide.",
-        table(["stage", "seconds", "note"], rows_inf),
-    ])
+               "patches/s of each measured epoch"], train_rows),
+        f"### Dense vs patch-by-patch maps of the trained checkpoint (issue 5)\n\n"
+        f"The last training run's last.pt ({sz.patch} px patches, {sz.epochs} epochs) on two "
+        f"held-out synthetic slides of {sz.heldout_width} x {sz.heldout_height} px (`patchetl "
+        f"synth --seed 11`: one with tumor, one without), stride 32, "
+        f"{'bf16' if agree['amp'] else 'fp32'}, as `patchetl check-dense` computes it: over "
+        "the map pixels inside tissue, Pearson r, mean and largest |dense - patch|, and the "
+        "share of pixels on the same side of 0.5. Target: pooled r >= 0.95 "
+        f"({'met' if agree['r'] >= 0.95 else 'NOT met'}). A normal slide's map is ~0 "
+        "everywhere, so its own r measures noise.",
+        table(["slide", "tissue map px", "Pearson r", "mean abs diff", "max abs diff",
+               "same call", "dense s", "patch s"], agree_rows),
+    ]
+    if mosaic is not None and inf is not None:
+        per_1e8 = inf["map_s"] / (inf["tissue_px"] / 1e8)
+        rows_inf = [
+            ["tissue mask (Otsu on saturation, level-0 / 32)", f"{inf['tissue_s']:.1f}", ""],
+            ["probability map: tile reads + dense model", f"{inf['map_s']:.1f}",
+             f"{per_1e8:.2f} s per 1e8 tissue px"],
+            ["whole slide (mask + map + NMS)", f"{inf['slide_s']:.1f}", "target < 60 s"],
+            ["writing the outputs (npy, PNG, pyramidal TIFF, CSV, GeoJSON)",
+             f"{inf['outputs_s']:.1f}", ""],
+        ]
+        parts += [
+            f"### Whole-slide dense inference\n\n"
+            f"Slide: {mosaic.width} x {mosaic.height} px synthetic mosaic at 0.243 um/px "
+            f"({mosaic.gib:.2f} GiB pyramidal JPEG TIFF, {len(mosaic.levels)} levels, "
+            f"{mosaic.tissue_blocks}/{mosaic.blocks} blocks of {sz.block} px with tissue, "
+            f"written in {mosaic.seconds:.0f} s; tissue {inf['tissue_fraction']:.0%} of the "
+            f"slide = {inf['tissue_px'] / 1e9:.2f} G px). Checkpoint: the training runs' "
+            f"last.pt; dense mode, stride 32, patch {inf['patch']} px, tiles 2048 px + 224 px "
+            f"margin, tiles per pass: {inf['tiles_per_batch']}, "
+            f"{'bf16' if inf['amp'] else 'fp32'}, {infer_workers} tile-reading threads; map "
+            f"{inf['map'][1]} x {inf['map'][0]} ({inf['cells']} tissue cells), after a warm-up "
+            "on a small slide"
+            + (f"; peak GPU memory {inf['peak_gib']:.1f} GiB" if inf["peak_gib"] else "")
+            + ". NCRF reports 0.5-1 h per Camelyon16 slide.",
+            table(["stage", "seconds", "note"], rows_inf),
+        ]
+    else:
+        parts.append("### Whole-slide dense inference\n\nNot reached (the run stopped before).")
+    return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -419,6 +469,14 @@ def main(argv: list[str] | None = None) -> None:
         stage["training"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        log("dense vs patch agreement on 2 held-out slides")
+        agree_rows, agree = bench_agreement(work, ckpt, sz, args.device, infer_workers)
+        stage["agreement"] = time.perf_counter() - t
+        # written now as well, so that a later stage's failure does not lose it
+        write_section(out, report(args, sz, stage, time.perf_counter() - started, n_regions,
+                                  train_rows, agree_rows, agree, None, None, infer_workers))
+
+        t = time.perf_counter()
         log(f"mosaic slide {sz.big_side} x {sz.big_side}")
         mosaic = write_mosaic_slide(work / f"mosaic_{sz.big_side}.tif", sz.big_side, block=sz.block,
                                     unique=sz.unique_blocks, seed=1)
@@ -434,8 +492,8 @@ def main(argv: list[str] | None = None) -> None:
         log("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in stage.items())
             + f"; total {total:.0f} s")
 
-        write_section(out, report(args, sz, stage, total, n_regions, train_rows, mosaic, inf,
-                                  infer_workers))
+        write_section(out, report(args, sz, stage, total, n_regions, train_rows, agree_rows,
+                                  agree, mosaic, inf, infer_workers))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

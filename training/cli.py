@@ -178,6 +178,68 @@ def infer(
         fail(f"{len(failed)} slide(s) failed (listed above); {len(done)} done", code=1)
 
 
+# --- check-dense command (owner: infer) ---
+@app.command("check-dense")
+def check_dense(
+    slides: list[Path] = typer.Argument(..., help="Slide files, or folders of slides."),
+    checkpoint: Path = typer.Option(Path("runs/train/best.pt"), "--checkpoint", "--ckpt",
+                                    help="Checkpoint written by `patchetl train`."),
+    min_r: float = typer.Option(0.95, help="Exit 1 when the pooled Pearson r inside tissue is "
+                                "below this."),
+    report: Path = typer.Option(None, help="Also write the numbers to this JSON file."),
+    level: int = typer.Option(0, help="Pyramid level to run the model on."),
+    stride: int = typer.Option(32, help="Level px per map pixel (a multiple of 32)."),
+    patch_size: int = typer.Option(None, help="Patch side in level px; default: the "
+                                   "checkpoint's, else 224."),
+    tile_size: int = typer.Option(2048, help="Dense: level px of map area per tile."),
+    margin: int = typer.Option(224, help="Dense: context px around each tile."),
+    batch_size: int = typer.Option(256, help="Patch mode: patches per forward pass."),
+    workers: int = typer.Option(4, help="Threads reading tiles ahead of the model."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on CUDA)."),
+    slide_backend: str = typer.Option("auto", help="auto | tiff | openslide."),
+) -> None:
+    """Check that dense maps agree with the patch-by-patch reference for a checkpoint.
+
+    Runs both inference modes at the same stride on each slide and reports, inside tissue,
+    Pearson r, mean / largest absolute difference and the share of the same call at 0.5.
+    Writes no maps.
+    """
+    from dataclasses import replace
+
+    from etl.slide import SlideError
+    from training.agreement import compare_slide, pooled, report_lines, write_report
+    from training.infer import InferConfig, InferError, make_predictor, slide_paths
+
+    cfg = InferConfig(
+        checkpoint=str(checkpoint), level=level, stride=stride, patch_size=patch_size,
+        tile_size=tile_size, margin=margin, batch_size=batch_size, workers=workers,
+        device=device, amp=amp, slide_backend=slide_backend, progress=False)
+    try:
+        cfg.validate()
+        paths = slide_paths(slides)
+        cfg, predictor = make_predictor(cfg)
+        cfg = replace(cfg, amp=predictor.amp)
+        results = []
+        for path in paths:
+            results.append(compare_slide(path, predictor, cfg))
+            typer.echo(f"{path.name}: compared {results[-1].agreement.cells} tissue map pixels")
+    except (InferError, SlideError, ValueError) as exc:
+        fail(str(exc))
+    total = pooled(results)
+    for line in report_lines(results, total):
+        typer.echo(line)
+    if report is not None:
+        typer.echo(f"report: {write_report(report, results, total, cfg, min_r)}")
+    if not total.pearson >= min_r:  # also fails on an undefined r
+        fail(f"dense and patch maps agree with r = {total.pearson:.4f} inside tissue, below "
+             f"--min-r {min_r}: dense inference does not reproduce this checkpoint's patch "
+             "predictions here (a model trained on small patches leans on context that a "
+             "patch alone lacks); use --mode patch for this checkpoint, or train with "
+             "--patch-size 224", code=1)
+    typer.echo(f"ok: pooled r = {total.pearson:.4f} >= {min_r}")
+
+
 def main() -> None:
     app()
 

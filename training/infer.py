@@ -669,16 +669,10 @@ def _progress(enabled: bool):
                     disable=not enabled)
 
 
-def run_inference(cfg: InferConfig, slides: Sequence[str | Path],
-                  echo: Callable[[str], None] = print,
-                  warn: Callable[[str], None] = print) -> tuple[list[dict[str, Path]], list[str]]:
-    """Infer every slide; returns (outputs per finished slide, failure messages).
-
-    A bad checkpoint or option raises :class:`InferError` before any slide is read; a slide
-    that cannot be read is reported in the failures and the others still run.
-    """
+def make_predictor(cfg: InferConfig) -> tuple[InferConfig, Predictor]:
+    """Validate the options, load the checkpoint on the device; returns the options with the
+    patch size filled in (the checkpoint's when not given) and the predictor."""
     cfg.validate()
-    paths = slide_paths(slides)
     device = resolve_device(cfg.device)
     model, info = load_model(cfg.checkpoint, device)
     if cfg.patch_size is None:
@@ -691,6 +685,21 @@ def run_inference(cfg: InferConfig, slides: Sequence[str | Path],
                           channels_last=cfg.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    return cfg, predictor
+
+
+def run_inference(cfg: InferConfig, slides: Sequence[str | Path],
+                  echo: Callable[[str], None] = print,
+                  warn: Callable[[str], None] = print) -> tuple[list[dict[str, Path]], list[str]]:
+    """Infer every slide; returns (outputs per finished slide, failure messages).
+
+    A bad checkpoint or option raises :class:`InferError` before any slide is read; a slide
+    that cannot be read is reported in the failures and the others still run.
+    """
+    cfg.validate()
+    paths = slide_paths(slides)
+    cfg, predictor = make_predictor(cfg)
+    device, amp = predictor.device, predictor.amp
     done, failed = [], []
     with _progress(cfg.progress) as bar:
         for path in paths:
