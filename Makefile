@@ -15,7 +15,7 @@ DATASET ?= $(if $(DATA_ROOT),$(DATA_ROOT)/dataset_0.json)
 SHARDS_DIR ?= shards
 EXTRACT_OPTS ?=
 
-.PHONY: setup test synth shards train infer evaluate demo bench bench-gpu clean help
+.PHONY: setup test test-gpu synth shards train infer evaluate demo bench bench-gpu clean help
 
 help:
 	@echo "make setup      create $(VENV) and install patchetl with its test extras (idempotent)"
@@ -25,7 +25,7 @@ help:
 	@echo "make train      train on $(SHARDS_DIR)/ (CPU-sized settings; TRAIN_OPTS=...)"
 	@echo "make infer      SLIDE=slide-or-folder [CKPT=...]: probability map, heatmaps, candidates"
 	@echo "make evaluate   FROC / AUC of $(RUN_DIR)/infer against TRUTH=annotation folder"
-	@echo "make demo | bench | bench-gpu"
+	@echo "make demo | bench | bench-gpu | test-gpu (the tests that need CUDA; skipped elsewhere)"
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# On a CUDA machine: the tests that need a GPU (nvJPEG decode; dense vs patch maps of a
+# 224 px model trained on the spot). `make test` skips them where there is no GPU.
+test-gpu: setup
+	$(BIN)/python -m pytest -q -rs tests/test_infer_trained.py tests/test_train_data.py -k "trained or batch_decode"
 
 synth: setup
 	$(BIN)/patchetl synth --out $(SYNTH_DIR) $(SYNTH_OPTS)

@@ -1,4 +1,5 @@
-"""GPU benchmark (`make bench-gpu`): training patches/s and data wait, whole-slide inference time.
+"""GPU benchmark (`make bench-gpu`): training patches/s and data wait, dense-vs-patch agreement,
+whole-slide inference time.
 
 One script, about 3-5 minutes on a CUDA machine; writes a markdown section (default
 benchmarks/results/gpu.md, which `benchmarks.report` puts into BENCHMARKS.md):
@@ -12,7 +13,10 @@ benchmarks/results/gpu.md, which `benchmarks.report` puts into BENCHMARKS.md):
    per DataLoader worker, 48 steps with 8 workers); epoch 1 (cuDNN autotuning, worker start)
    is dropped and the table gives the medians of epochs 2-3 of 2 interleaved runs per variant,
    as the trainer logs them (patches/s over the epoch, share of it spent waiting for data);
-3. whole-slide dense inference on CUDA of a 100k x 100k synthetic slide with the checkpoint
+3. dense vs patch-by-patch agreement (issue 5) of the last training run's checkpoint (224 px,
+   AdamW) on two held-out synthetic slides, as `patchetl check-dense` computes it (Pearson r
+   inside tissue; target >= 0.95);
+4. whole-slide dense inference on CUDA of a 100k x 100k synthetic slide with the checkpoint
    the training runs wrote, after a warm-up on one of the small slides. Rendering 10^10 pixels
    would take about 10 minutes, so the slide is a *mosaic*: tissue blocks of 4096 px rendered
    once by the synthetic generator and placed on glass where the generator's tissue layout

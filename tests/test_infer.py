@@ -230,6 +230,41 @@ def test_dense_and_patch_maps_agree_inside_tissue(dense_run, patch_map):
     assert r >= 0.6, r
 
 
+def test_agreement_metrics_on_hand_made_maps():
+    from training.agreement import Agreement
+
+    d = np.array([0.1, 0.2, 0.6, 0.9])
+    a = Agreement.of(d, d * 0.5 + 0.1)  # a linear map of d: r = 1
+    assert a.cells == 4 and a.pearson == pytest.approx(1.0)
+    assert a.max_abs == pytest.approx(0.35) and a.mean_abs == pytest.approx(np.mean(
+        np.abs(d - (d * 0.5 + 0.1))))
+    assert a.same_call == 0.75  # 0.6 -> 0.4 changes side
+    assert (a.positive_dense, a.positive_patch) == (0.5, 0.25)
+    assert Agreement.of(d, d[::-1]).pearson < -0.9
+    assert np.isnan(Agreement.of(d, np.full(4, 0.3)).pearson)  # a constant map: undefined
+    with pytest.raises(ValueError):
+        Agreement.of(d, d[:3])
+
+
+def test_check_dense_command(slide, trained, tmp_path):
+    """`patchetl check-dense`: both modes, the numbers in a report, exit 1 below --min-r."""
+    report = tmp_path / "agreement.json"
+    args = ["check-dense", str(slide[0]), "--ckpt", str(trained), "--workers", "2",
+            "--tile-size", "256", "--report", str(report)]
+    res = CliRunner().invoke(app, args + ["--min-r", "0.6"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(report.read_text())
+    (row,) = doc["slides"]
+    assert row["slide"] == "tumor_test" and doc["patch_size"] == P and doc["amp"] is False
+    assert 0.6 <= doc["pooled"]["pearson"] < 1 and row["cells"] == doc["pooled"]["cells"] > 50
+    assert "pooled" in res.output and f"{doc['pooled']['pearson']:.4f}" in res.output
+    res = CliRunner().invoke(app, args + ["--min-r", "0.9999"])
+    assert res.exit_code == 1 and "below --min-r 0.9999" in res.output
+    res = CliRunner().invoke(app, ["check-dense", str(slide[0]), "--ckpt",
+                                   str(tmp_path / "missing.pt")])
+    assert res.exit_code == 2 and "no such file" in res.output
+
+
 def test_tile_margin_removes_seams(slide):
     """Two tiles with a 224 px margin equal one pass over the area; without, the seam shows."""
     rgb = slide[1].render()[128:256, 256:512]  # 256 x 128 px, tissue

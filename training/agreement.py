@@ -9,7 +9,8 @@ own slides and checkpoint and reports, over the map pixels inside tissue:
   `--min-r` gate applies to; a normal slide's map is ~0 everywhere, so its own r measures
   noise and is shown for information only);
 - mean and largest absolute difference;
-- "same call": the share of map pixels on the same side of 0.5 in both modes.
+- "same call": the share of map pixels on the same side of 0.5 in both modes, and the share
+  called tumor (>= 0.5) in each.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ class Agreement:
     mean_abs: float
     max_abs: float
     same_call: float  # share of pixels on the same side of 0.5
+    positive_dense: float  # share of pixels >= 0.5 in each map
+    positive_patch: float
 
     @classmethod
     def of(cls, dense: np.ndarray, patch: np.ndarray) -> "Agreement":
@@ -39,11 +42,12 @@ class Agreement:
         if d.shape != p.shape:
             raise ValueError(f"maps differ in size: {d.shape} vs {p.shape}")
         if d.size == 0:
-            return cls(0, math.nan, math.nan, math.nan, math.nan)
+            return cls(0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
         diff = np.abs(d - p)
         r = float(np.corrcoef(d, p)[0, 1]) if d.std() > 0 and p.std() > 0 else math.nan
         return cls(int(d.size), r, float(diff.mean()), float(diff.max()),
-                   float(np.mean((d >= 0.5) == (p >= 0.5))))
+                   float(np.mean((d >= 0.5) == (p >= 0.5))), float(np.mean(d >= 0.5)),
+                   float(np.mean(p >= 0.5)))
 
 
 @dataclass(frozen=True)
@@ -79,10 +83,10 @@ def report_lines(results: list[SlideAgreement], total: Agreement) -> list[str]:
     def fmt(name: str, a: Agreement, extra: str = "") -> str:
         r = "n/a" if math.isnan(a.pearson) else f"{a.pearson:.4f}"
         return (f"{name:<28} {a.cells:>8} {r:>8} {a.mean_abs:>9.4f} {a.max_abs:>8.4f} "
-                f"{a.same_call:>9.2%}{extra}")
+                f"{a.same_call:>9.2%} {a.positive_dense:>7.2%} {a.positive_patch:>7.2%}{extra}")
 
     lines = [f"{'slide':<28} {'cells':>8} {'r':>8} {'mean |d|':>9} {'max |d|':>8} "
-             f"{'same call':>9}  seconds dense / patch"]
+             f"{'same call':>9} {'tumor d':>7} {'tumor p':>7}  seconds dense / patch"]
     lines += [fmt(s.slide, s.agreement, f"  {s.dense_seconds:.1f} / {s.patch_seconds:.1f}")
               for s in results]
     lines.append(fmt("pooled", total))
