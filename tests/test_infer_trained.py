@@ -26,10 +26,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs CUDA: trains a 224 px ResNet18 (minutes on a GPU)")
 
 
-def patchetl(*args) -> subprocess.CompletedProcess:
+def patchetl(*args, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
     res = subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)],
                          capture_output=True, text=True)
-    assert res.returncode in (0, 1), res.stdout + res.stderr
+    assert res.returncode in ok, f"patchetl {args[0]}: exit {res.returncode}\n{res.stdout}{res.stderr}"
     return res
 
 
@@ -50,7 +50,7 @@ def test_dense_matches_patch_on_a_trained_224_model(tmp_path):
 
     report = tmp_path / "agreement.json"
     res = patchetl("check-dense", held / "training" / "images", "--ckpt", run / "best.pt",
-                   "--device", "cuda", "--report", report, "--min-r", 0.95)
+                   "--device", "cuda", "--report", report, "--min-r", 0.95, ok=(0, 1))
     print(res.stdout)
     doc = json.loads(report.read_text())
     assert doc["patch_size"] == 224 and doc["amp"] is True
