@@ -6,14 +6,18 @@ benchmarks/results/gpu.md, which `benchmarks.report` puts into BENCHMARKS.md):
 
 1. data: a few synthetic slides (`patchetl synth`) and their shards (`patchetl extract`,
    768 px regions, JPEG 95), in a temporary folder;
-2. training on CUDA with the real `train()` (bf16 autocast, channels_last, batch 512 patches
-   rounded down to whole regions, 224 px patches), JPEG decode on CPU DataLoader workers vs on
-   the GPU (batched nvJPEG). TrainConfig has no step limit, so the epoch is bounded by the data:
-   the shards hold `workers x regions per batch x batches_per_worker` regions (6 full batches
-   per DataLoader worker, 48 steps with 8 workers); epoch 1 (cuDNN autotuning, worker start)
-   is dropped and the table gives the medians of epochs 2-3 of 2 interleaved runs per variant,
-   as the trainer logs them (patches/s over the epoch, share of it spent waiting for data);
-3. dense vs patch-by-patch agreement (issue 5) of the last training run's checkpoint (224 px,
+2. training on CUDA with the real `train()` (bf16 autocast, channels_last, AdamW, batch 512
+   patches rounded down to whole regions, 224 px patches), four data paths: JPEG decode on
+   CPU DataLoader workers or on the GPU (batched nvJPEG), each with the device-side steps
+   (transfer, decode, crops, augmentation) in the training thread ("sync", as before) or
+   prefetched by a background thread on a side CUDA stream (the default), against the
+   model-alone ceiling (the same step on a batch already on the GPU). TrainConfig has no step
+   limit, so the epoch is bounded by the data: the shards hold `workers x regions per batch x
+   batches_per_worker` regions (6 full batches per DataLoader worker, 48 steps with 8
+   workers); epoch 1 (cuDNN autotuning, worker start) is dropped and the table gives the
+   medians of epochs 2-3 of 2 interleaved runs per variant, as the trainer logs them
+   (patches/s over the epoch, share of it spent waiting for data);
+3. dense vs patch-by-patch agreement (issue 5) of a default-variant run's checkpoint (224 px,
    AdamW) on two held-out synthetic slides, as `patchetl check-dense` computes it (Pearson r
    inside tissue; target >= 0.95);
 4. whole-slide dense inference on CUDA of a 100k x 100k synthetic slide with the checkpoint
@@ -243,50 +247,108 @@ def make_shards(work: Path, sz: Sizes) -> tuple[Path, Path, int]:
     return data, shards / "training", per_slide * sz.slides
 
 
-def run_training(shards: Path, out: Path, sz: Sizes, device: str, decode: str, seed: int
-                 ) -> list[dict]:
+def run_training(shards: Path, out: Path, sz: Sizes, device: str, decode: str, prefetch: bool,
+                 seed: int) -> list[dict]:
     """The real trainer for `sz.epochs` epochs; returns its per-epoch metric rows."""
     from training.train import TrainConfig, train
 
-    # AdamW without warm-up (the demo's settings): the last run's checkpoint is also the
-    # trained model of the dense-vs-patch agreement stage
+    # AdamW without warm-up (the demo's settings): a default-variant run's checkpoint is
+    # also the trained model of the dense-vs-patch agreement stage
     cfg = TrainConfig(train=str(shards), out=str(out), epochs=sz.epochs,
                       batch_size=sz.batch_size, patch_size=sz.patch, decode=decode,
                       device=device, channels_last=True, workers=sz.workers, seed=seed,
-                      optimizer="adamw", warmup_epochs=0.0, progress=False)
+                      optimizer="adamw", warmup_epochs=0.0, prefetch=prefetch, progress=False)
     result = train(cfg, log=lambda m: log(f"  {m}"))
     if device == "cuda":
         torch.cuda.empty_cache()
     return result["history"]
 
 
+def model_ceiling(sz: Sizes, device: str, steps: int = 20, repeats: int = 3) -> float:
+    """Patches/s of the training step alone (the same model, batch, bf16, channels_last and
+    AdamW) on one batch already on the device: what the GPU does when it never waits."""
+    from training.model import build_model
+
+    dev = torch.device(device)
+    n = sz.regions_per_batch * 9
+    torch.manual_seed(0)
+    model = build_model().to(dev).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(n, 3, sz.patch, sz.patch, device=dev).contiguous(
+        memory_format=torch.channels_last)
+    y = (torch.rand(n, device=dev) < 0.5).float()
+    cuda = dev.type == "cuda"
+
+    def run(k: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(k):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = model(x).flatten()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        return k * n / (time.perf_counter() - t)
+
+    run(max(2, steps // 2))  # cuDNN autotuning, allocator warm-up
+    speed = median([run(steps) for _ in range(repeats)])
+    del model, opt, x
+    if cuda:
+        torch.cuda.empty_cache()
+    return speed
+
+
+VARIANTS = {  # name: (decode, prefetch, description)
+    "cpu-sync": ("cpu", False, "JPEG decode on CPU workers; transfer, crops and augmentation "
+                 "in the training thread (before)"),
+    "cpu": ("cpu", True, "JPEG decode on CPU workers; transfer, crops and augmentation "
+            "prefetched on a side stream"),
+    "cuda-sync": ("cuda", False, "nvJPEG decode on the GPU, crops and augmentation in the "
+                  "training thread (before)"),
+    "cuda": ("cuda", True, "nvJPEG decode, crops and augmentation prefetched on a side "
+             "stream (the default on CUDA)"),
+}
+
+
 def bench_training(shards: Path, work: Path, sz: Sizes, device: str
-                   ) -> tuple[list[list], Path]:
-    """Interleaved runs of both decode variants; rows for the table, a checkpoint."""
-    variants = {"cpu": "JPEG decode on CPU DataLoader workers", "cuda": "JPEG decode on the GPU "
-                "(batched nvJPEG, `torchvision.io.decode_jpeg(device='cuda')`)"}
-    speed: dict[str, list[float]] = {v: [] for v in variants}
-    wait: dict[str, list[float]] = {v: [] for v in variants}
+                   ) -> tuple[list[list], Path, float]:
+    """Interleaved runs of every variant; rows for the table, the default variant's
+    checkpoint, and the model-alone ceiling (patches/s)."""
+    ceiling = model_ceiling(sz, device)
+    log(f"model alone: {ceiling:.0f} patches/s")
+    speed: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    wait: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    loss: dict[str, list[float]] = {v: [] for v in VARIANTS}
     ckpt = None
     for rnd in range(sz.rounds):
-        for variant in (list(variants) if rnd % 2 == 0 else list(variants)[::-1]):
-            # on the CPU smoke run nvJPEG does not exist: the 'cuda' row runs CPU decode
-            decode = variant if device == "cuda" else "cpu"
+        for variant in (list(VARIANTS) if rnd % 2 == 0 else list(VARIANTS)[::-1]):
+            decode, prefetch, _ = VARIANTS[variant]
+            # on the CPU smoke run nvJPEG does not exist: the 'cuda' rows run CPU decode
+            decode = decode if device == "cuda" else "cpu"
             out = work / f"train-{variant}-{rnd}"
-            log(f"training: decode {variant}, round {rnd + 1}/{sz.rounds}")
-            history = run_training(shards, out, sz, device, decode, seed=rnd)
+            log(f"training: {variant}, round {rnd + 1}/{sz.rounds}")
+            history = run_training(shards, out, sz, device, decode, prefetch, seed=rnd)
             later = history[1:] or history  # epoch 1 warms up (cuDNN autotune, workers)
             speed[variant] += [r["patches_per_s"] for r in later]
             wait[variant] += [r["data_wait"] for r in later]
-            ckpt = out / "last.pt"
-    if device != "cuda":
-        variants["cuda"] += " (smoke run: ran CPU decode)"
-    base = median(speed["cpu"])
-    rows = [[variants[v], f"{median(speed[v]):.0f}", f"{100 * median(wait[v]):.0f}%",
-             f"{median(speed[v]) / base:.2f}x",
-             ", ".join(f"{s:.0f}" for s in speed[v])] for v in variants]
+            loss[variant].append(history[-1]["train_loss"])
+            if variant == "cuda":
+                ckpt = out / "last.pt"
+    base = median(speed["cpu-sync"])
+    rows = [[VARIANTS[v][2] + ("" if device == "cuda" or VARIANTS[v][0] == "cpu"
+                               else " (smoke run: ran CPU decode)"),
+             f"{median(speed[v]):.0f}", f"{100 * median(wait[v]):.0f}%",
+             f"{median(speed[v]) / base:.2f}x", f"{median(speed[v]) / ceiling:.0%}",
+             ", ".join(f"{x:.3f}" for x in loss[v]),
+             ", ".join(f"{x:.0f}" for x in speed[v])] for v in VARIANTS]
+    rows.append(["model alone (one batch already on the device, no data path)",
+                 f"{ceiling:.0f}", "-", f"{ceiling / base:.2f}x", "100%", "-", "-"])
     assert ckpt is not None
-    return rows, ckpt
+    return rows, ckpt, ceiling
 
 
 def bench_inference(slide: Path, warmup_slide: Path, ckpt: Path, out: Path, device: str,
@@ -384,7 +446,7 @@ def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: 
         f" (`make bench-gpu`). Device: {device_line(args.device)}. Host: {machine()}. "
         f"Whole script: {total:.0f} s ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in stage.items()) + ").",
-        f"### Training: patches/s and data wait, JPEG decode on CPU workers vs GPU\n\n"
+        f"### Training: patches/s and data wait by data path\n\n"
         f"Real `train()` ({'bf16 autocast' if args.device == 'cuda' else 'fp32'}, "
         f"channels_last, AdamW, augmentation on the device), batch {batch} patches "
         f"(--batch-size {sz.batch_size} rounded down to {sz.regions_per_batch} whole regions "
@@ -392,12 +454,18 @@ def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: 
         f"(JPEG 95 shards, {n_regions} regions from {sz.slides} synthetic slides), "
         f"{sz.workers} DataLoader workers, {steps} steps per epoch. Medians over epochs "
         f"2-{sz.epochs} of {sz.rounds} interleaved run(s) per variant (epoch 1 warms up); "
-        "data wait = share of the epoch spent in `next(batches)` (loader, transfer, "
-        "decode, crops, augmentation).",
-        table(["decode", "patches/s (median)", "data wait (median)", "ratio",
-               "patches/s of each measured epoch"], train_rows),
+        "data wait = share of the epoch the training loop spent in `next(batches)` "
+        "(without prefetch: loader, transfer, decode, crops, augmentation, and any wait for "
+        "the GPU these force; with prefetch: waiting for the prefetch thread); of ceiling = "
+        "patches/s over the model-alone rate (the same step on a batch already on the "
+        "device); loss = the last epoch's training loss of each run (finite = no corrupted "
+        "batches).",
+        table(["data path", "patches/s (median)", "data wait (median)", "vs first row",
+               "of ceiling", "final train loss per run", "patches/s of each measured epoch"],
+              train_rows),
         f"### Dense vs patch-by-patch maps of the trained checkpoint (issue 5)\n\n"
-        f"The last training run's last.pt ({sz.patch} px patches, {sz.epochs} epochs) on two "
+        f"The default variant's last.pt from the last round ({sz.patch} px patches, "
+        f"{sz.epochs} epochs) on two "
         f"held-out synthetic slides of {sz.heldout_width} x {sz.heldout_height} px (`patchetl "
         f"synth --seed 11`: one with tumor, one without), stride 32, "
         f"{'bf16' if agree['amp'] else 'fp32'}, as `patchetl check-dense` computes it: over "
@@ -469,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
         stage["data"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        train_rows, ckpt = bench_training(shards, work, sz, args.device)
+        train_rows, ckpt, _ = bench_training(shards, work, sz, args.device)
         stage["training"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -62,8 +62,13 @@ class JitterDraws:
 
 
 def draw_jitter(n: int, aug: Augment, generator: torch.Generator | None,
-                device=None) -> JitterDraws:
-    """Factors for n patches (brightness, contrast, saturation, hue), then a random order."""
+                device=None, order_generator: torch.Generator | None = None) -> JitterDraws:
+    """Factors for n patches (brightness, contrast, saturation, hue), then a random order.
+
+    The order is needed on the host (it picks which kernel runs first); reading it from a GPU
+    generator would stall the host until the GPU has finished all queued work (the previous
+    training step), so a GPU run passes a CPU `order_generator` for it.
+    """
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return torch.rand(n, generator=generator, device=device) * (hi - lo) + lo
@@ -77,7 +82,10 @@ def draw_jitter(n: int, aug: Augment, generator: torch.Generator | None,
         ops.append(("saturation", uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation)))
     if aug.hue:
         ops.append(("hue", uniform(-aug.hue, aug.hue)))
-    order = torch.randperm(len(ops), generator=generator, device=device).tolist()
+    if order_generator is not None:
+        order = torch.randperm(len(ops), generator=order_generator).tolist()
+    else:
+        order = torch.randperm(len(ops), generator=generator, device=device).tolist()
     return JitterDraws([ops[i] for i in order])
 
 
@@ -96,12 +104,14 @@ class PatchDraws:
 
 
 def draw_patches(regions: int, grid: int, cell: int, patch: int, train: bool, aug: Augment,
-                 generator: torch.Generator | None, device=None) -> PatchDraws:
+                 generator: torch.Generator | None, device=None,
+                 order_generator: torch.Generator | None = None) -> PatchDraws:
     """The draws of `make_patches`, in its fixed order: offsets, jitter factors, jitter order,
     flip coins (evaluation: centre offsets and no draws at all)."""
     offsets = cell_offsets(grid, cell, patch, regions, train, generator, device).reshape(-1, 2)
     n = offsets.shape[0]
-    jitter = draw_jitter(n, aug, generator, device) if train and aug.jitter else None
+    jitter = draw_jitter(n, aug, generator, device, order_generator) \
+        if train and aug.jitter else None
     coins = draw_coins(n, generator, device) if train and aug.flips else None
     return PatchDraws(offsets, jitter, coins)
 
@@ -260,10 +270,26 @@ def color_jitter(x: torch.Tensor, aug: Augment, generator: torch.Generator | Non
 # --------------------------------------------------------------------------- geometry
 def apply_dihedral(x: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
     """Transpose, flip left-right, flip up-down the square patches whose coins say so."""
+    if x.device.type != "cpu":
+        # On a GPU, transforming every patch and selecting costs a few memory passes, while
+        # indexing by the coins (`nonzero`) would stall the host until the GPU catches up.
+        return _dihedral_select(x, coins)
+    return _dihedral_indexed(x, coins)
+
+
+_DIHEDRAL_OPS = (lambda t: t.transpose(-1, -2), lambda t: t.flip(-1), lambda t: t.flip(-2))
+
+
+def _dihedral_select(x: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
+    for coin, op in zip(coins, _DIHEDRAL_OPS):
+        x = torch.where(coin[:, None, None, None], op(x), x)
+    return x
+
+
+def _dihedral_indexed(x: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     # Transform only the patches whose coin says so (torch.where would transform them all).
-    for coin, op in zip(coins, (lambda t: t.transpose(-1, -2), lambda t: t.flip(-1),
-                                lambda t: t.flip(-2))):
+    for coin, op in zip(coins, _DIHEDRAL_OPS):
         idx = coin.nonzero().squeeze(1)
         if idx.numel():
             x[idx] = op(x[idx])
@@ -371,7 +397,8 @@ def _patches_cpu(regions: Sequence[torch.Tensor], draws: PatchDraws, grid: int, 
 def make_patches(regions: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor, *,
                  grid: int, patch: int, train: bool, aug: Augment,
                  generator: torch.Generator | None = None, channels_last: bool = False,
-                 out: torch.Tensor | None = None, fused: bool | None = None
+                 out: torch.Tensor | None = None, fused: bool | None = None,
+                 order_generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 regions (B, 3, R, R) + label grids (B, g, g) -> (patches in [-1, 1], labels).
 
@@ -380,13 +407,16 @@ def make_patches(regions: torch.Tensor | Sequence[torch.Tensor], labels: torch.T
     tensors of any memory layout (decoded images, unstacked). `fused` (default: on a CPU)
     picks the chunked CPU execution, which writes into `out` when given (`empty_patches`);
     otherwise the batch is processed whole, as on a GPU. Both give the same patches.
+    `order_generator` (a CPU generator) draws the jitter order when `generator` is on a GPU,
+    so that making a batch never waits for the GPU (see `draw_jitter`).
     """
     if not len(regions):
         raise ValueError("make_patches: no regions")
     first = regions[0]
     _check_regions(first.shape, grid)
     b, device = len(regions), first.device
-    draws = draw_patches(b, grid, first.shape[-1] // grid, patch, train, aug, generator, device)
+    draws = draw_patches(b, grid, first.shape[-1] // grid, patch, train, aug, generator, device,
+                         order_generator)
     y = grid_labels(labels).to(torch.float32)
     if fused if fused is not None else device.type == "cpu":
         n = b * grid * grid

@@ -38,6 +38,8 @@ def train(
     amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on CUDA)."),
     channels_last: bool = typer.Option(True, help="channels_last memory format."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    prefetch: bool = typer.Option(True, help="CUDA: transfer, decode, crop and augment the next "
+                                  "batch on a side stream while the model runs."),
     augment: bool = typer.Option(True, help="ColorJitter, flips, rot90 and random crops."),
     pretrained: str = typer.Option(None, help="Local torchvision resnet18 state dict (.pth)."),
     resume: bool = typer.Option(False, help="Continue <out>/last.pt if it exists (epoch, "
@@ -60,7 +62,8 @@ def train(
         grid=grid, patch_size=patch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, workers=workers, shuffle_buffer=shuffle_buffer,
         decode=decode, device=device, amp=amp, channels_last=channels_last,
-        compile=compile_model, augment=augment, pretrained=pretrained, resume=resume, seed=seed,
+        compile=compile_model, prefetch=prefetch, augment=augment, pretrained=pretrained,
+        resume=resume, seed=seed,
         max_bad=max_bad, progress=progress, record_keys=record_keys)
     try:
         result = run_training(cfg)

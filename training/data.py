@@ -392,6 +392,12 @@ def decode_on_device(images: list[torch.Tensor], device: torch.device, region_si
     errors: list[str | None] = [None] * len(images)
     encoded = [i for i, im in enumerate(images) if im.ndim == 1]
     if encoded:
+        if device.type == "cuda":
+            # torchvision's nvJPEG decoder writes into freshly allocated blocks before the
+            # kernels already queued on this stream have run, so it can overwrite memory they
+            # are still reading (wrong values, NaN losses: pytorch/vision#9606,
+            # meta-pytorch/torchcodec#1634). Let the queued work finish first.
+            torch.cuda.current_stream(device).synchronize()
         try:
             decoded = decode_jpeg([images[i] for i in encoded], mode=ImageReadMode.RGB,
                                   device=device)

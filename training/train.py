@@ -36,6 +36,7 @@ from training.augment import Augment, make_patches
 from training.data import (PatchSpec, RegionBatch, RegionStream, ShardSet, make_loader,
                            open_shards, seed_for, to_device)
 from training.model import build_model
+from training.prefetch import prefetched
 
 CHECKPOINT_FORMAT = 1
 CSV_FIELDS = ("epoch", "lr", "train_loss", "train_patches", "train_steps", "patches_per_s",
@@ -71,6 +72,7 @@ class TrainConfig:
     amp: bool | None = None  # bf16 autocast; None: on for CUDA only
     channels_last: bool = True
     compile: bool = False
+    prefetch: bool = True  # CUDA: make the next batch on a side stream while the model runs
     augment: bool = True
     pretrained: str | None = None
     resume: bool = False
@@ -270,6 +272,7 @@ class PatchBatch:
 
 def patch_batches(loader: Iterable[dict], device: torch.device, region_size: int, *, grid: int,
                   patch: int, train: bool, aug: Augment, generator: torch.Generator | None = None,
+                  order_generator: torch.Generator | None = None,
                   channels_last: bool = True) -> Iterator[PatchBatch]:
     """Worker batches -> device -> grid crops (+ augmentation when training) -> PatchBatches.
 
@@ -285,7 +288,7 @@ def patch_batches(loader: Iterable[dict], device: torch.device, region_size: int
         else:
             x, y = make_patches(regions.regions, regions.labels, grid=grid, patch=patch,
                                 train=train, aug=aug, generator=generator,
-                                channels_last=channels_last)
+                                order_generator=order_generator, channels_last=channels_last)
         weight = regions.valid.repeat_interleave(grid * grid).to(torch.float32)
         yield PatchBatch(x, y, weight, regions)
 
@@ -411,6 +414,26 @@ class Trainer:
                              "`patchetl verify FOLDER`, or raise --max-bad")
 
     # ----------------------------------------------------------------------- epochs
+    def batches(self, stream: RegionStream, *, train: bool, aug: Augment,
+                generator: torch.Generator | None = None,
+                order_generator: torch.Generator | None = None) -> Iterator[PatchBatch]:
+        """The stream's PatchBatches on the device; on CUDA (unless --no-prefetch) made by a
+        background thread on its own stream while the model runs (`training.prefetch`)."""
+        # the loader's worker processes start here, in this thread: forking while another
+        # thread (the prefetcher) runs could copy a lock it holds into the children
+        loader = iter(make_loader(stream, self.data.pin_memory))
+
+        def make() -> Iterator[PatchBatch]:
+            return patch_batches(loader, self.device,
+                                 stream.shards.region_size, grid=self.grid, patch=self.patch,
+                                 train=train, aug=aug, generator=generator,
+                                 order_generator=order_generator,
+                                 channels_last=self.cfg.channels_last)
+
+        if self.device.type == "cuda" and self.cfg.prefetch:
+            return prefetched(make, self.device)
+        return make()
+
     def train_epoch(self, model, epoch: int, bar) -> dict:
         cfg, dev = self.cfg, self.device
         model.train()
@@ -422,32 +445,38 @@ class Trainer:
         count = torch.zeros((), device=dev, dtype=torch.float64)
         keys: list[str] = []
         steps, wait, start = 0, 0.0, time.perf_counter()
-        batches = patch_batches(make_loader(stream, self.data.pin_memory), dev,
-                                stream.shards.region_size, grid=self.grid, patch=self.patch,
-                                train=True, aug=self.augment, generator=gen,
-                                channels_last=cfg.channels_last)
-        while True:
-            t0 = time.perf_counter()  # data wait: loader, transfer, decode, crops, augmentation
-            batch = next(batches, None)
-            wait += time.perf_counter() - t0
-            if batch is None:
-                break
-            self.note_bad(batch.regions.bad, epoch)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-                logits = model(batch.x).flatten()
-            loss, total, n = masked_bce(logits, batch.y, batch.weight)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            loss_sum += total
-            count += n
-            steps += 1
-            if cfg.record_keys:
-                keys += [k for k, ok in zip(batch.regions.keys, batch.regions.valid.tolist())
-                         if ok]
-            if not bar.disable and (steps % 10 == 0 or steps == len(stream)):
-                bar.update(task, completed=steps, info=f"loss {float(loss.detach()):.4f}")
+        order_gen = None
+        if dev.type == "cuda":  # the jitter order is drawn on the host (see draw_jitter)
+            order_gen = torch.Generator().manual_seed(seed_for(cfg.seed, epoch, self.dd.rank, 2))
+        batches = self.batches(stream, train=True, aug=self.augment, generator=gen,
+                               order_generator=order_gen)
+        try:
+            while True:
+                t0 = time.perf_counter()  # data wait: loader, transfer, decode, crops, augment
+                batch = next(batches, None)
+                wait += time.perf_counter() - t0
+                if batch is None:
+                    break
+                self.note_bad(batch.regions.bad, epoch)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+                    logits = model(batch.x).flatten()
+                loss, total, n = masked_bce(logits, batch.y, batch.weight)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.scheduler.step()
+                loss_sum += total
+                count += n
+                steps += 1
+                if cfg.record_keys:
+                    keys += [k for k, ok in zip(batch.regions.keys, batch.regions.valid.tolist())
+                             if ok]
+                if not bar.disable and (steps % 10 == 0 or steps == len(stream)):
+                    bar.update(task, completed=steps, info=f"loss {float(loss.detach()):.4f}")
+        finally:  # stops a prefetching thread when a step fails
+            batches.close()
+        if dev.type == "cuda":  # the host runs ahead of the GPU: count the queued steps too
+            torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start
         bar.remove_task(task)
         if cfg.record_keys:
@@ -483,10 +512,7 @@ class Trainer:
         task = bar.add_task(f"epoch {epoch + 1}/{self.cfg.epochs} val", total=len(stream), info="")
         probs, labels = [], []
         loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
-        for batch in patch_batches(make_loader(stream, self.data.pin_memory), dev,
-                                   stream.shards.region_size, grid=self.grid, patch=self.patch,
-                                   train=False, aug=Augment.off(),
-                                   channels_last=self.cfg.channels_last):
+        for batch in self.batches(stream, train=False, aug=Augment.off()):
             self.note_bad(batch.regions.bad, epoch)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits = net(batch.x).flatten().float()
