@@ -39,6 +39,7 @@ numbers mean nothing and it writes $TMPDIR/bench_gpu_smoke.md unless --out is gi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import shutil
@@ -321,6 +322,7 @@ def bench_training(shards: Path, work: Path, sz: Sizes, device: str
     ceiling = model_ceiling(sz, device)
     log(f"model alone: {ceiling:.0f} patches/s")
     speed: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    steady: dict[str, list[float]] = {v: [] for v in VARIANTS}
     wait: dict[str, list[float]] = {v: [] for v in VARIANTS}
     loss: dict[str, list[float]] = {v: [] for v in VARIANTS}
     ckpt = None
@@ -334,6 +336,10 @@ def bench_training(shards: Path, work: Path, sz: Sizes, device: str
             history = run_training(shards, out, sz, device, decode, prefetch, seed=rnd)
             later = history[1:] or history  # epoch 1 warms up (cuDNN autotune, workers)
             speed[variant] += [r["patches_per_s"] for r in later]
+            # without the epoch's start (worker processes, first batch), paid once per epoch
+            # (the first batch's patches are left out too, its step stays in: conservative)
+            steady[variant] += [r["train_patches"] * (1 - 1 / r["train_steps"])
+                                / (r["seconds"] - r["startup_s"]) for r in later]
             wait[variant] += [r["data_wait"] for r in later]
             loss[variant].append(history[-1]["train_loss"])
             if variant == "cuda":
@@ -343,10 +349,11 @@ def bench_training(shards: Path, work: Path, sz: Sizes, device: str
                                else " (smoke run: ran CPU decode)"),
              f"{median(speed[v]):.0f}", f"{100 * median(wait[v]):.0f}%",
              f"{median(speed[v]) / base:.2f}x", f"{median(speed[v]) / ceiling:.0%}",
+             f"{median(steady[v]):.0f} ({median(steady[v]) / ceiling:.0%})",
              ", ".join(f"{x:.3f}" for x in loss[v]),
              ", ".join(f"{x:.0f}" for x in speed[v])] for v in VARIANTS]
     rows.append(["model alone (one batch already on the device, no data path)",
-                 f"{ceiling:.0f}", "-", f"{ceiling / base:.2f}x", "100%", "-", "-"])
+                 f"{ceiling:.0f}", "-", f"{ceiling / base:.2f}x", "100%", "-", "-", "-"])
     assert ckpt is not None
     return rows, ckpt, ceiling
 
@@ -432,7 +439,8 @@ def refuse_without_cuda() -> None:
 
 
 def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: float,
-           n_regions: int, train_rows: list[list], agree_rows: list[list], agree: dict,
+           n_regions: int, train_rows: list[list], agree_rows: list[list] | None,
+           agree: dict | None,
            mosaic: Mosaic | None, inf: dict | None, infer_workers: int) -> str:
     """The markdown section (without the whole-slide part while mosaic/inf are None)."""
     batch = sz.regions_per_batch * 9
@@ -442,7 +450,9 @@ def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: 
         title += " — CPU SMOKE RUN, toy sizes, numbers mean nothing"
     parts = [
         title,
-        f"Command: `python -m benchmarks.bench_gpu{' --device cpu --tiny' if args.tiny else ''}`"
+        f"Command: `python -m benchmarks.bench_gpu{' --device cpu --tiny' if args.tiny else ''}"
+        f"{' --only-training' if args.only_training else ''}"
+        f"{f' --rounds {args.rounds}' if args.rounds else ''}`"
         f" (`make bench-gpu`). Device: {device_line(args.device)}. Host: {machine()}. "
         f"Whole script: {total:.0f} s ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in stage.items()) + ").",
@@ -458,24 +468,32 @@ def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: 
         "(without prefetch: loader, transfer, decode, crops, augmentation, and any wait for "
         "the GPU these force; with prefetch: waiting for the prefetch thread); of ceiling = "
         "patches/s over the model-alone rate (the same step on a batch already on the "
-        "device); loss = the last epoch's training loss of each run (finite = no corrupted "
-        "batches).",
+        "device); after start-up = patches/s counted from the first batch in hand (each "
+        f"epoch here is only {steps} steps, so starting the DataLoader workers and filling "
+        "the first batch weighs more than in a real epoch); loss = the last epoch's training "
+        "loss of each run (finite = no corrupted batches).",
         table(["data path", "patches/s (median)", "data wait (median)", "vs first row",
-               "of ceiling", "final train loss per run", "patches/s of each measured epoch"],
-              train_rows),
-        f"### Dense vs patch-by-patch maps of the trained checkpoint (issue 5)\n\n"
-        f"The default variant's last.pt from the last round ({sz.patch} px patches, "
-        f"{sz.epochs} epochs) on two "
-        f"held-out synthetic slides of {sz.heldout_width} x {sz.heldout_height} px (`patchetl "
-        f"synth --seed 11`: one with tumor, one without), stride 32, "
-        f"{'bf16' if agree['amp'] else 'fp32'}, as `patchetl check-dense` computes it: over "
-        "the map pixels inside tissue, Pearson r, mean and largest |dense - patch|, and the "
-        "share of pixels on the same side of 0.5. Target: pooled r >= 0.95 "
-        f"({'met' if agree['r'] >= 0.95 else 'NOT met'}). A normal slide's map is ~0 "
-        "everywhere, so its own r measures noise.",
-        table(["slide", "tissue map px", "Pearson r", "mean abs diff", "max abs diff",
-               "same call", "dense s", "patch s"], agree_rows),
+               "of ceiling", "after start-up (of ceiling)", "final train loss per run",
+               "patches/s of each measured epoch"], train_rows),
     ]
+    if agree_rows is None or agree is None:
+        parts.append("### Dense vs patch-by-patch maps\n\nNot run (--only-training, or the "
+                     "run stopped before).")
+    else:
+        parts += [
+            f"### Dense vs patch-by-patch maps of the trained checkpoint (issue 5)\n\n"
+            f"The default variant's last.pt from the last round ({sz.patch} px patches, "
+            f"{sz.epochs} epochs) on two "
+            f"held-out synthetic slides of {sz.heldout_width} x {sz.heldout_height} px (`patchetl "
+            f"synth --seed 11`: one with tumor, one without), stride 32, "
+            f"{'bf16' if agree['amp'] else 'fp32'}, as `patchetl check-dense` computes it: over "
+            "the map pixels inside tissue, Pearson r, mean and largest |dense - patch|, and the "
+            "share of pixels on the same side of 0.5. Target: pooled r >= 0.95 "
+            f"({'met' if agree['r'] >= 0.95 else 'NOT met'}). A normal slide's map is ~0 "
+            "everywhere, so its own r measures noise.",
+            table(["slide", "tissue map px", "Pearson r", "mean abs diff", "max abs diff",
+                   "same call", "dense s", "patch s"], agree_rows),
+        ]
     if mosaic is not None and inf is not None:
         per_1e8 = inf["map_s"] / (inf["tissue_px"] / 1e8)
         rows_inf = [
@@ -516,6 +534,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="toy sizes (a smoke run of every stage)")
     ap.add_argument("--infer-workers", type=int, default=None,
                     help="tile-reading threads for inference (default: CPU count, at most 16)")
+    ap.add_argument("--only-training", action="store_true",
+                    help="stop after the training stage (data paths and model ceiling)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds of the training variants (default 2)")
     ap.add_argument("--work", type=Path, default=None,
                     help="work folder (kept); default: a temporary folder, deleted at the end")
     args = ap.parse_args(argv)
@@ -523,6 +545,8 @@ def main(argv: list[str] | None = None) -> None:
         refuse_without_cuda()
     cpus = os.cpu_count() or 1
     sz = tiny_sizes() if args.tiny else full_sizes(cpus)
+    if args.rounds:
+        sz = dataclasses.replace(sz, rounds=args.rounds)
     infer_workers = args.infer_workers or max(1, min(16, cpus))
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_gpu_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -539,6 +563,10 @@ def main(argv: list[str] | None = None) -> None:
         t = time.perf_counter()
         train_rows, ckpt, _ = bench_training(shards, work, sz, args.device)
         stage["training"] = time.perf_counter() - t
+        if args.only_training:
+            write_section(out, report(args, sz, stage, time.perf_counter() - started, n_regions,
+                                      train_rows, None, None, None, None, infer_workers))
+            return
 
         t = time.perf_counter()
         log("dense vs patch agreement on 2 held-out slides")

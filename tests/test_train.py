@@ -85,6 +85,7 @@ def test_short_run_lowers_the_loss_and_writes_loadable_checkpoints(shards, strai
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(int(r["train_patches"]) == 12 * 9 and int(r["val_patches"]) == 6 * 9 for r in rows)
     assert all(0 <= float(r["data_wait"]) <= 1 and float(r["patches_per_s"]) > 0 for r in rows)
+    assert all(0 < float(r["startup_s"]) < float(r["seconds"]) for r in rows)
     ckpt = torch.load(out / "last.pt", weights_only=True)  # tensors and plain values only
     assert ckpt["epoch"] == 2 and set(ckpt) >= {"model", "optimizer", "scheduler", "rng"}
     best = torch.load(out / "best.pt", weights_only=True)

@@ -40,8 +40,8 @@ from training.prefetch import prefetched
 
 CHECKPOINT_FORMAT = 1
 CSV_FIELDS = ("epoch", "lr", "train_loss", "train_patches", "train_steps", "patches_per_s",
-              "data_wait", "val_loss", "val_acc", "val_auc", "val_patches", "bad_samples",
-              "seconds")
+              "data_wait", "startup_s", "val_loss", "val_acc", "val_auc", "val_patches",
+              "bad_samples", "seconds")
 # Settings that change what a checkpoint means; a resume with other values is refused.
 FIXED_ON_RESUME = ("grid", "patch_size", "batch_size", "optimizer", "seed", "epochs")
 
@@ -444,7 +444,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
         count = torch.zeros((), device=dev, dtype=torch.float64)
         keys: list[str] = []
-        steps, wait, start = 0, 0.0, time.perf_counter()
+        steps, wait, start, startup = 0, 0.0, time.perf_counter(), 0.0
         order_gen = None
         if dev.type == "cuda":  # the jitter order is drawn on the host (see draw_jitter)
             order_gen = torch.Generator().manual_seed(seed_for(cfg.seed, epoch, self.dd.rank, 2))
@@ -455,6 +455,8 @@ class Trainer:
                 t0 = time.perf_counter()  # data wait: loader, transfer, decode, crops, augment
                 batch = next(batches, None)
                 wait += time.perf_counter() - t0
+                if steps == 0:  # worker start and the first batch: paid once per epoch
+                    startup = time.perf_counter() - start
                 if batch is None:
                     break
                 self.note_bad(batch.regions.bad, epoch)
@@ -491,7 +493,7 @@ class Trainer:
         return {"train_loss": loss_total / max(patches, 1.0), "train_patches": int(patches),
                 "train_steps": steps, "seconds": seconds,
                 "patches_per_s": patches / max(seconds, 1e-9),
-                "data_wait": wait / max(seconds, 1e-9),
+                "data_wait": wait / max(seconds, 1e-9), "startup_s": startup,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     def step_spread(self, steps: int) -> list[float]:
