@@ -6,7 +6,7 @@ from pathlib import Path
 
 from benchmarks.common import git_revision, machine
 
-ORDER = ["etl.md", "loader.md", "infer.md", "gpu.md"]
+ORDER = ["etl.md", "loader.md", "infer.md", "gpu.md", "gpu_training.md"]
 
 
 def main(results: Path = Path("benchmarks/results")) -> None:
@@ -15,8 +15,8 @@ def main(results: Path = Path("benchmarks/results")) -> None:
     out = ["# Benchmarks", "",
            "Written by `make bench` (CPU, side by side against a baseline in the same script; "
            "this machine is shared and noisy, so only the ratios mean much) and `make bench-gpu` "
-           f"(on a CUDA machine, when one is available). Last CPU run: {machine()}, "
-           f"commit {git_revision()}.", ""]
+           "(on a CUDA machine, when one is available); each section names its command and "
+           f"machine. Assembled on {machine()} at commit {git_revision()}.", ""]
     for path in sections:
         out += [path.read_text().rstrip(), ""]
     if not (results / "gpu.md").exists():
