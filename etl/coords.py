@@ -37,6 +37,8 @@ LOCATION_ORDERS = ("yx", "xy")
 ANCHORS = ("center", "corner")
 MAX_LISTED = 50  # problems printed by CoordsError / inspect_report before "... and N more"
 
+# Top-level keys that are splits even when their value is wrong (then: an error, not metadata).
+_SPLIT_NAMES = {"training", "validation", "test", "testing", "train", "val", "valid"}
 _REQUIRED_KEYS = ("image", "location", "label")
 _SPLIT_KEYWORDS = {"valid": "validation", "test": "testing", "train": "training"}
 
@@ -373,7 +375,27 @@ class _Parser:
             self.error(None, None, None, "no splits at all (empty object)",
                        'add e.g. "training": [{"image": ..., "location": [y, x], "label": [...]}]')
             return
-        names = list(data) if wanted is None else wanted
+        if wanted is None:
+            # Decathlon-style datalists carry metadata next to the splits ("name",
+            # "description", "labels": {...}); those keys are skipped with a warning. A
+            # split-like name that is not a list stays an error (it is most likely a mistake).
+            names = []
+            for name, value in data.items():
+                if isinstance(value, list) or name.lower() in _SPLIT_NAMES:
+                    names.append(name)
+                else:
+                    self.warnings.append(Problem(
+                        self.path, None, None, None,
+                        f"top-level key '{name}' ({_kind(value)}) is not a list of entries: "
+                        "skipped as metadata", "name it with --split to have it checked"))
+            if not names:
+                self.error(None, None, None, "no splits: no top-level key holds a list of "
+                           f"entries (keys: {', '.join(map(repr, data))})",
+                           'add e.g. "training": [{"image": ..., "location": [y, x], '
+                           '"label": [...]}]')
+                return
+        else:
+            names = wanted
         for name in names:
             if name not in data:
                 self.error(None, None, None, f"split '{name}' not in the file",

@@ -151,6 +151,20 @@ def test_json_split_filter(tmp_path: Path) -> None:
     assert "split 'nope' not in the file" in str(errors[0])
 
 
+def test_decathlon_style_metadata_keys_are_skipped_with_a_warning(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "d.json", {
+        "name": "Camelyon16 regions", "description": "tumor detection", "numTraining": 1,
+        "labels": {"0": "normal", "1": "tumor"}, "training": [entry()]})
+    table = load_regions(path, data_root=tmp_path)
+    assert list(table.splits()) == ["training"] and len(table.regions) == 1
+    skipped = [str(w) for w in table.warnings]
+    assert len(skipped) == 4 and all("skipped as metadata" in w for w in skipped)
+    assert any("'labels' (an object)" in w for w in skipped)
+    # asked for by name, a metadata key is checked as a split (and is an error)
+    errors = parse_coordinates(path, data_root=tmp_path, split="labels").errors
+    assert "split 'labels' is an object, not a list" in str(errors[0])
+
+
 # --- slide resolution ---------------------------------------------------------------------
 
 
@@ -183,6 +197,8 @@ BAD_JSON = [
     ("top-level", [OK], "", "top level is a list, not an object"),
     ("no-splits", {}, "", "no splits at all"),
     ("split-not-list", {"training": OK}, "", "split 'training' is an object, not a list"),
+    ("only-metadata", {"name": "x", "labels": {"0": "normal"}}, "", "no splits: no top-level "
+     "key holds a list of entries (keys: 'name', 'labels')"),
     ("empty-split", {"training": [OK], "validation": []}, "", "split 'validation' is empty"),
     ("entry-not-object", {"training": [OK, "a.tif"]}, "training[1]: ", "entry is a string"),
     ("missing-image", {"training": [OK, {"location": [1, 2], "label": [0]}]},
