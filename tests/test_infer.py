@@ -226,7 +226,8 @@ def test_dense_and_patch_maps_agree_inside_tissue(dense_run, patch_map):
     assert np.array_equal(tissue, dense > 0)
     r = np.corrcoef(dense[tissue], patch_map[tissue])[0, 1]
     # Context (the dense tiles see beyond each patch; patches see zero padding) is all that
-    # differs; with this random-trunk probe it costs some agreement (see the report).
+    # differs; with this random-trunk probe at 64 px it costs some agreement. The issue's
+    # r >= 0.95 on a really trained 224 px model is test_infer_trained.py (CUDA only).
     assert r >= 0.6, r
 
 
