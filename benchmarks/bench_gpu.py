@@ -316,9 +316,9 @@ VARIANTS = {  # name: (decode, prefetch, description)
 
 
 def bench_training(shards: Path, work: Path, sz: Sizes, device: str
-                   ) -> tuple[list[list], Path, float]:
-    """Interleaved runs of every variant; rows for the table, the default variant's
-    checkpoint, and the model-alone ceiling (patches/s)."""
+                   ) -> tuple[list[list], Path]:
+    """Interleaved runs of every variant, with the model-alone ceiling as the last row;
+    returns the rows for the table and the default variant's checkpoint."""
     ceiling = model_ceiling(sz, device)
     log(f"model alone: {ceiling:.0f} patches/s")
     speed: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -355,7 +355,7 @@ def bench_training(shards: Path, work: Path, sz: Sizes, device: str
     rows.append(["model alone (one batch already on the device, no data path)",
                  f"{ceiling:.0f}", "-", f"{ceiling / base:.2f}x", "100%", "-", "-", "-"])
     assert ckpt is not None
-    return rows, ckpt, ceiling
+    return rows, ckpt
 
 
 def bench_inference(slide: Path, warmup_slide: Path, ckpt: Path, out: Path, device: str,
@@ -521,7 +521,8 @@ def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: 
             table(["stage", "seconds", "note"], rows_inf),
         ]
     else:
-        parts.append("### Whole-slide dense inference\n\nNot reached (the run stopped before).")
+        parts.append("### Whole-slide dense inference\n\nNot run (--only-training, or the "
+                     "run stopped before).")
     return "\n\n".join(parts)
 
 
@@ -561,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
         stage["data"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        train_rows, ckpt, _ = bench_training(shards, work, sz, args.device)
+        train_rows, ckpt = bench_training(shards, work, sz, args.device)
         stage["training"] = time.perf_counter() - t
         if args.only_training:
             write_section(out, report(args, sz, stage, time.perf_counter() - started, n_regions,

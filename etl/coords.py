@@ -37,10 +37,10 @@ LOCATION_ORDERS = ("yx", "xy")
 ANCHORS = ("center", "corner")
 MAX_LISTED = 50  # problems printed by CoordsError / inspect_report before "... and N more"
 
-# Top-level keys that are splits even when their value is wrong (then: an error, not metadata).
-_SPLIT_NAMES = {"training", "validation", "test", "testing", "train", "val", "valid"}
 _REQUIRED_KEYS = ("image", "location", "label")
 _SPLIT_KEYWORDS = {"valid": "validation", "test": "testing", "train": "training"}
+# Top-level keys that are splits even when their value is wrong (then: an error, not metadata).
+_SPLIT_NAMES = {*_SPLIT_KEYWORDS, *_SPLIT_KEYWORDS.values(), "val"}
 
 
 @dataclass(frozen=True)

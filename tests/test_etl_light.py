@@ -4,13 +4,18 @@ import subprocess
 import sys
 
 
+def run_in_fresh_python(code: str) -> None:
+    """Run `code` in a new interpreter (nothing imported yet); it exits non-zero on failure."""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_etl_modules_do_not_import_torch():
     code = ("import sys, pkgutil, importlib, etl\n"
             "for m in pkgutil.iter_modules(etl.__path__): importlib.import_module('etl.' + m.name)\n"
             "bad = [m for m in ('torch', 'training', 'webdataset') if m in sys.modules]\n"
             "print(bad); sys.exit(1 if bad else 0)\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
+    run_in_fresh_python(code)
 
 
 def test_extract_help_does_not_load_torch():
@@ -18,5 +23,4 @@ def test_extract_help_does_not_load_torch():
             "r = CliRunner().invoke(app, ['extract', '--help'])\n"
             "assert r.exit_code == 0 and '--json' in r.output, r.output\n"
             "sys.exit(1 if 'torch' in sys.modules else 0)\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
+    run_in_fresh_python(code)

@@ -85,6 +85,20 @@ def epoch_keys(shards, *, rank=0, world=1, workers=0, epoch=0, train=True, batch
 
 
 # --------------------------------------------------------------------------- grid + labels
+def assert_patches_are_their_cells(x: torch.Tensor, y: torch.Tensor, keys: list[str],
+                                   by_key: dict[str, np.ndarray], colours: np.ndarray) -> None:
+    """Patch k * g * g + r * g + c of a batch is cell (r, c) of region k: its label, and the
+    cell's flat colour as the mean of the patch in [-1, 1] (row-major, g = colours' grid)."""
+    grid = colours.shape[0]
+    for k, key in enumerate(keys):
+        for r in range(grid):
+            for c in range(grid):
+                i = (k * grid + r) * grid + c
+                assert y[i] == by_key[key][r, c]
+                pixel = ((x[i].mean(dim=(1, 2)) + 1) * 127.5).round().to(torch.uint8)
+                assert pixel.tolist() == colours[r, c].tolist()
+
+
 def test_grid_split_gives_each_patch_its_cells_colour_and_row_major_label(tmp_path):
     """Every cell a distinct colour, an asymmetric label grid: patch i <-> cell (row, col)."""
     region, grid = 96, 3
@@ -108,13 +122,7 @@ def test_grid_split_gives_each_patch_its_cells_colour_and_row_major_label(tmp_pa
                             aug=Augment.off(), generator=torch.Generator().manual_seed(1))
         assert x.shape == (4 * 9, 3, 28, 28) and y.shape == (36,)
         by_key = {m["key"]: np.array(m["labels"]) for m in metas}
-        for b, key in enumerate(batch.keys):
-            for r in range(grid):
-                for c in range(grid):
-                    i = b * 9 + r * grid + c
-                    assert y[i] == by_key[key][r, c]
-                    pixel = ((x[i].mean(dim=(1, 2)) + 1) * 127.5).round().to(torch.uint8)
-                    assert pixel.tolist() == colours[r, c].tolist()
+        assert_patches_are_their_cells(x, y, batch.keys, by_key, colours)
     assert not torch.equal(batch.labels[0], batch.labels[1])  # the pattern is asymmetric
 
 
@@ -382,13 +390,7 @@ def test_workers_make_ready_patches_reproducibly_with_their_cells_labels(tmp_pat
         x, y = b["patches"], b["patch_labels"]
         assert x.dtype == torch.float32 and x.shape == (len(b["keys"]) * 9, 3, 28, 28)
         assert x.is_contiguous(memory_format=torch.channels_last)
-        for k, key in enumerate(b["keys"]):
-            for r in range(grid):
-                for c in range(grid):
-                    i = k * 9 + r * grid + c
-                    assert y[i] == by_key[key][r, c]
-                    pixel = ((x[i].mean(dim=(1, 2)) + 1) * 127.5).round().to(torch.uint8)
-                    assert pixel.tolist() == colours[r, c].tolist()
+        assert_patches_are_their_cells(x, y, b["keys"], by_key, colours)
     # full augmentation: the same epoch gives the same patches (exact resume), another does not
     first, again, other = batches(1, Augment()), batches(1, Augment()), batches(2, Augment())
     assert all(torch.equal(a["patches"], b["patches"]) for a, b in zip(first, again))

@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from contextlib import nullcontext
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from typing import Any, TypeVar
 
 import torch
@@ -111,4 +111,3 @@ def prefetched(make: Callable[[], Iterator[T]], device: torch.device, depth: int
     finally:
         stop.set()
         thread.join()
-
