@@ -19,11 +19,11 @@ from pathlib import Path
 import openslide
 
 from benchmarks.common import cli, machine, median, table, write_section
-from etl.encode import encode_region
-from etl.shards import SampleTarWriter
-from etl.extract import extract_splits, plan_extraction
-from etl.plan import ExtractParams, region_box
-from etl.slide import read_region_openslide_rgb
+from etl.extract.encode import encode_region
+from etl.extract.shards import SampleTarWriter
+from etl.extract.run import extract_splits, plan_extraction
+from etl.extract.plan import ExtractParams, region_box
+from etl.wsi.reader import read_region_openslide_rgb
 
 REGION = 768
 

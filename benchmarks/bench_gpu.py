@@ -55,7 +55,7 @@ import tifffile
 import torch
 
 from benchmarks.common import cli, machine, median, table, write_section
-from etl.synth import TILE, box_downsample, make_scene, pyramid_dims
+from etl.synth.cohort import TILE, box_downsample, make_scene, pyramid_dims
 
 GLASS_RGB = (243, 241, 245)  # the synthetic generator's glass colour
 
@@ -251,7 +251,8 @@ def make_shards(work: Path, sz: Sizes) -> tuple[Path, Path, int]:
 def run_training(shards: Path, out: Path, sz: Sizes, device: str, decode: str, prefetch: bool,
                  seed: int) -> list[dict]:
     """The real trainer for `sz.epochs` epochs; returns its per-epoch metric rows."""
-    from training.train import TrainConfig, train
+    from training.config import TrainConfig
+    from training.train import train
 
     # AdamW without warm-up (the demo's settings): a default-variant run's checkpoint is
     # also the trained model of the dense-vs-patch agreement stage
@@ -361,7 +362,8 @@ def bench_training(shards: Path, work: Path, sz: Sizes, device: str
 def bench_inference(slide: Path, warmup_slide: Path, ckpt: Path, out: Path, device: str,
                     workers: int) -> dict:
     """Warm-up on a small slide, then the whole big slide, timed by stage."""
-    from training.infer import InferConfig, Predictor, infer_slide, load_model, write_outputs
+    from training.config import InferConfig
+    from training.infer.run import Predictor, infer_slide, load_model, write_outputs
 
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -397,8 +399,9 @@ def bench_agreement(work: Path, ckpt: Path, sz: Sizes, device: str, workers: int
                     ) -> tuple[list[list], dict]:
     """Dense vs patch maps of the trained checkpoint on held-out slides (one with tumor, one
     without, not seen in training), as `patchetl check-dense` computes them."""
-    from training.agreement import compare_slide, pooled
-    from training.infer import InferConfig, make_predictor
+    from training.infer.agreement import compare_slide, pooled
+    from training.config import InferConfig
+    from training.infer.run import make_predictor
 
     held = work / "heldout"
     cli("synth", "--out", held, "--slides", 2, "--width", sz.heldout_width, "--height",

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import cli, machine, median, table, write_section
-from training.infer import InferConfig, Predictor, infer_slide, load_model
+from training.config import InferConfig
+from training.infer.run import Predictor, infer_slide, load_model
 from training.model import build_model
 
 PATCH, STRIDE = 224, 32

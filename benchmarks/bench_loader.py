@@ -28,10 +28,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import cli, machine, median, table, write_section
-from etl.coords import load_regions
-from etl.plan import region_box
-from training.augment import Augment
-from training.data import PatchSpec, RegionStream, make_loader, open_shards
+from etl.extract.coords import load_regions
+from etl.extract.plan import region_box
+from training.data.augment import Augment
+from training.data.stream import PatchSpec, RegionStream, make_loader, open_shards
 from training.train import patch_batches
 
 REGION, GRID, PATCH = 768, 3, 224
@@ -52,7 +52,7 @@ class OnTheFlyRegions(Dataset):
         import openslide
         from torchvision.transforms import ColorJitter
 
-        from etl.slide import read_region_openslide_rgb
+        from etl.wsi.reader import read_region_openslide_rgb
 
         r = self.regions[i]
         slide = self.slides.get(r.slide) or self.slides.setdefault(

@@ -44,7 +44,7 @@ def synth(
     val_fraction: float = typer.Option(0.25, help="Share of slides in the validation split."),
 ) -> None:
     """Write synthetic H&E-like slides, tumor annotations and masks, and dataset_0.json / CSVs."""
-    from etl.synth import synth_cohort
+    from etl.synth.cohort import synth_cohort
 
     def report(slide) -> None:
         typer.echo(f"  {slide.path.name}: {slide.width}x{slide.height}"
@@ -91,7 +91,7 @@ def inspect_command(
 
     Exits 2 when there are errors or missing slides; warnings alone exit 0.
     """
-    from etl.coords import inspect_report, parse_coordinates
+    from etl.extract.coords import inspect_report, parse_coordinates
 
     if (json_file is None) == (csv_file is None):
         fail("give exactly one of --json FILE or --csv FILE")
@@ -152,9 +152,9 @@ def extract(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Read every region once from its slide and write labelled regions into WebDataset shards."""
-    from etl.coords import CoordsError
-    from etl.extract import ExtractError, extract_splits, plan_extraction
-    from etl.plan import ExtractParams
+    from etl.extract.coords import CoordsError
+    from etl.extract.run import ExtractError, extract_splits, plan_extraction
+    from etl.extract.plan import ExtractParams
 
     if (json_file is None) == (csv_file is None):
         fail("give exactly one coordinate file: --json FILE or --csv FILE")
@@ -203,7 +203,7 @@ def verify(
     decode: bool = typer.Option(True, help="Decode every image (slower, thorough)."),
 ) -> None:
     """Check every shard against the manifest: counts, sha256, images decode, label grids."""
-    from etl.shards import verify_folder
+    from etl.extract.shards import verify_folder
 
     problems = verify_folder(folder, decode=decode)
     for p in problems:
@@ -230,7 +230,7 @@ def qc(
     slide_backend: str = typer.Option("auto", help="auto | tiff | openslide."),
 ) -> None:
     """Thumbnails of each slide with its regions drawn (coloured by label) and the tissue outline."""
-    from etl.coords import CoordsError, load_regions
+    from etl.extract.coords import CoordsError, load_regions
     from etl.qc import qc_table
 
     if (json_file is None) == (csv_file is None):

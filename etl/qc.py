@@ -19,10 +19,10 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from etl.atomic import atomic_path
-from etl.coords import Region, RegionTable
-from etl.plan import slide_stem
-from etl.slide import SlideError, open_slide
-from etl.tissue import thumbnail, tissue_mask
+from etl.extract.coords import Region, RegionTable
+from etl.extract.plan import slide_stem
+from etl.wsi.reader import SlideError, open_slide
+from etl.wsi.tissue import thumbnail, tissue_mask
 
 __all__ = ["QcResult", "COLOURS", "region_colour", "draw_qc", "qc_slide", "qc_table"]
 

@@ -9,7 +9,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from etl.cli import app
-from etl.coords import (
+from etl.extract.coords import (
     DATA_ROOT_ENV,
     CoordsError,
     Problem,

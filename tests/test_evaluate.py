@@ -10,11 +10,11 @@ import pytest
 import tifffile
 from typer.testing import CliRunner
 
-from etl.annotations import write_asap_xml
-from etl.evaluate import (EvaluationError, binary_auc, evaluate, evaluation_mask, froc_curve,
+from etl.wsi.annotations import write_asap_xml
+from etl.evaluate.froc import (EvaluationError, binary_auc, evaluate, evaluation_mask, froc_curve,
                           froc_score, major_axis_lengths, rasterize_polygons, read_mask_tiff,
                           score_slide)
-from etl.synth import tumor_mask, write_mask
+from etl.synth.cohort import tumor_mask, write_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
@@ -246,8 +246,8 @@ def test_cli_checkpoint_without_shards_is_refused(tmp_path):
 def test_patch_eval_matches_a_manual_pass_over_the_shards(tmp_path):
     torch = pytest.importorskip("torch")
     from test_train_data import write_region_shards  # tests/ is on sys.path under pytest
-    from training.augment import Augment, make_patches
-    from training.data import RegionStream, make_loader, open_shards, to_device
+    from training.data.augment import Augment, make_patches
+    from training.data.stream import RegionStream, make_loader, open_shards, to_device
     from training.model import build_model
     from training.patch_eval import evaluate_patches
 

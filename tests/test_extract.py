@@ -15,12 +15,12 @@ import pytest
 from typer.testing import CliRunner
 
 from etl.cli import app
-from etl.coords import load_regions
-from etl.encode import decode_image
-from etl.extract import ExtractError, PreflightError, extract_split, folder_lock, plan_extraction
-from etl.plan import ExtractParams
-from etl.shards import iter_samples, verify_folder
-from etl.synth import synth_cohort
+from etl.extract.coords import load_regions
+from etl.extract.encode import decode_image
+from etl.extract.run import ExtractError, PreflightError, extract_split, folder_lock, plan_extraction
+from etl.extract.plan import ExtractParams
+from etl.extract.shards import iter_samples, verify_folder
+from etl.synth.cohort import synth_cohort
 
 REGION = 192  # small regions keep the tests fast; geometry is the same as 768
 
@@ -201,7 +201,7 @@ def test_preflight_lists_every_problem_and_writes_nothing(cohort, tmp_path):
 
 
 def test_a_region_that_fails_to_read_is_recorded_not_lost(cohort, tmp_path, monkeypatch):
-    import etl.shards as shards
+    import etl.extract.shards as shards
 
     real = shards.encode_region
     calls = {"n": 0}
@@ -233,7 +233,7 @@ def test_dask_backend_writes_the_same_shards_as_local(cohort, tmp_path):
 def test_shard_mixing_with_few_open_part_files_gives_the_same_shards(cohort, tmp_path,
                                                                     monkeypatch):
     """Mixing reads from many part files; the LRU of open handles must not change a byte."""
-    import etl.shards as shards
+    import etl.extract.shards as shards
 
     _, (normal,) = run_extract(cohort, tmp_path / "a", part_size=2, workers=1)
     monkeypatch.setattr(shards, "MAX_OPEN_PARTS", 1)

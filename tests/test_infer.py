@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from etl.synth import make_scene, points_in_polygons, write_slide
+from etl.synth.cohort import make_scene, points_in_polygons, write_slide
 from training.cli import app
-from training.infer import (InferConfig, MapGeometry, Predictor, find_candidates, infer_slide,
+from training.config import InferConfig
+from training.infer.run import (MapGeometry, Predictor, find_candidates, infer_slide,
                             load_model, predict_map, write_heatmap_tiff)
 from training.model import build_model
-from training.nms import nms
+from etl.evaluate.nms import nms
 
 P = 64  # test patch size: the model is fully convolutional, 64 px keeps CPU runs short
 MPP = 2.0
@@ -232,7 +233,7 @@ def test_dense_and_patch_maps_agree_inside_tissue(dense_run, patch_map):
 
 
 def test_agreement_metrics_on_hand_made_maps():
-    from training.agreement import Agreement
+    from training.infer.agreement import Agreement
 
     d = np.array([0.1, 0.2, 0.6, 0.9])
     a = Agreement.of(d, d * 0.5 + 0.1)  # a linear map of d: r = 1

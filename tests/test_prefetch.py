@@ -1,4 +1,4 @@
-"""The background batch prefetcher (training.prefetch) and the host-sync-free GPU draws.
+"""The background batch prefetcher (training.data.prefetch) and the host-sync-free GPU draws.
 
 The CUDA side (side stream, events, record_stream) runs in `make test-gpu` through the
 trained-model test; here the thread mechanics run on the CPU.
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from training.augment import (Augment, _dihedral_indexed, _dihedral_select, draw_coins,
+from training.data.augment import (Augment, _dihedral_indexed, _dihedral_select, draw_coins,
                               draw_jitter, make_patches)
-from training.prefetch import prefetched, tensors_in
+from training.data.prefetch import prefetched, tensors_in
 
 CPU = torch.device("cpu")
 

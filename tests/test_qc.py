@@ -13,11 +13,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from etl.cli import app
-from etl.coords import Region, load_regions
+from etl.extract.coords import Region, load_regions
 from etl.qc import COLOURS, draw_qc, qc_table, region_colour
-from etl.slide import open_slide
-from etl.synth import make_scene, synth_cohort
-from etl.tissue import TissueMask, otsu_threshold, read_low_res, tissue_from_rgb, tissue_mask
+from etl.wsi.reader import open_slide
+from etl.synth.cohort import make_scene, synth_cohort
+from etl.wsi.tissue import TissueMask, otsu_threshold, read_low_res, tissue_from_rgb, tissue_mask
 
 REPO = Path(__file__).resolve().parents[1]
 W, H, MPP = 768, 512, 2.0
@@ -175,7 +175,7 @@ def test_qc_cli_writes_pngs_and_reports_missing_slides(cohort, tmp_path):
 
 def test_qc_does_not_import_torch():
     code = ("import sys; from typer.testing import CliRunner; from etl.cli import app; "
-            "import etl.qc, etl.tissue; r = CliRunner().invoke(app, ['qc', '--help']); "
+            "import etl.qc, etl.wsi.tissue; r = CliRunner().invoke(app, ['qc', '--help']); "
             "assert r.exit_code == 0; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr

@@ -16,7 +16,7 @@ import openslide
 import pytest
 import tifffile
 
-from etl.slide import (
+from etl.wsi.reader import (
     OpenSlideReader,
     SlideError,
     TiffTileReader,

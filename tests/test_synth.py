@@ -12,9 +12,9 @@ import pytest
 import tifffile
 from typer.testing import CliRunner
 
-from etl.annotations import points_in_polygons, read_asap_xml, write_asap_xml
+from etl.wsi.annotations import points_in_polygons, read_asap_xml, write_asap_xml
 from etl.cli import app
-from etl.synth import (MASK_DOWNSAMPLE, box_downsample, make_scene, read_mask, render_slide,
+from etl.synth.cohort import (MASK_DOWNSAMPLE, box_downsample, make_scene, read_mask, render_slide,
                        synth_cohort, write_slide)
 
 W, H, MPP, SEED = 2048, 1536, 0.243, 3

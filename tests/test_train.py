@@ -16,9 +16,12 @@ import torch
 import webdataset as wds
 
 from test_train_data import write_region_shards  # tests/ is on sys.path under pytest
-from training.augment import Augment
-from training.data import PatchSpec
-from training.train import TrainConfig, TrainError, Trainer, binary_auc, train
+from training.data.augment import Augment
+from training.data.stream import PatchSpec
+from etl.evaluate.froc import binary_auc
+from training.config import TrainConfig
+from training.errors import TrainError
+from training.train import Trainer, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 

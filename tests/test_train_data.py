@@ -12,10 +12,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from training.augment import (Augment, adjust_brightness, adjust_contrast, adjust_hue,
+from training.data.augment import (Augment, adjust_brightness, adjust_contrast, adjust_hue,
                               adjust_saturation, augment_patches, empty_patches, grid_labels,
                               grid_patches, make_patches)
-from training.data import (PatchSpec, RegionStream, ShardError, count_batches, device_batches,
+from training.data.stream import (PatchSpec, RegionStream, ShardError, count_batches, device_batches,
                            make_loader, open_shards, rank_slices)
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not a dependency here).

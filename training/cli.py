@@ -54,8 +54,10 @@ def train(
 
     Multi-GPU / multi-process: torchrun --nproc_per_node N -m training.cli train ...
     """
-    from training.data import ShardError
-    from training.train import TrainConfig, TrainError, train as run_training
+    from training.data.stream import ShardError
+    from training.config import TrainConfig
+    from training.errors import TrainError
+    from training.train import train as run_training
 
     cfg = TrainConfig(
         train=train_shards, val=val_shards, out=out, epochs=epochs, batch_size=batch_size,
@@ -99,7 +101,7 @@ def evaluate(
     out: str = typer.Option("runs/eval", help="Writes evaluation.json and froc.png here."),
 ) -> None:
     """Score inference outputs: lesion FROC (Camelyon16 rules), slide AUC, patch AUC."""
-    from etl.evaluate import EvaluationError, evaluate as run_evaluation, summary_lines, write_report
+    from etl.evaluate.froc import EvaluationError, evaluate as run_evaluation, summary_lines, write_report
 
     if (checkpoint is None) != (shards is None):
         fail("the patch-level evaluation needs both --checkpoint and --shards (or neither)")
@@ -109,9 +111,9 @@ def evaluate(
     except (EvaluationError, OSError) as exc:
         fail(str(exc))
     if checkpoint is not None:
-        from training.data import ShardError
+        from training.data.stream import ShardError
         from training.patch_eval import evaluate_patches
-        from training.train import TrainError
+        from training.errors import TrainError
 
         try:
             report["patch"] = evaluate_patches(checkpoint, shards, device=device, workers=workers)
@@ -160,7 +162,9 @@ def infer(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Tumor probability map, heatmaps and lesion candidates for whole slides."""
-    from training.infer import InferConfig, InferError, run_inference
+    from training.config import InferConfig
+    from training.errors import InferError
+    from training.infer.run import run_inference
 
     cfg = InferConfig(
         checkpoint=str(checkpoint), out=str(out), mode=mode, level=level, stride=stride,
@@ -210,9 +214,11 @@ def check_dense(
     """
     from dataclasses import replace
 
-    from etl.slide import SlideError
-    from training.agreement import compare_slide, pooled, report_lines, write_report
-    from training.infer import InferConfig, InferError, make_predictor, slide_paths
+    from etl.wsi.reader import SlideError
+    from training.infer.agreement import compare_slide, pooled, report_lines, write_report
+    from training.config import InferConfig
+    from training.errors import InferError
+    from training.infer.run import make_predictor, slide_paths
 
     cfg = InferConfig(
         checkpoint=str(checkpoint), level=level, stride=stride, patch_size=patch_size,

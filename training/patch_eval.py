@@ -3,7 +3,7 @@
 Runs the trainer's validation pass on its own: the same shard reader (`RegionStream`, no
 shuffling), the same centre crops of each grid cell and the same input scaling
 (`make_patches(train=False)`), the checkpoint's model. Grid and patch size default to the
-checkpoint's. The AUC is `etl.evaluate.binary_auc` (rank based, ties averaged).
+checkpoint's. The AUC is `etl.evaluate.froc.binary_auc` (rank based, ties averaged).
 """
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from etl.evaluate import binary_auc
-from training.augment import Augment, make_patches
-from training.data import RegionStream, device_batches, make_loader, open_shards
+from etl.evaluate.froc import binary_auc
+from training.data.augment import Augment, make_patches
+from training.data.stream import RegionStream, device_batches, make_loader, open_shards
 from training.model import build_model
-from training.train import TrainError, load_checkpoint
+from training.errors import TrainError
+from training.train import load_checkpoint
 
 
 def resolve_device(device: str) -> torch.device:

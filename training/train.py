@@ -31,72 +31,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from etl.atomic import atomic_file, atomic_path
-from etl.evaluate import binary_auc  # rank AUC, shared with slide-level evaluation
-from training.augment import Augment, make_patches
-from training.data import (PatchSpec, RegionBatch, RegionStream, ShardSet, make_loader,
+from etl.evaluate.froc import binary_auc  # rank AUC, shared with slide-level evaluation
+from training.data.augment import Augment, make_patches
+from training.data.stream import (PatchSpec, RegionBatch, RegionStream, ShardSet, make_loader,
                            open_shards, seed_for, to_device)
+from training.config import FIXED_ON_RESUME, TrainConfig
+from training.errors import TrainError
 from training.model import build_model
-from training.prefetch import prefetched
+from training.data.prefetch import prefetched
 
 CHECKPOINT_FORMAT = 1
 CSV_FIELDS = ("epoch", "lr", "train_loss", "train_patches", "train_steps", "patches_per_s",
               "data_wait", "startup_s", "val_loss", "val_acc", "val_auc", "val_patches",
               "bad_samples", "seconds")
-# Settings that change what a checkpoint means; a resume with other values is refused.
-FIXED_ON_RESUME = ("grid", "patch_size", "batch_size", "optimizer", "seed", "epochs")
-
-
-class TrainError(RuntimeError):
-    """A problem the user must fix; the message says what and how."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs. Defaults are the full-size (GPU) settings."""
-
-    train: str  # split folder with manifest.json, or a brace pattern of shards
-    val: str | None = None
-    out: str = "runs/train"
-    epochs: int = 10
-    batch_size: int = 512  # patches per step (rounded down to whole regions)
-    grid: int = 3
-    patch_size: int = 224
-    optimizer: str = "sgd"  # sgd (momentum 0.9) | adamw
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_epochs: float = 1.0
-    workers: int | None = None  # DataLoader workers per rank; None: min(8, cpus per rank)
-    shuffle_buffer: int = 1000  # regions per worker
-    decode: str = "auto"  # auto | cpu | cuda
-    device: str = "auto"  # auto | cpu | cuda
-    amp: bool | None = None  # bf16 autocast; None: on for CUDA only
-    channels_last: bool = True
-    compile: bool = False
-    prefetch: bool = True  # CUDA: make the next batch on a side stream while the model runs
-    augment: bool = True
-    pretrained: str | None = None
-    resume: bool = False
-    seed: int = 0
-    max_bad: int = 100
-    progress: bool = True
-    record_keys: bool = False  # write the keys each rank trained on (audit of the splitting)
-
-    def validate(self) -> None:
-        if self.optimizer not in ("sgd", "adamw"):
-            raise TrainError(f"--optimizer {self.optimizer!r}: use sgd or adamw")
-        if self.decode not in ("auto", "cpu", "cuda"):
-            raise TrainError(f"--decode {self.decode!r}: use auto, cpu or cuda")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise TrainError(f"--device {self.device!r}: use auto, cpu or cuda")
-        if self.batch_size < self.grid * self.grid:
-            raise TrainError(f"--batch-size {self.batch_size} is smaller than one region "
-                             f"({self.grid}x{self.grid} = {self.grid ** 2} patches)")
-        if self.epochs < 1 or self.patch_size < 16:
-            raise TrainError("--epochs must be >= 1 and --patch-size >= 16")
-
-    @property
-    def regions_per_batch(self) -> int:
-        return self.batch_size // (self.grid * self.grid)
 
 
 # --------------------------------------------------------------------------- distributed
@@ -418,7 +365,7 @@ class Trainer:
                 generator: torch.Generator | None = None,
                 order_generator: torch.Generator | None = None) -> Iterator[PatchBatch]:
         """The stream's PatchBatches on the device; on CUDA (unless --no-prefetch) made by a
-        background thread on its own stream while the model runs (`training.prefetch`)."""
+        background thread on its own stream while the model runs (`training.data.prefetch`)."""
         # the loader's worker processes start here, in this thread: forking while another
         # thread (the prefetcher) runs could copy a lock it holds into the children
         loader = iter(make_loader(stream, self.data.pin_memory))

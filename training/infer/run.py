@@ -59,15 +59,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from etl.atomic import atomic_path
-from etl.plan import slide_stem
-from etl.slide import SlideError, SlideReader, open_slide
-from etl.tissue import LowRes, TissueMask, thumbnail, tissue_mask
-from training.augment import to_model_range, to_unit_range
+from etl.extract.plan import slide_stem
+from etl.wsi.reader import SlideError, SlideReader, open_slide
+from etl.wsi.tissue import LowRes, TissueMask, thumbnail, tissue_mask
+from training.data.augment import to_model_range, to_unit_range
+from training.config import FEATURE_STRIDE, MODES, InferConfig
+from training.errors import InferError
 from training.model import FCResNet18, build_model
-from training.nms import Candidate, candidates_csv, candidates_geojson, nms
+from etl.evaluate.nms import Candidate, candidates_csv, candidates_geojson, nms
 
-MODES = ("dense", "patch")
-FEATURE_STRIDE = 32  # the ResNet trunk's output stride
 SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
                   ".svslide")
 TIFF_TILE = 256
@@ -75,67 +75,6 @@ _TURBO = np.array([  # a short version of the "turbo" colour map: (position, r, 
     (0.00, 48, 18, 59), (0.15, 70, 107, 227), (0.35, 27, 208, 213), (0.50, 97, 252, 108),
     (0.65, 210, 233, 53), (0.80, 254, 155, 45), (0.92, 218, 56, 7), (1.00, 122, 4, 3)],
     dtype=np.float32)
-
-
-class InferError(RuntimeError):
-    """A problem the user must fix; the message names the file and what to do."""
-
-
-@dataclass
-class InferConfig:
-    """Options of a run (the CLI's options; defaults are the full-size settings)."""
-
-    checkpoint: str = "runs/train/best.pt"
-    out: str = "runs/infer"
-    mode: str = "dense"  # dense | patch
-    level: int = 0
-    stride: int = 32  # level px per map pixel (a multiple of 32)
-    patch_size: int | None = None  # None: the checkpoint's patch size, else 224
-    tile_size: int = 2048  # level px of map area per tile (rounded down to a stride multiple)
-    margin: int = 224  # dense: level px of context around each tile (a multiple of 32)
-    batch_size: int = 256  # patch mode: patches per forward pass
-    tiles_per_batch: int | None = None  # dense: tiles per forward pass; None: 4 CUDA, 1 CPU
-    workers: int = 4  # reading threads
-    prefetch: int | None = None  # tiles read ahead of the model; None: 2 * workers
-    device: str = "auto"  # auto | cpu | cuda
-    amp: bool | None = None  # bf16 autocast; None: on CUDA only
-    channels_last: bool = True
-    tissue_downsample: float = 32.0
-    tissue_threshold: float | None = None  # saturation in [0, 1]; None: Otsu
-    tissue_min_area: float = 256 * 256  # level-0 px^2
-    nms_radius: float = 768.0  # level-0 px (NCRF: 12 px at level 6)
-    nms_threshold: float = 0.5
-    thumbnail_side: int = 2048
-    slide_backend: str = "auto"
-    progress: bool = True
-
-    def validate(self) -> None:
-        problems = []
-        if self.mode not in MODES:
-            problems.append(f"--mode {self.mode!r}: use dense or patch")
-        if self.stride < FEATURE_STRIDE or self.stride % FEATURE_STRIDE:
-            problems.append(f"--stride {self.stride}: use a multiple of {FEATURE_STRIDE} "
-                            "(the model's output step)")
-        if self.patch_size is not None and (self.patch_size < FEATURE_STRIDE
-                                            or self.patch_size % FEATURE_STRIDE):
-            problems.append(f"--patch-size {self.patch_size}: use a multiple of "
-                            f"{FEATURE_STRIDE} (e.g. 224)")
-        if self.margin < 0 or self.margin % FEATURE_STRIDE:
-            problems.append(f"--margin {self.margin}: use 0 or a multiple of {FEATURE_STRIDE}")
-        if self.tile_size < self.stride:
-            problems.append(f"--tile-size {self.tile_size}: use at least --stride {self.stride}")
-        if self.level < 0:
-            problems.append(f"--level {self.level}: use 0 or more")
-        if self.batch_size < 1 or (self.tiles_per_batch is not None and self.tiles_per_batch < 1):
-            problems.append("--batch-size and --tiles-per-batch must be >= 1")
-        if self.workers < 1:
-            problems.append(f"--workers {self.workers}: use at least 1")
-        if self.device not in ("auto", "cpu", "cuda"):
-            problems.append(f"--device {self.device!r}: use auto, cpu or cuda")
-        if not 0 < self.nms_threshold <= 1 or self.nms_radius < 0:
-            problems.append("--nms-threshold must be in (0, 1] and --nms-radius >= 0")
-        if problems:
-            raise InferError("; ".join(problems))
 
 
 # --------------------------------------------------------------------------- geometry

@@ -23,7 +23,7 @@ worker), are decoded on the CPU (`decode="cpu"`) or passed on as JPEG bytes for 
 grouped into batches of regions.
 
 When the model runs on the CPU, the workers also make the patches (`RegionStream(patches=...)`:
-grid split, augmentation, scaling, in `training.augment`), single-threaded, each on its own
+grid split, augmentation, scaling, in `training.data.augment`), single-threaded, each on its own
 batches, so that every core works and the main process only receives ready float32 patches
 (written into shared memory, so the hand-over costs no extra copy). Their random draws come from
 a generator seeded per (seed, epoch, rank, worker), so an epoch is reproducible and a resumed
@@ -51,12 +51,13 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from training.augment import Augment, empty_patches, make_patches
+from etl.errors import PatchetlError
+from training.data.augment import Augment, empty_patches, make_patches
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 
 
-class ShardError(ValueError):
+class ShardError(PatchetlError, ValueError):
     """A shard folder or pattern that cannot be used; the message says how to fix it."""
 
 
@@ -81,7 +82,7 @@ def open_shards(spec: str | Path) -> ShardSet:
     For a pattern, counts come from a `manifest.json` next to the shards when there is one,
     else from reading the tar headers.
     """
-    from etl.shards import index_tar  # no torch there; reuse the shard reader's tar index
+    from etl.extract.shards import index_tar  # no torch there; reuse the shard reader's tar index
 
     path = Path(spec)
     if path.is_dir():

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from etl.errors import PatchetlError
+
 DEFAULT_DATA_ROOT = "/workspace/data/medical/pathology"
 DATA_ROOT_ENV = "PATCHETL_DATA_ROOT"
 DEFAULT_REGION_SIZE = 768
@@ -90,7 +92,7 @@ class Problem:
         return text + (f" ({self.hint})" if self.hint else "")
 
 
-class CoordsError(ValueError):
+class CoordsError(PatchetlError, ValueError):
     """A coordinate file had errors; ``problems`` lists all of them."""
 
     def __init__(self, problems: list[Problem]) -> None:

@@ -18,16 +18,17 @@ from typing import Callable
 
 import joblib
 
+from etl.errors import PatchetlError
 from etl.atomic import remove_temporaries, write_json_atomic
-from etl.coords import RegionTable, load_regions
-from etl.plan import ExtractParams, PreflightProblem, SplitPlan, inspect_slides, plan_split
-from etl.shards import (check_shard, extract_part, load_part_index, plan_shards,
+from etl.extract.coords import RegionTable, load_regions
+from etl.extract.plan import ExtractParams, PreflightProblem, SplitPlan, inspect_slides, plan_split
+from etl.extract.shards import (check_shard, extract_part, load_part_index, plan_shards,
                         sample_catalog, sha256_file, shard_name, write_shard)
 
 BACKENDS = ("loky", "dask")
 
 
-class ExtractError(RuntimeError):
+class ExtractError(PatchetlError, RuntimeError):
     """A problem the user must fix; the message says what and how."""
 
 
@@ -294,7 +295,7 @@ def plan_extraction(coords: Path, params: ExtractParams, *, data_root=None,
                     splits: list[str] | None = None, slide_backend: str = "auto"
                     ) -> tuple[RegionTable, list[SplitPlan]]:
     """Parse the coordinate file and run the preflight for every split, before any work."""
-    from etl.slide import open_slide
+    from etl.wsi.reader import open_slide
 
     params.validate()
     if anchor == "corner" and params.level > 0:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from etl.slide import SlideReader
+from etl.wsi.reader import SlideReader
 
 __all__ = ["TissueMask", "LowRes", "read_low_res", "thumbnail", "otsu_threshold", "saturation",
            "tissue_from_rgb", "tissue_mask"]

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from etl.atomic import write_json_atomic
-from training.infer import InferConfig, Predictor, infer_slide
+from training.config import InferConfig
+from training.infer.run import Predictor, infer_slide
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from etl.coords import Region
+from etl.extract.coords import Region
 
 OUTSIDE_POLICIES = ("error", "skip", "pad")
 

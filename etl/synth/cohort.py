@@ -25,7 +25,7 @@ coordinates), so slides are written tile by tile without holding level 0 in memo
 
 Ground truth: lesions are irregular star-shaped polygons clipped to tissue, coordinates rounded
 to 2 decimals (the XML precision), so the XML reproduces them exactly. Labels are decided on
-these polygons (``etl.annotations.points_in_polygons``): a grid cell is tumor when its centre is
+these polygons (``etl.wsi.annotations.points_in_polygons``): a grid cell is tumor when its centre is
 inside a polygon. The mask is a uint8 TIFF (1 = tumor, 0 = not) at ``MASK_DOWNSAMPLE`` (16):
 pixel (i, j) is 1 when the level-0 point ((j + 0.5) * 16, (i + 0.5) * 16) is inside a polygon;
 its ImageDescription is JSON ``{"downsample": 16, "level0_width": W, "level0_height": H, ...}``
@@ -51,7 +51,7 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageDraw, ImageFilter
 
-from etl.annotations import points_in_polygons, read_asap_xml, write_asap_xml
+from etl.wsi.annotations import points_in_polygons, read_asap_xml, write_asap_xml
 
 __all__ = [
     "MASK_DOWNSAMPLE", "SlideScene", "SynthCohort", "SynthSlide", "box_downsample", "make_scene",
@@ -639,7 +639,7 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, int]:
         ds = int(json.loads(desc)["downsample"])
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{path}: mask TIFF without a JSON description holding 'downsample'; "
-                         "write it with etl.synth.write_mask") from None
+                         "write it with etl.synth.cohort.write_mask") from None
     return mask, ds
 
 

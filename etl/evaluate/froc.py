@@ -54,8 +54,9 @@ import tifffile
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from etl.annotations import EXCLUSION_GROUPS, read_asap_xml
-from etl.synth import tumor_mask
+from etl.errors import PatchetlError
+from etl.wsi.annotations import EXCLUSION_GROUPS, read_asap_xml
+from etl.synth.cohort import tumor_mask
 
 __all__ = [
     "DILATION_UM", "EVAL_LEVEL", "FP_RATES", "ITC_UM", "EvaluationError", "LesionMask",
@@ -73,7 +74,7 @@ SLIDE_EXTS = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
 Method = Literal["interp", "step"]
 
 
-class EvaluationError(ValueError):
+class EvaluationError(PatchetlError, ValueError):
     """Bad or missing evaluation input; the message names the file and the fix."""
 
 
@@ -149,7 +150,7 @@ def read_mask_tiff(path: str | Path, downsample: int = 2**EVAL_LEVEL,
                    tumor_value: int | None = None) -> tuple[np.ndarray, tuple[int, int], bool]:
     """A mask TIFF sampled at the centres of the pixels of ``downsample``.
 
-    Accepts the synthetic masks (``etl.synth.write_mask``: one page whose JSON description
+    Accepts the synthetic masks (``etl.synth.cohort.write_mask``: one page whose JSON description
     gives the level-0 size and downsample) and Camelyon-style pyramidal masks (level 0 the
     slide's size; the coarsest level with downsample <= ``downsample`` is read). Returns
     (bool mask, level-0 (width, height), whether any pixel at the native resolution is tumor).
@@ -419,7 +420,7 @@ def _slide_facts(name: str, pred: Path, slides: Path | None
             candidates.append(Path(meta[key]))
     for path in candidates:
         if path.is_file():
-            from etl.slide import SlideError, open_slide
+            from etl.wsi.reader import SlideError, open_slide
 
             try:
                 with open_slide(path) as slide:

@@ -34,6 +34,8 @@ import numpy as np
 import openslide
 import tifffile
 
+from etl.errors import PatchetlError
+
 __all__ = [
     "SlideError",
     "UnsupportedSlide",
@@ -62,7 +64,7 @@ _COMPRESSION_JPEG = 7
 _SUBFILETYPE_REDUCED = 1
 
 
-class SlideError(OSError):
+class SlideError(PatchetlError, OSError):
     """A slide cannot be opened or read; the message names the file and the problem."""
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from etl.atomic import atomic_file, write_json_atomic
-from etl.encode import decode_image, encode_region
-from etl.plan import ExtractParams, Part
+from etl.extract.encode import decode_image, encode_region
+from etl.extract.plan import ExtractParams, Part
 
 # Fixed member mtime: the same inputs give byte-identical tars (and sha256) on every run.
 TAR_MTIME = 0
@@ -98,7 +98,7 @@ def worker_reader(path: Path, backend: str, tile_cache_bytes: int):
     keeping it open saves re-parsing the file and keeps the tile cache warm across the part
     boundary. Only one slide stays open per worker, so memory stays bounded by one cache.
     """
-    from etl.slide import open_slide  # imported here: worker processes start light
+    from etl.wsi.reader import open_slide  # imported here: worker processes start light
 
     stat = Path(path).stat()  # a rewritten file at the same path is another slide
     key = (str(path), stat.st_mtime_ns, stat.st_size, backend, tile_cache_bytes)
