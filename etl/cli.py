@@ -110,22 +110,6 @@ def inspect_command(
 
 
 # --- extract / verify commands (owner: lead) ---
-def _region_progress(total: int, enabled: bool):
-    """A rich progress bar counting regions, with regions/s and ETA (or a no-op)."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
-                               TextColumn, TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        def render(self, task):
-            return Text(f"{task.speed:.1f} regions/s" if task.speed else "-- regions/s")
-
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), disable=not enabled, transient=False)
-    return progress
-
-
 @app.command()
 def extract(
     json_file: Path = typer.Option(None, "--json", help="MONAI datalist JSON (e.g. dataset_0.json)."),
@@ -153,6 +137,7 @@ def extract(
 ) -> None:
     """Read every region once from its slide and write labelled regions into WebDataset shards."""
     from etl.extract.coords import CoordsError
+    from etl.progress import progress_bar
     from etl.extract.run import ExtractError, extract_splits, plan_extraction
     from etl.extract.plan import ExtractParams
 
@@ -170,7 +155,7 @@ def extract(
         fail(str(exc))
     for warning in table.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
-    bar = _region_progress(sum(p.n_regions for p in plans), progress)
+    bar = progress_bar(unit="regions", enabled=progress)
     try:
         with bar:
             jobs = []

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from etl.atomic import atomic_file, atomic_path
+from etl.progress import progress_bar
 from etl.evaluate.froc import binary_auc  # rank AUC, shared with slide-level evaluation
 from training.data.augment import Augment, make_patches
 from training.data.stream import (PatchSpec, RegionBatch, RegionStream, ShardSet, make_loader,
@@ -177,15 +178,6 @@ def tensorboard_writer(out: Path):
     except ImportError:  # tensorboard not installed: CSV only
         return None
     return SummaryWriter(str(out / "tensorboard"))
-
-
-def progress_bar(enabled: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    disable=not enabled, transient=True)
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -493,7 +485,8 @@ class Trainer:
         writer = tensorboard_writer(self.out) if dd.main else None
         if self.epoch >= cfg.epochs:
             self.log(f"{self.out / 'last.pt'} already holds {self.epoch} epoch(s): nothing to do")
-        with progress_bar(cfg.progress and dd.main) as bar:
+        with progress_bar(unit="steps", enabled=cfg.progress and dd.main, info=True,
+                          transient=True) as bar:
             for epoch in range(self.epoch, cfg.epochs):
                 bad_before = self.bad_total
                 row = {"epoch": epoch + 1, **self.train_epoch(model, epoch, bar)}

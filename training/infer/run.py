@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from etl.atomic import atomic_path
+from etl.progress import progress_bar
 from etl.extract.plan import slide_stem
 from etl.wsi.reader import SlideError, SlideReader, open_slide
 from etl.wsi.tissue import LowRes, TissueMask, thumbnail, tissue_mask
@@ -599,15 +600,6 @@ def slide_paths(inputs: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def _progress(enabled: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("tiles"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    disable=not enabled)
-
-
 def make_predictor(cfg: InferConfig) -> tuple[InferConfig, Predictor]:
     """Validate the options, load the checkpoint on the device; returns the options with the
     patch size filled in (the checkpoint's when not given) and the predictor."""
@@ -640,7 +632,7 @@ def run_inference(cfg: InferConfig, slides: Sequence[str | Path],
     cfg, predictor = make_predictor(cfg)
     device, amp = predictor.device, predictor.amp
     done, failed = [], []
-    with _progress(cfg.progress) as bar:
+    with progress_bar(unit="tiles", enabled=cfg.progress) as bar:
         for path in paths:
             def on_tiles(total: int, name: str = path.name) -> Callable[[int], None]:
                 task = bar.add_task(name, total=total)
