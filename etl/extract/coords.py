@@ -2,7 +2,7 @@
 
 Reads the MONAI datalist JSON (``{"training": [...], "validation": [...], ...}``, entries
 ``{"image", "location": [y, x], "label"}``) and the MONAI/NCRF CSV (``name,x,y,l0..l8``) into
-:class:`RegionTable`. Conventions (see DESIGN.md):
+:class:`RegionTable`. Conventions (README.md, section Conventions):
 
 - Centres are level-0 pixels, ``x`` = column, ``y`` = row. JSON ``location`` is ``[y, x]``
   unless ``location_order="xy"``; CSV columns are always ``name,x,y``.
@@ -16,16 +16,19 @@ Reads the MONAI datalist JSON (``{"training": [...], "validation": [...], ...}``
   of "valid"/"test"/"train" in it gives "validation"/"testing"/"training"; otherwise "training".
 
 Every problem is collected (none stops the parse) as a :class:`Problem` naming file, entry and
-field; :func:`load_regions` raises them together as :class:`CoordsError`.
+field; :func:`load_regions` raises them together as :class:`CoordsError`. One reader per
+format yields raw entries (reporting structural problems); one validator checks the values of
+every format alike, and the table builder resolves slides and handles duplicates.
 """
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,25 +159,28 @@ def parse_coordinates(
         raise ValueError(f"region_size must be a positive integer, not {region_size!r}")
     wanted = [split] if isinstance(split, str) else (list(split) if split is not None else None)
     path = Path(path)
-    parser = _Parser(
-        path, Path(data_root) if data_root is not None else default_data_root(),
-        location_order, region_size // 2 if anchor == "corner" else 0,
+    is_csv = fmt == "csv" or (fmt is None and path.suffix.lower() == ".csv")
+    if is_csv and wanted is not None and len(wanted) != 1:
+        raise ValueError(f"a CSV file holds one split; give one split name, not {wanted}")
+    builder = _TableBuilder(
+        _Report(path), Path(data_root) if data_root is not None else default_data_root(),
+        region_size // 2 if anchor == "corner" else 0,
     )
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from spreadsheet tools
     except (OSError, UnicodeDecodeError) as exc:
-        parser.error(None, None, None, f"cannot read the file: {exc}",
-                     "check the path and that it is a UTF-8 text file")
-        return parser.table()
-    suffix = path.suffix.lower()
-    if fmt == "csv" or (fmt is None and suffix == ".csv"):
-        if wanted is not None and len(wanted) != 1:
-            raise ValueError(f"a CSV file holds one split; give one split name, not {wanted}")
-        parser.parse_csv(text, wanted[0] if wanted else infer_csv_split(path), default_ext)
+        builder.report.error(None, None, None, f"cannot read the file: {exc}",
+                             "check the path and that it is a UTF-8 text file")
+        return builder.table()
+    if is_csv:
+        split_name = wanted[0] if wanted else infer_csv_split(path)
+        entries = _read_csv(text, split_name, default_ext, builder.report)
     else:
-        parser.parse_json(text, wanted, known_suffix=fmt == "json" or suffix == ".json")
-    return parser.table()
-
+        known_suffix = fmt == "json" or path.suffix.lower() == ".json"
+        entries = _read_json(text, wanted, location_order, known_suffix, builder.report)
+    for raw in entries:
+        builder.add(raw)
+    return builder.table()
 
 def load_regions(path: str | Path, **options: Any) -> RegionTable:
     """Like :func:`parse_coordinates`, but raise :class:`CoordsError` if there is any error."""
@@ -207,7 +213,7 @@ def inspect_report(table: RegionTable) -> str:
             by_slide.setdefault(region.slide, []).append(region)
         lines += ["", f"per slide ({len(by_slide)}):",
                   _row("slide", "regions", "tumor", "normal", "exists", first=40)]
-        for slide, regions in by_slide.items():
+        for regions in by_slide.values():
             tumor = sum(r.tumor for r in regions)
             lines.append(_row(regions[0].image, len(regions), tumor, len(regions) - tumor,
                               "yes" if regions[0].exists else "MISSING", first=40))
@@ -275,13 +281,12 @@ def _integer(value: Any, name: str, from_text: bool = False) -> int:
                 raise _Invalid(f"{name} is not a number: {text!r}", _LOC_HINT) from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Invalid(f"{name} is not a number: {value!r}", _LOC_HINT)
-    if isinstance(value, float):
-        if not math.isfinite(value) or not value.is_integer():
-            raise _Invalid(f"{name} is not an integer: {value!r}", _LOC_HINT)
-        value = int(value)
-    if value < 0:
-        raise _Invalid(f"negative value {value} for {name}", _LOC_HINT)
-    return value
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise _Invalid(f"{name} is not an integer: {value!r}", _LOC_HINT)
+    number = int(value)
+    if number < 0:
+        raise _Invalid(f"negative value {number} for {name}", _LOC_HINT)
+    return number
 
 
 def _label_value(value: Any, where: str, from_text: bool = False) -> int:
@@ -337,202 +342,243 @@ def _labels(value: Any, from_text: bool = False) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(values[n * c + r] for c in range(n)) for r in range(n))
 
 
-class _Parser:
-    """Accumulates regions and problems for one file."""
+@dataclass
+class _Report:
+    """The errors and warnings found in one file, in the order they were found."""
 
-    def __init__(self, path: Path, data_root: Path, order: str, shift: int) -> None:
-        self.path, self.data_root, self.order, self.shift = path, data_root, order, shift
-        self.regions: list[Region] = []
-        self.errors: list[Problem] = []
-        self.warnings: list[Problem] = []
-        self.duplicates = 0
-        self._resolved: dict[str, tuple[Path, bool]] = {}
-        self._seen: dict[tuple[Path, int, int], Region] = {}
-        self._lines: dict[tuple[str, int], int] = {}  # CSV: (split, index) -> 1-based line
-
-    def table(self) -> RegionTable:
-        return RegionTable(self.path, self.regions, self.errors, self.warnings, self.duplicates)
+    path: Path
+    errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
 
     def error(self, split: str | None, index: int | None, fld: str | None, message: str,
               hint: str = "", line: int | None = None) -> None:
         self.errors.append(Problem(self.path, split, index, fld, message, hint, line))
 
-    # -- JSON -------------------------------------------------------------------------
+    def warn(self, split: str | None, index: int | None, fld: str | None, message: str,
+             hint: str = "", line: int | None = None) -> None:
+        self.warnings.append(Problem(self.path, split, index, fld, message, hint, line))
 
-    def parse_json(self, text: str, wanted: list[str] | None, known_suffix: bool) -> None:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            hint = ("fix the JSON syntax there" if known_suffix else
-                    "coordinate files are .json (MONAI datalist) or .csv (name,x,y,labels); "
-                    "rename the file if it is a CSV")
-            self.error(None, None, None,
-                       f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", hint)
-            return
-        if not isinstance(data, dict):
-            self.error(None, None, None, f"top level is {_kind(data)}, not an object",
-                       'write {"training": [...], "validation": [...]} with one list per split')
-            return
-        if not data:
-            self.error(None, None, None, "no splits at all (empty object)",
-                       'add e.g. "training": [{"image": ..., "location": [y, x], "label": [...]}]')
-            return
-        if wanted is None:
-            # Decathlon-style datalists carry metadata next to the splits ("name",
-            # "description", "labels": {...}); those keys are skipped with a warning. A
-            # split-like name that is not a list stays an error (it is most likely a mistake).
-            names = []
-            for name, value in data.items():
-                if isinstance(value, list) or name.lower() in _SPLIT_NAMES:
-                    names.append(name)
-                else:
-                    self.warnings.append(Problem(
-                        self.path, None, None, None,
+
+@dataclass(frozen=True)
+class _RawEntry:
+    """One entry as a reader found it, before its values are checked.
+
+    The reader has already reported what is wrong with the entry's structure; a field it
+    could not take (``image`` or ``xy`` None) makes the entry yield no region, but the
+    other fields are still checked so that every problem is reported at once.
+    """
+
+    split: str
+    index: int
+    image: str | None  # slide name (CSV: with the default suffix added)
+    xy: tuple[Any, Any] | None  # centre (or corner) as written: JSON numbers, CSV text
+    label: Any
+    line: int | None = None  # 1-based CSV line; None for JSON (values are then not text)
+    xy_field: str | None = None  # field named by location errors; None: the axis ("x"/"y")
+
+    @property
+    def from_text(self) -> bool:
+        return self.line is not None
+
+
+def _read_json(text: str, wanted: list[str] | None, order: str, known_suffix: bool,
+               report: _Report) -> Iterator[_RawEntry]:
+    """Entries of a MONAI datalist, split by split; structural problems go to ``report``."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = ("fix the JSON syntax there" if known_suffix else
+                "coordinate files are .json (MONAI datalist) or .csv (name,x,y,labels); "
+                "rename the file if it is a CSV")
+        report.error(None, None, None,
+                     f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", hint)
+        return
+    if not isinstance(data, dict):
+        report.error(None, None, None, f"top level is {_kind(data)}, not an object",
+                     'write {"training": [...], "validation": [...]} with one list per split')
+        return
+    if not data:
+        report.error(None, None, None, "no splits at all (empty object)",
+                     'add e.g. "training": [{"image": ..., "location": [y, x], "label": [...]}]')
+        return
+    for name in _json_splits(data, wanted, report):
+        if name not in data:
+            report.error(None, None, None, f"split '{name}' not in the file",
+                         f"splits present: {', '.join(map(repr, data))}")
+            continue
+        entries = data[name]
+        if not isinstance(entries, list):
+            report.error(name, None, None, f"split '{name}' is {_kind(entries)}, not a list",
+                         "each top-level key is a split holding a list of entries")
+        elif not entries:
+            report.error(name, None, None, f"split '{name}' is empty",
+                         "add entries or remove the split")
+        for index, entry in enumerate(entries if isinstance(entries, list) else ()):
+            raw = _json_entry(name, index, entry, order, report)
+            if raw is not None:
+                yield raw
+
+
+def _json_splits(data: dict[str, Any], wanted: list[str] | None, report: _Report) -> list[str]:
+    """The splits to read: ``wanted``, else every top-level key holding a list.
+
+    Decathlon-style datalists carry metadata next to the splits ("name", "description",
+    "labels": {...}); those keys are skipped with a warning. A split-like name that is not a
+    list stays a split (then an error: it is most likely a mistake).
+    """
+    if wanted is not None:
+        return wanted
+    names = []
+    for name, value in data.items():
+        if isinstance(value, list) or name.lower() in _SPLIT_NAMES:
+            names.append(name)
+        else:
+            report.warn(None, None, None,
                         f"top-level key '{name}' ({_kind(value)}) is not a list of entries: "
-                        "skipped as metadata", "name it with --split to have it checked"))
-            if not names:
-                self.error(None, None, None, "no splits: no top-level key holds a list of "
-                           f"entries (keys: {', '.join(map(repr, data))})",
-                           'add e.g. "training": [{"image": ..., "location": [y, x], '
-                           '"label": [...]}]')
-                return
-        else:
-            names = wanted
-        for name in names:
-            if name not in data:
-                self.error(None, None, None, f"split '{name}' not in the file",
-                           f"splits present: {', '.join(map(repr, data))}")
-                continue
-            entries = data[name]
-            if not isinstance(entries, list):
-                self.error(name, None, None, f"split '{name}' is {_kind(entries)}, not a list",
-                           "each top-level key is a split holding a list of entries")
-            elif not entries:
-                self.error(name, None, None, f"split '{name}' is empty",
-                           "add entries or remove the split")
-            for index, entry in enumerate(entries if isinstance(entries, list) else ()):
-                self._json_entry(name, index, entry)
+                        "skipped as metadata", "name it with --split to have it checked")
+    if not names:
+        report.error(None, None, None, "no splits: no top-level key holds a list of "
+                     f"entries (keys: {', '.join(map(repr, data))})",
+                     'add e.g. "training": [{"image": ..., "location": [y, x], "label": [...]}]')
+    return names
 
-    def _json_entry(self, split: str, index: int, entry: Any) -> None:
-        if not isinstance(entry, dict):
-            self.error(split, index, None, f"entry is {_kind(entry)}, not an object",
-                       'write {"image": ..., "location": [y, x], "label": [...]}')
-            return
-        missing = [k for k in _REQUIRED_KEYS if k not in entry]
-        for key in missing:
-            self.error(split, index, key, f"missing key '{key}'",
-                       'each entry needs "image", "location" ([y, x] centre) and "label"')
-        if missing:
-            return
-        ok = True
-        image = entry["image"]
-        if not isinstance(image, str) or not image.strip():
-            self.error(split, index, "image", f"not a non-empty string: {image!r}",
-                       "give the slide file name, e.g. tumor_001.tif")
-            ok = False
-        loc = entry["location"]
-        centre = None
-        if not isinstance(loc, list) or len(loc) != 2:
-            got = f"{len(loc)} values" if isinstance(loc, list) else _kind(loc)
-            self.error(split, index, "location", f"must be a list of 2 numbers, got {got}",
-                       f"write [{self.order[0]}, {self.order[1]}] (level-0 pixels)")
-            ok = False
-        else:
-            axes = dict(zip(self.order, loc))
-            centre = self._centre(axes["x"], axes["y"], split, index, "location")
-        labels = self._labels(entry["label"], split, index, "label")
-        if ok and centre is not None and labels is not None:
-            self._add(split, index, image, self._resolve(image), centre, labels)
 
-    # -- CSV --------------------------------------------------------------------------
+def _json_entry(split: str, index: int, entry: Any, order: str,
+                report: _Report) -> _RawEntry | None:
+    """One datalist entry; None when it is not an object or lacks a key (both reported)."""
+    if not isinstance(entry, dict):
+        report.error(split, index, None, f"entry is {_kind(entry)}, not an object",
+                     'write {"image": ..., "location": [y, x], "label": [...]}')
+        return None
+    missing = [k for k in _REQUIRED_KEYS if k not in entry]
+    for key in missing:
+        report.error(split, index, key, f"missing key '{key}'",
+                     'each entry needs "image", "location" ([y, x] centre) and "label"')
+    if missing:
+        return None
+    image = entry["image"]
+    if not isinstance(image, str) or not image.strip():
+        report.error(split, index, "image", f"not a non-empty string: {image!r}",
+                     "give the slide file name, e.g. tumor_001.tif")
+        image = None
+    loc = entry["location"]
+    xy = None
+    if not isinstance(loc, list) or len(loc) != 2:
+        got = f"{len(loc)} values" if isinstance(loc, list) else _kind(loc)
+        report.error(split, index, "location", f"must be a list of 2 numbers, got {got}",
+                     f"write [{order[0]}, {order[1]}] (level-0 pixels)")
+    else:
+        axes = dict(zip(order, loc, strict=True))
+        xy = (axes["x"], axes["y"])
+    return _RawEntry(split, index, image, xy, entry["label"], xy_field="location")
 
-    def parse_csv(self, text: str, split: str, default_ext: str) -> None:
-        rows = [(n, row) for n, row in enumerate(csv.reader(text.splitlines()), start=1)
-                if any(cell.strip() for cell in row)]
-        if rows and _is_header(rows[0][1]):
-            header = [c.strip().lower() for c in rows[0][1]]
-            if header[1:3] == ["y", "x"]:
-                self.error(None, None, None, "header names columns 'y,x'", "CSV columns are "
-                           "name,x,y,labels (x first); swap the columns", line=rows[0][0])
-            rows = rows[1:]
-        if not rows:
-            self.error(split, None, None, f"split '{split}' is empty (no data rows)",
-                       "add rows name,x,y,l0..l8")
-            return
-        for index, (line, row) in enumerate(rows):
-            self._csv_row(split, index, line, [c.strip() for c in row], default_ext)
 
-    def _csv_row(self, split: str, index: int, line: int, row: list[str], ext: str) -> None:
+def _read_csv(text: str, split: str, default_ext: str, report: _Report) -> Iterator[_RawEntry]:
+    """Rows ``name,x,y,l0..`` of a CSV file (one split; optional header line)."""
+    rows = [(n, row) for n, row in enumerate(csv.reader(text.splitlines()), start=1)
+            if any(cell.strip() for cell in row)]
+    if rows and _is_header(rows[0][1]):
+        header = [c.strip().lower() for c in rows[0][1]]
+        if header[1:3] == ["y", "x"]:
+            report.error(None, None, None, "header names columns 'y,x'", "CSV columns are "
+                         "name,x,y,labels (x first); swap the columns", line=rows[0][0])
+        rows = rows[1:]
+    if not rows:
+        report.error(split, None, None, f"split '{split}' is empty (no data rows)",
+                     "add rows name,x,y,l0..l8")
+        return
+    suffix = default_ext if default_ext.startswith(".") else f".{default_ext}"
+    for index, (line, cells) in enumerate(rows):
+        row = [c.strip() for c in cells]
         if len(row) < 4:
-            self.error(split, index, "label", f"{len(row)} column(s); no labels",
-                       "rows are name,x,y,l0..l8 (labels column by column); "
-                       "coordinate-only NCRF files need labels added", line=line)
-            return
-        name = row[0]
+            report.error(split, index, "label", f"{len(row)} column(s); no labels",
+                         "rows are name,x,y,l0..l8 (labels column by column); "
+                         "coordinate-only NCRF files need labels added", line=line)
+            continue
+        name: str | None = row[0]
         if not name:
-            self.error(split, index, "name", "empty slide name", "first column is the slide",
-                       line=line)
-        elif not Path(name).suffix and ext:
-            name += ext if ext.startswith(".") else f".{ext}"
-        centre = self._centre(row[1], row[2], split, index, None, line)
-        labels = self._labels(row[3:], split, index, "label", line)
-        if name and centre is not None and labels is not None:
-            self._lines[(split, index)] = line
-            self._add(split, index, name, self._resolve(name), centre, labels)
+            report.error(split, index, "name", "empty slide name", "first column is the slide",
+                         line=line)
+            name = None
+        elif not Path(name).suffix and default_ext:
+            name += suffix
+        yield _RawEntry(split, index, name, (row[1], row[2]), row[3:], line=line)
 
-    # -- shared -----------------------------------------------------------------------
 
-    def _centre(self, x: Any, y: Any, split: str, index: int, fld: str | None,
-                line: int | None = None) -> tuple[int, int] | None:
-        out = []
-        for axis, value in (("x", x), ("y", y)):
-            try:
-                out.append(_integer(value, axis, from_text=line is not None) + self.shift)
-            except _Invalid as exc:
-                self.error(split, index, fld or axis, exc.message, exc.hint, line)
-        return (out[0], out[1]) if len(out) == 2 else None
-
-    def _labels(self, value: Any, split: str, index: int, fld: str,
-                line: int | None = None) -> tuple[tuple[int, ...], ...] | None:
+def _validate(raw: _RawEntry, shift: int, report: _Report
+              ) -> tuple[str, int, int, tuple[tuple[int, ...], ...]] | None:
+    """Check an entry's values: (image, centre x, centre y, row-major labels), or None after
+    reporting every bad value."""
+    centre: list[int] = []
+    for axis, value in () if raw.xy is None else (("x", raw.xy[0]), ("y", raw.xy[1])):
         try:
-            return _labels(value, from_text=line is not None)
+            centre.append(_integer(value, axis, raw.from_text) + shift)
         except _Invalid as exc:
-            self.error(split, index, fld, exc.message, exc.hint, line)
-            return None
+            report.error(raw.split, raw.index, raw.xy_field or axis, exc.message, exc.hint,
+                         raw.line)
+    try:
+        labels = _labels(raw.label, raw.from_text)
+    except _Invalid as exc:
+        report.error(raw.split, raw.index, "label", exc.message, exc.hint, raw.line)
+        return None
+    if raw.image is None or len(centre) != 2:
+        return None
+    return raw.image, centre[0], centre[1], labels
 
-    def _resolve(self, image: str) -> tuple[Path, bool]:
-        """First existing candidate: absolute path as is, else root/image, root/training/images."""
-        if image not in self._resolved:
-            p = Path(image)
-            candidates = [p] if p.is_absolute() else [
-                self.data_root / p, self.data_root / "training" / "images" / p]
-            found = next((c for c in candidates if c.exists()), None)
-            self._resolved[image] = (found, True) if found else (candidates[0], False)
-        return self._resolved[image]
 
-    def _add(self, split: str, index: int, image: str, resolved: tuple[Path, bool],
-             centre: tuple[int, int], labels: tuple[tuple[int, ...], ...]) -> None:
-        slide, exists = resolved
-        region = Region(split, index, image, slide, centre[0], centre[1], labels, exists)
-        key = (slide, region.x, region.y)
-        first = self._seen.get(key)
-        if first is None:
-            self._seen[key] = region
+class _TableBuilder:
+    """Validates raw entries into regions, in file order; an exact duplicate is dropped with a
+    warning, the same region with other labels is an error."""
+
+    def __init__(self, report: _Report, data_root: Path, shift: int) -> None:
+        self.report, self.shift = report, shift
+        self.resolve = _slide_resolver(data_root)
+        self.regions: list[Region] = []
+        self.duplicates = 0
+        self._first: dict[tuple[Path, int, int], tuple[Region, int | None]] = {}
+
+    def table(self) -> RegionTable:
+        return RegionTable(self.report.path, self.regions, self.report.errors,
+                           self.report.warnings, self.duplicates)
+
+    def add(self, raw: _RawEntry) -> None:
+        valid = _validate(raw, self.shift, self.report)
+        if valid is None:
+            return
+        image, x, y, labels = valid
+        slide, exists = self.resolve(image)
+        region = Region(raw.split, raw.index, image, slide, x, y, labels, exists)
+        first = self._first.setdefault((slide, x, y), (region, raw.line))
+        if first[0] is region:
             self.regions.append(region)
             return
-        line = self._lines.get((split, index))
-        ref = (f"line {self._lines[(first.split, first.index)]}" if line is not None
-               else f"{first.split}[{first.index}]")
-        same = f"same slide {image} and centre x={region.x}, y={region.y} as {ref}"
-        if first.labels == labels:
+        ref = (f"line {first[1]}" if raw.line is not None
+               else f"{first[0].split}[{first[0].index}]")
+        same = f"same slide {image} and centre x={x}, y={y} as {ref}"
+        if first[0].labels == labels:
             self.duplicates += 1
-            self.warnings.append(Problem(self.path, split, index, None,
-                                         f"duplicate: {same}; kept the first", line=line))
+            self.report.warn(raw.split, raw.index, None, f"duplicate: {same}; kept the first",
+                             line=raw.line)
         else:
-            self.error(split, index, "label", f"conflicting duplicate: {same} but different "
-                       f"labels {labels} vs {first.labels}", "keep one entry with the right labels",
-                       line)
+            self.report.error(raw.split, raw.index, "label",
+                              f"conflicting duplicate: {same} but different labels {labels} vs "
+                              f"{first[0].labels}", "keep one entry with the right labels",
+                              raw.line)
 
+
+def _slide_resolver(data_root: Path) -> Callable[[str], tuple[Path, bool]]:
+    """Image name -> (path, exists), cached per name. The path is the first existing candidate
+    (an absolute path as is, else root/image, root/training/images/image), else the first."""
+
+    @functools.cache
+    def resolve(image: str) -> tuple[Path, bool]:
+        p = Path(image)
+        candidates = [p] if p.is_absolute() else [
+            data_root / p, data_root / "training" / "images" / p]
+        found = next((c for c in candidates if c.exists()), None)
+        return (found, True) if found else (candidates[0], False)
+
+    return resolve
 
 def _is_header(row: list[str]) -> bool:
     """A first row whose fields after the name are all non-numbers (e.g. name,x,y,l0..l8)."""
