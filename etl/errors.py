@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class PatchetlError(Exception):
     """A problem with the user's input or options; the message says what and how to fix it."""
+
+
+class OptionError(PatchetlError, ValueError):
+    """An option value that cannot work; the message names the option and the values to use."""
