@@ -17,9 +17,15 @@ from typer.testing import CliRunner
 from etl.cli import app
 from etl.extract.coords import load_regions
 from etl.extract.encode import decode_image
-from etl.extract.run import ExtractError, PreflightError, extract_split, folder_lock, plan_extraction
 from etl.extract.plan import ExtractParams
-from etl.extract.shards import iter_samples, verify_folder
+from etl.extract.run import (
+    ExtractError,
+    PreflightError,
+    extract_split,
+    folder_lock,
+    plan_extraction,
+)
+from etl.extract.shards import iter_samples, sha256_file, verify_folder
 from etl.synth.cohort import synth_cohort
 
 REGION = 192  # small regions keep the tests fast; geometry is the same as 768
@@ -60,7 +66,7 @@ def test_png_shards_hold_exactly_openslide_pixels_and_row_major_labels(cohort, t
     by_centre = {(r.image, r.x, r.y): r for r in table.regions}
     assert len(by_centre) == len(samples)  # one sample per region
     slides = {}
-    for key, sample in samples.items():
+    for sample in samples.values():
         meta = json.loads(sample["json"])
         region = by_centre[(meta["slide"], meta["x"], meta["y"])]
         assert meta["labels"] == [list(row) for row in region.labels]
@@ -121,12 +127,12 @@ def test_rerun_is_a_no_op_changed_params_refuse_and_overwrite_works(cohort, tmp_
 
 
 def test_second_run_on_a_locked_folder_refuses(cohort, tmp_path):
-    with folder_lock(tmp_path / "training"):
-        with pytest.raises(ExtractError, match="in use"):
-            run_extract(cohort, tmp_path)
+    with folder_lock(tmp_path / "training"), pytest.raises(ExtractError, match="in use"):
+        run_extract(cohort, tmp_path)
 
 
-def test_kill_minus_nine_then_rerun_ends_with_the_planned_samples(cohort, tmp_path):
+def test_kill_minus_nine_while_reading_then_rerun_ends_with_the_planned_samples(cohort,
+                                                                               tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "training.cli", "extract", "--json", str(cohort.dataset_json),
            "--data-root", str(cohort.root), "--out", str(out), "--region-size", str(REGION),
@@ -140,11 +146,12 @@ def test_kill_minus_nine_then_rerun_ends_with_the_planned_samples(cohort, tmp_pa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = {p.name for p in parts.glob("*.json")}
-    assert 3 <= len(done_before), "the run should have been killed part-way"
+    assert len(done_before) >= 3, "the run should have been killed part-way"
     assert not (out / "training" / "manifest.json").exists()
+    table = load_regions(cohort.dataset_json, data_root=cohort.root, split="training")
+    assert len(done_before) < len(table.regions), "killed while reading (one part per region)"
     subprocess.run(cmd, check=True, capture_output=True)
     folder = out / "training"
-    table = load_regions(cohort.dataset_json, data_root=cohort.root, split="training")
     expected = {(r.image, r.x, r.y) for r in table.regions}
     samples = shard_samples(folder)  # asserts no duplicate key
     got = {(m["slide"], m["x"], m["y"]) for m in (json.loads(s["json"]) for s in samples.values())}
@@ -153,12 +160,70 @@ def test_kill_minus_nine_then_rerun_ends_with_the_planned_samples(cohort, tmp_pa
     assert not list(folder.rglob("*.tmp-*"))
 
 
-def test_crash_during_mixing_resumes_to_identical_shards(cohort, tmp_path):
-    _, (result,) = run_extract(cohort, tmp_path)
-    manifest = json.loads((result.folder / "manifest.json").read_text())
-    # Simulate a crash after some shards were mixed: parts still there, no manifest.
-    _, (again,) = run_extract(cohort, tmp_path / "b", on_progress=lambda n: None)
-    assert [s["sha256"] for s in again.shards] == [s["sha256"] for s in manifest["shards"]]
+# Run as `python DYING_EXTRACT ARGS`: `patchetl ARGS`, except that the process kills itself
+# (SIGKILL, no clean-up) in the mixing step, after two samples of shard number KILL_AT_SHARD.
+DYING_EXTRACT = """
+import os, runpy, signal
+import etl.extract.run as run
+
+KILL_AT_SHARD, real_write_shard, calls = int(os.environ["KILL_AT_SHARD"]), run.write_shard, []
+
+def dying(entries):
+    for i, entry in enumerate(entries):
+        if i == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield entry
+
+def write_shard(path, entries, parts_dir):
+    calls.append(path)
+    if len(calls) == KILL_AT_SHARD + 1:
+        entries = dying(entries)
+    return real_write_shard(path, entries, parts_dir)
+
+run.write_shard = write_shard
+runpy.run_module("training.cli", run_name="__main__")
+"""
+
+
+def test_kill_minus_nine_while_mixing_then_rerun_ends_with_identical_shards(cohort, tmp_path):
+    args = ["extract", "--json", str(cohort.dataset_json), "--data-root", str(cohort.root),
+            "--region-size", str(REGION), "--part-size", "3", "--shard-size", "4",
+            "--workers", "1", "--no-progress", "--split", "training"]
+    reference = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "reference")])
+    assert reference.exit_code == 0, reference.output
+    expected = json.loads((tmp_path / "reference" / "training" / "manifest.json").read_text())
+    assert len(expected["shards"]) >= 4
+    out = tmp_path / "out"
+    folder = out / "training"
+    script = tmp_path / "dying_extract.py"
+    script.write_text(DYING_EXTRACT)
+    dead = subprocess.run([sys.executable, str(script), *args, "--out", str(out)],
+                          env={**os.environ, "KILL_AT_SHARD": "2"}, capture_output=True)
+    assert dead.returncode == -signal.SIGKILL, dead.stderr.decode()
+    # Killed while writing shard 2: parts all written, shards 0-1 complete, shard 2 half
+    # written under its temporary name, no manifest.
+    names = [s["name"] for s in expected["shards"]]
+    assert sorted(p.name for p in folder.glob("*.tar")) == names[:2]
+    assert list(folder.glob(f".{names[2]}.tmp-*"))
+    assert not (folder / "manifest.json").exists()
+    assert (folder / ".parts").is_dir()
+    survivors = {name: (folder / name).stat().st_mtime_ns for name in names[:2]}
+
+    rerun = subprocess.run([sys.executable, "-m", "training.cli", *args, "--out", str(out)],
+                           capture_output=True)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    planned = len(load_regions(cohort.dataset_json, data_root=cohort.root,
+                               split="training").regions)
+    assert manifest["counts"] == {**expected["counts"], "planned": planned, "written": planned}
+    assert manifest["shards"] == expected["shards"]
+    assert {p.name: sha256_file(p) for p in folder.glob("*.tar")} == \
+        {s["name"]: s["sha256"] for s in expected["shards"]}
+    # The shards finished before the kill were kept, not written again.
+    assert {name: (folder / name).stat().st_mtime_ns for name in names[:2]} == survivors
+    assert len(shard_samples(folder)) == planned
+    assert verify_folder(folder) == []
+    assert not list(folder.rglob("*.tmp-*")) and not (folder / ".parts").exists()
 
 
 def test_preflight_lists_every_problem_and_writes_nothing(cohort, tmp_path):
@@ -203,16 +268,25 @@ def test_preflight_lists_every_problem_and_writes_nothing(cohort, tmp_path):
 def test_a_region_that_fails_to_read_is_recorded_not_lost(cohort, tmp_path, monkeypatch):
     import etl.extract.shards as shards
 
-    real = shards.encode_region
+    real = shards.worker_reader
     calls = {"n": 0}
 
-    def flaky(rgb, fmt, quality):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError("simulated corrupt tile")
-        return real(rgb, fmt, quality)
+    class FlakyReader:
+        """The worker's slide reader, except that its second read fails."""
 
-    monkeypatch.setattr(shards, "encode_region", flaky)
+        def __init__(self, reader):
+            self.reader = reader
+
+        def __getattr__(self, name):
+            return getattr(self.reader, name)
+
+        def read_region(self, *args):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError("simulated corrupt tile")
+            return self.reader.read_region(*args)
+
+    monkeypatch.setattr(shards, "worker_reader", lambda *args: FlakyReader(real(*args)))
     table, (result,) = run_extract(cohort, tmp_path, workers=1)
     assert len(result.failed) == 1 and "simulated corrupt tile" in result.failed[0]["reason"]
     assert result.written == len(table.regions) - 1
