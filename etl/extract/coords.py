@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from etl.errors import PatchetlError
+from etl.errors import OptionError, PatchetlError
 
 DEFAULT_DATA_ROOT = "/workspace/data/medical/pathology"
 DATA_ROOT_ENV = "PATCHETL_DATA_ROOT"
@@ -147,21 +147,23 @@ def parse_coordinates(
     name of the file's single split (default: inferred from the file name). ``default_ext`` is
     appended to CSV names without a suffix. ``fmt`` ("json"/"csv") overrides the type taken
     from the suffix (.json/.csv; any other suffix is read as JSON). Bad options raise
-    ``ValueError``; problems in the file (an unreadable file too) go to ``table.errors``.
+    ``OptionError`` (a ``ValueError``); problems in the file (an unreadable file too) go to
+    ``table.errors``.
     """
     if fmt not in (None, "json", "csv"):
         raise ValueError(f"fmt must be 'json', 'csv' or None, not {fmt!r}")
     if location_order not in LOCATION_ORDERS:
-        raise ValueError(f"location_order must be one of {LOCATION_ORDERS}, not {location_order!r}")
+        raise OptionError(f"location_order must be one of {LOCATION_ORDERS}, "
+                          f"not {location_order!r}")
     if anchor not in ANCHORS:
-        raise ValueError(f"anchor must be one of {ANCHORS}, not {anchor!r}")
+        raise OptionError(f"anchor must be one of {ANCHORS}, not {anchor!r}")
     if isinstance(region_size, bool) or not isinstance(region_size, int) or region_size <= 0:
-        raise ValueError(f"region_size must be a positive integer, not {region_size!r}")
+        raise OptionError(f"region_size must be a positive integer, not {region_size!r}")
     wanted = [split] if isinstance(split, str) else (list(split) if split is not None else None)
     path = Path(path)
     is_csv = fmt == "csv" or (fmt is None and path.suffix.lower() == ".csv")
     if is_csv and wanted is not None and len(wanted) != 1:
-        raise ValueError(f"a CSV file holds one split; give one split name, not {wanted}")
+        raise OptionError(f"a CSV file holds one split; give one split name, not {wanted}")
     builder = _TableBuilder(
         _Report(path), Path(data_root) if data_root is not None else default_data_root(),
         region_size // 2 if anchor == "corner" else 0,
