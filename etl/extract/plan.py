@@ -9,8 +9,11 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
+from etl.errors import OptionError
 from etl.extract.coords import Region
+from etl.options import opt
 
 OUTSIDE_POLICIES = ("error", "skip", "pad")
 
@@ -19,30 +22,31 @@ OUTSIDE_POLICIES = ("error", "skip", "pad")
 class ExtractParams:
     """Everything that decides the content of the shards (a rerun must match them exactly)."""
 
-    region_size: int = 768
-    level: int = 0
-    fmt: str = "jpg"
-    quality: int = 95
-    shard_size: int = 1000
-    part_size: int = 32
-    seed: int = 0
-    outside: str = "error"
+    region_size: Annotated[int, opt("Region side in pixels at --level.")] = 768
+    level: Annotated[int, opt("Pyramid level to read (region stays centred).")] = 0
+    fmt: Annotated[str, opt("jpg, or png for lossless.", "--format")] = "jpg"
+    quality: Annotated[int, opt("JPEG quality.")] = 95
+    shard_size: Annotated[int, opt("Samples per shard (the last may be shorter).")] = 1000
+    part_size: Annotated[int, opt("Regions per work unit (one slide each).")] = 32
+    seed: Annotated[int, opt("Seed of the global shuffle that mixes shards.")] = 0
+    outside: Annotated[str, opt("Region not inside its slide: error | skip | pad.")] = "error"
 
     def validate(self) -> None:
         if self.region_size < 1:
-            raise ValueError(f"--region-size must be >= 1, got {self.region_size}")
+            raise OptionError(f"--region-size must be >= 1, got {self.region_size}")
         if self.level < 0:
-            raise ValueError(f"--level must be >= 0, got {self.level}")
+            raise OptionError(f"--level must be >= 0, got {self.level}")
         if self.fmt not in ("jpg", "png"):
-            raise ValueError(f"--format must be 'jpg' or 'png', got {self.fmt!r}")
+            raise OptionError(f"--format must be 'jpg' or 'png', got {self.fmt!r}")
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"--quality must be in 1..100, got {self.quality}")
+            raise OptionError(f"--quality must be in 1..100, got {self.quality}")
         if self.shard_size < 1 or self.part_size < 1:
-            raise ValueError("--shard-size and --part-size must be >= 1")
+            raise OptionError("--shard-size and --part-size must be >= 1")
         if self.outside not in OUTSIDE_POLICIES:
-            raise ValueError(f"--outside must be one of {OUTSIDE_POLICIES}, got {self.outside!r}")
+            raise OptionError(f"--outside must be one of {OUTSIDE_POLICIES}, "
+                              f"got {self.outside!r}")
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
