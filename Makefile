@@ -15,11 +15,11 @@ DATASET ?= $(if $(DATA_ROOT),$(DATA_ROOT)/dataset_0.json)
 SHARDS_DIR ?= shards
 EXTRACT_OPTS ?=
 
-.PHONY: setup test test-gpu synth shards train infer evaluate demo bench bench-gpu clean help
+.PHONY: setup lint test test-gpu synth shards train infer evaluate demo bench bench-gpu clean help
 
 help:
 	@echo "make setup      create $(VENV) and install patchetl with its test extras (idempotent)"
-	@echo "make test       run the test suite"
+	@echo "make test       lint (ruff), types (mypy), then the test suite"
 	@echo "make synth      write synthetic slides + dataset_0.json to $(SYNTH_DIR)"
 	@echo "make shards     extract shards (synthetic data unless DATASET=/DATA_ROOT= are given)"
 	@echo "make train      train on $(SHARDS_DIR)/ (CPU-sized settings; TRAIN_OPTS=...)"
@@ -36,7 +36,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $@
 
-test: setup
+# Lint (ruff), format check (ruff format) and types (mypy: strict on etl), then the tests.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 # On a CUDA machine: the tests that need a GPU (nvJPEG decode; dense vs patch maps of a
