@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from etl.atomic import atomic_path
 from etl.extract.coords import Region, RegionTable
-from etl.extract.plan import slide_stem
+from etl.wsi.formats import key_stem
 from etl.wsi.reader import SlideError, open_slide
 from etl.wsi.tissue import thumbnail, tissue_mask
 
@@ -139,7 +139,7 @@ def qc_table(table: RegionTable, out: str | Path, *, region_size: int = 768, max
         by_slide.setdefault(r.slide, []).append(r)
     results = []
     for slide, regions in by_slide.items():
-        png = Path(out) / f"{slide_stem(slide.name)}.qc.png"
+        png = Path(out) / f"{key_stem(slide.name)}.qc.png"
         try:
             results.append(qc_slide(slide, regions, png, region_size=region_size,
                                     max_side=max_side, tissue_downsample=tissue_downsample,

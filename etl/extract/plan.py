@@ -6,7 +6,6 @@ Nothing here reads pixels; preflight only opens each slide once to learn its siz
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +13,7 @@ from typing import Annotated, Any
 from etl.errors import OptionError
 from etl.extract.coords import Region
 from etl.options import opt
+from etl.wsi.formats import key_stem
 
 OUTSIDE_POLICIES = ("error", "skip", "pad")
 
@@ -58,19 +58,6 @@ def region_box(x: int, y: int, size: int, downsample: float = 1.0) -> tuple[int,
     """
     extent = int(round(size * downsample))
     return x - extent // 2, y - extent // 2, extent
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-def slide_stem(image: str) -> str:
-    """Slide name usable in a WebDataset key (no dots: they separate key and extension)."""
-    stem = Path(image).name
-    for suffix in (".tiff", ".tif", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".svslide"):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    return _UNSAFE.sub("_", stem) or "slide"
 
 
 def sample_key(stem: str, x: int, y: int) -> str:
@@ -178,7 +165,7 @@ def plan_split(
         if problem:
             plan.problems.append(PreflightProblem(source, split, r.index, r.image, problem))
             continue
-        stem = slide_stem(r.image)
+        stem = key_stem(r.image)
         if stems.setdefault(stem, r.image) != r.image:
             # Two different images would give the same keys: make this one's stem unique.
             stem = f"{stem}-{hashlib.sha1(r.image.encode()).hexdigest()[:8]}"

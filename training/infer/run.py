@@ -53,14 +53,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from etl.atomic import atomic_path
 from etl.progress import progress_bar
-from etl.extract.plan import slide_stem
+from etl.wsi.formats import find_slides, key_stem
+from etl.wsi.pyramid import pyramid_levels, write_pyramid
 from etl.wsi.reader import SlideError, SlideReader, open_slide
 from etl.wsi.tissue import LowRes, TissueMask, thumbnail, tissue_mask
 from training.data.augment import to_model_range, to_unit_range
@@ -69,9 +69,7 @@ from training.errors import InferError
 from training.model import FCResNet18, build_model
 from etl.evaluate.nms import Candidate, candidates_csv, candidates_geojson, nms
 
-SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
-                  ".svslide")
-TIFF_TILE = 256
+TIFF_TILE = 256  # heatmap TIFF tile side; the pyramid halves down to one tile
 _TURBO = np.array([  # a short version of the "turbo" colour map: (position, r, g, b)
     (0.00, 48, 18, 59), (0.15, 70, 107, 227), (0.35, 27, 208, 213), (0.50, 97, 252, 108),
     (0.65, 210, 233, 53), (0.80, 254, 155, 45), (0.92, 218, 56, 7), (1.00, 122, 4, 3)],
@@ -461,7 +459,7 @@ def infer_slide(path: str | Path, predictor: Predictor, cfg: InferConfig,
     times["model"] = time.perf_counter() - t1
     cands = find_candidates(prob, geometry, radius=cfg.nms_radius, threshold=cfg.nms_threshold)
     times["total"] = time.perf_counter() - t0
-    return SlideResult(path=path, name=slide_stem(path.name), dimensions=dims, mpp=mpp,
+    return SlideResult(path=path, name=key_stem(path.name), dimensions=dims, mpp=mpp,
                        geometry=geometry, prob=prob, cells=cells, tissue=tissue, thumb=thumb,
                        candidates=cands, seconds=times, warnings=warnings)
 
@@ -496,41 +494,22 @@ def heatmap_overlay(thumb: LowRes, prob: np.ndarray, geometry: MapGeometry,
     return (thumb.rgb * (1 - a) + colorize(scaled) * a).round().astype(np.uint8)
 
 
-def _halve(img: np.ndarray) -> np.ndarray:
-    """2x2 mean (edge rows/columns replicated to whole blocks), rounded, uint8."""
-    h, w = img.shape
-    padded = np.pad(img, ((0, h % 2), (0, w % 2)), mode="edge").astype(np.uint16)
-    blocks = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2)
-    return ((blocks.sum(axis=(1, 3)) + 2) // 4).astype(np.uint8)
-
-
 def write_heatmap_tiff(path: Path, prob: np.ndarray, geometry: MapGeometry,
                        mpp: tuple[float, float] | None, description: str = "") -> list[tuple]:
     """Pyramidal tiled TIFF of ``round(255 * prob)``; returns the (width, height) of each level.
 
     One map pixel per ``stride`` level-0 px; the resolution tags give ``mpp * stride`` um per
-    pixel (scaled per level) when the slide's mpp is known.
+    pixel (scaled per level) when the slide's mpp is known. Each level is the 2 x 2 mean of the
+    one above (edge replicated) down to one tile.
     """
-    levels = [np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8)]
-    while max(levels[-1].shape) > TIFF_TILE:
-        levels.append(_halve(levels[-1]))
-    rows0, cols0 = levels[0].shape
-
-    def write(tmp: Path) -> None:
-        with tifffile.TiffWriter(tmp, bigtiff=levels[0].nbytes > (1 << 31)) as tif:
-            for k, img in enumerate(levels):
-                extra: dict[str, Any] = {}
-                if mpp is not None:
-                    um_x = mpp[0] * geometry.stride * cols0 / img.shape[1]
-                    um_y = mpp[1] * geometry.stride * rows0 / img.shape[0]
-                    extra = {"resolution": (1e4 / um_x, 1e4 / um_y),
-                             "resolutionunit": "CENTIMETER"}
-                tif.write(img, tile=(TIFF_TILE, TIFF_TILE), photometric="minisblack",
-                          compression="zlib", subfiletype=1 if k else 0, metadata=None,
-                          description=description if k == 0 and description else None, **extra)
-
-    _atomic(path, write)
-    return [(img.shape[1], img.shape[0]) for img in levels]
+    image = np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8)
+    levels = pyramid_levels(image, 2, max_side=TIFF_TILE, edge="replicate")
+    pixel_um = None if mpp is None else (mpp[0] * geometry.stride, mpp[1] * geometry.stride)
+    with atomic_path(path) as tmp:
+        dims = write_pyramid(tmp, levels, description=description or None,
+                             photometric="minisblack", compression="zlib", tile=TIFF_TILE,
+                             mpp=pixel_um)
+    return dims
 
 
 def write_outputs(result: SlideResult, out: str | Path, cfg: InferConfig,
@@ -584,20 +563,7 @@ def write_outputs(result: SlideResult, out: str | Path, cfg: InferConfig,
 # --------------------------------------------------------------------------- runs
 def slide_paths(inputs: Sequence[str | Path]) -> list[Path]:
     """Slide files from files and folders (a folder: its files with a slide suffix, sorted)."""
-    found: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            inside = sorted(f for f in p.iterdir()
-                            if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
-            if not inside:
-                raise InferError(f"{p}: folder holds no slide files ({', '.join(SLIDE_SUFFIXES)})")
-            found += inside
-        elif p.exists():
-            found.append(p)
-        else:
-            raise InferError(f"{p}: slide not found (give a slide file or a folder of slides)")
-    return found
+    return find_slides(inputs)
 
 
 def make_predictor(cfg: InferConfig) -> tuple[InferConfig, Predictor]:
