@@ -51,6 +51,7 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageDraw, ImageFilter
 
+from etl.errors import OptionError
 from etl.wsi.annotations import points_in_polygons, read_asap_xml, write_asap_xml
 
 __all__ = [
@@ -746,7 +747,7 @@ def _validate(n_slides: int, width: int, height: int, tumor_fraction: float, mpp
     if not 0.0 <= val_fraction < 1.0:
         problems.append(f"val_fraction={val_fraction}: use a value in [0, 1)")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise OptionError("; ".join(problems))
 
 
 def _write_csv(path: Path, rows: list[dict], n_labels: int) -> None:
