@@ -34,7 +34,7 @@ import numpy as np
 import openslide
 import tifffile
 
-from etl.errors import PatchetlError
+from etl.errors import OptionError, PatchetlError
 
 __all__ = [
     "SlideError",
@@ -462,7 +462,7 @@ def open_slide(path: str | Path, *, backend: Backend = "auto",
     Raises :class:`SlideError` for a missing or unreadable file.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown slide backend {backend!r}; choose one of {BACKENDS}")
+        raise OptionError(f"unknown slide backend {backend!r}; choose one of {BACKENDS}")
     path = Path(path)
     _check_file(path)
     if backend == "openslide":

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from etl.errors import OptionError
 from etl.wsi.reader import SlideReader
 
 __all__ = ["TissueMask", "LowRes", "read_low_res", "thumbnail", "otsu_threshold", "saturation",
@@ -181,7 +182,7 @@ def tissue_mask(reader: SlideReader, *, downsample: float = 32.0, threshold: flo
     drop connected tissue pieces smaller than this many level-0 square pixels.
     """
     if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"tissue threshold {threshold}: use a saturation in [0, 1]")
+        raise OptionError(f"tissue threshold {threshold}: use a saturation in [0, 1]")
     low = read_low_res(reader, downsample)
     mask, thr = tissue_from_rgb(low.rgb, threshold=threshold, min_saturation=min_saturation,
                                 rgb_min=rgb_min)
