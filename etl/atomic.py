@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Any
 
 
 def temporary_name(path: Path) -> Path:
@@ -36,13 +37,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_file(path: str | Path, mode: str = "wb", **open_kwargs):
+def atomic_file(path: str | Path, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO[Any]]:
     """Like `open(path, mode)` for writing, but the file appears only once it is complete."""
     with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as fh:
         yield fh
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
+def write_json_atomic(path: str | Path, obj: object) -> None:
     with atomic_file(path, "w") as fh:
         json.dump(obj, fh, indent=1)
 

@@ -9,20 +9,128 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import random
 import tarfile
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from etl.atomic import atomic_file, write_json_atomic
 from etl.extract.encode import decode_image, encode_region
-from etl.extract.plan import ExtractParams, Part
+from etl.extract.plan import ExtractParams, Part, PlannedRegion
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+    from etl.wsi.reader import Backend, SlideReader
 
 # Fixed member mtime: the same inputs give byte-identical tars (and sha256) on every run.
 TAR_MTIME = 0
+
+Grid = list[list[int]]  # row-major label grid labels[row][col]
+
+
+class SampleMeta(TypedDict):
+    """The `.json` member of a shard sample."""
+
+    key: str
+    slide: str  # image name as written in the coordinate file
+    split: str
+    index: int  # entry index in its split
+    x: int  # level-0 centre
+    y: int
+    x0: int  # level-0 top-left actually read
+    y0: int
+    level: int
+    downsample: float
+    region_size: int
+    grid: int
+    cell_size: int
+    labels: Grid
+    mpp: list[float] | None
+    padded: bool
+
+
+class PartSample(TypedDict):
+    key: str
+    labels: Grid
+    members: dict[str, list[int]]  # extension -> [data offset, size] in the part tar
+
+
+class Failure(TypedDict):
+    """A region that could not be read or encoded (listed in the manifest)."""
+
+    key: str
+    split: str
+    index: int
+    image: str
+    x: int
+    y: int
+    reason: str
+
+
+class PartIndex(TypedDict):
+    """`<part>.json`, written after `<part>.tar`: its presence marks the part as done."""
+
+    part_id: str
+    split: str
+    slide: str
+    samples: list[PartSample]
+    failures: list[Failure]
+    timing: dict[str, float]  # seconds per stage: read, encode, write
+    peak_rss_mb: float
+
+
+class LabelHistogram(TypedDict):
+    cells: dict[str, int]  # "0"/"1" -> cells
+    regions: dict[str, int]  # "normal"/"tumor" (any cell 1) -> regions
+
+
+class ShardRecord(TypedDict):
+    """A shard's entry in the manifest."""
+
+    name: str
+    count: int
+    bytes: int
+    sha256: str
+    labels: LabelHistogram
+
+
+ShardField = Literal["count", "bytes", "sha256", "labels"]
+_CHECKED_FIELDS: tuple[ShardField, ...] = ("count", "bytes", "sha256", "labels")
+
+
+class Counts(TypedDict):
+    planned: int
+    written: int
+    skipped: int
+    failed: int
+
+
+class SlideCounts(TypedDict):
+    count: int
+    failed: int
+
+
+class Manifest(TypedDict):
+    """`manifest.json` of a split folder, written last."""
+
+    tool: str
+    version: str
+    split: str
+    coordinates: dict[str, str]  # path, sha256
+    params: dict[str, Any]  # ExtractParams.as_dict()
+    parse: dict[str, str]  # coordinate parse options (location_order, anchor)
+    counts: Counts
+    shards: list[ShardRecord]
+    slides: dict[str, SlideCounts]
+    skipped: list[dict[str, Any]]  # regions left out by the outside policy (SplitPlan.skipped)
+    failed: list[Failure]
 
 
 class SampleTarWriter:
@@ -30,8 +138,10 @@ class SampleTarWriter:
     TarWriter). The standard library does this; webdataset's own writer would import torch
     into every ETL worker (seconds of start-up, and etl must stay torch-free)."""
 
-    def __init__(self, fileobj) -> None:
-        self.tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
+    def __init__(self, fileobj: IO[bytes] | _HashingWriter) -> None:
+        # closed by close(), which callers call once the sample stream ends
+        self.tar = tarfile.open(  # noqa: SIM115
+            fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         for ext in sorted(members):
@@ -66,7 +176,8 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def sample_metadata(planned, split: str, params: ExtractParams, mpp, downsample: float) -> dict:
+def sample_metadata(planned: PlannedRegion, split: str, params: ExtractParams,
+                    mpp: tuple[float, float] | None, downsample: float) -> SampleMeta:
     r = planned.region
     return {
         "key": planned.key,
@@ -88,10 +199,11 @@ def sample_metadata(planned, split: str, params: ExtractParams, mpp, downsample:
     }
 
 
-_OPEN_READER: dict = {}  # this worker's open slide: (path, mtime, size, backend, cache) -> reader
+# this worker's open slide: (path, mtime, size, backend, cache) -> reader
+_OPEN_READER: dict[tuple[str, int, int, str, int], SlideReader] = {}
 
 
-def worker_reader(path: Path, backend: str, tile_cache_bytes: int):
+def worker_reader(path: Path, backend: str, tile_cache_bytes: int) -> SlideReader:
     """The slide reader of this worker process, kept open from one part to the next.
 
     Parts are planned slide by slide, so a worker's next part is usually on the same slide:
@@ -107,7 +219,8 @@ def worker_reader(path: Path, backend: str, tile_cache_bytes: int):
         for old in _OPEN_READER.values():
             old.close()
         _OPEN_READER.clear()
-        reader = _OPEN_READER[key] = open_slide(path, backend=backend,
+        # open_slide rejects an unknown backend name (a preflight problem before any work)
+        reader = _OPEN_READER[key] = open_slide(path, backend=cast("Backend", backend),
                                                 tile_cache_bytes=tile_cache_bytes)
     return reader
 
@@ -117,15 +230,16 @@ def part_paths(parts_dir: Path, part_id: str) -> tuple[Path, Path]:
 
 
 def extract_part(part: Part, split: str, params: ExtractParams, parts_dir: Path,
-                 slide_backend: str = "auto", tile_cache_bytes: int = 256 << 20) -> dict:
+                 slide_backend: str = "auto", tile_cache_bytes: int = 256 << 20) -> PartIndex:
     """Read, encode and write one part; return its index (also written as `<part>.json`).
 
     A region that fails to read or encode is recorded as a failure with its reason, never
     dropped silently. Runs in a worker process: opens its own slide reader.
     """
     tar_path, index_path = part_paths(parts_dir, part.part_id)
-    timing = Counter()
-    failures, order = [], []
+    timing: defaultdict[str, float] = defaultdict(float)
+    failures: list[Failure] = []
+    order: list[tuple[str, Grid]] = []
     reader = worker_reader(part.slide, slide_backend, tile_cache_bytes)
     with atomic_file(tar_path) as fh:
         downsample = float(reader.level_downsamples[params.level])
@@ -152,7 +266,7 @@ def extract_part(part: Part, split: str, params: ExtractParams, parts_dir: Path,
             order.append((planned.key, meta["labels"]))
         writer.close()  # closes the tar stream, not our file handle
     members = index_tar(tar_path)
-    index = {
+    index: PartIndex = {
         "part_id": part.part_id,
         "split": split,
         "slide": part.image,
@@ -184,17 +298,19 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
-def load_part_index(parts_dir: Path, part_id: str) -> dict | None:
+def load_part_index(parts_dir: Path, part_id: str) -> PartIndex | None:
     """The index of a finished part, or None if the part is not (completely) done."""
     tar_path, index_path = part_paths(parts_dir, part_id)
     if not (index_path.exists() and tar_path.exists()):
         return None
     with open(index_path) as fh:
-        return json.load(fh)
+        index: PartIndex = json.load(fh)
+    return index
 
 
 # --------------------------------------------------------------------------- mixing
-def plan_shards(part_indexes: list[dict], shard_size: int, seed: int) -> list[list[tuple[str, str]]]:
+def plan_shards(part_indexes: Iterable[PartIndex], shard_size: int,
+                seed: int) -> list[list[tuple[str, str]]]:
     """Seeded global shuffle of all (key, part_id), cut into shards of `shard_size`."""
     entries = sorted((s["key"], idx["part_id"]) for idx in part_indexes for s in idx["samples"])
     random.Random(seed).shuffle(entries)
@@ -208,30 +324,35 @@ def shard_name(split: str, i: int) -> str:
 MAX_OPEN_PARTS = 64  # file handles a shard writer keeps open (well under the usual ulimit)
 
 
-def sample_catalog(part_indexes: list[dict]) -> dict[str, dict[str, dict]]:
+def sample_catalog(part_indexes: Iterable[PartIndex]) -> dict[str, dict[str, PartSample]]:
     """part_id -> key -> sample entry of its index (members and labels); built once per run."""
     return {idx["part_id"]: {s["key"]: s for s in idx["samples"]} for idx in part_indexes}
 
 
-class _HashingWriter:
+class _HashingWriter(io.RawIOBase):
     """A write-only file wrapper that hashes and counts what passes through it, so a shard's
     sha256 comes for free instead of from reading the shard back."""
 
-    def __init__(self, fh) -> None:
+    def __init__(self, fh: IO[bytes]) -> None:
+        super().__init__()
         self.fh, self.sha, self.bytes = fh, hashlib.sha256(), 0
 
-    def write(self, data) -> int:
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: ReadableBuffer) -> int:
         self.sha.update(data)
-        self.bytes += len(data)
+        self.bytes += memoryview(data).nbytes
         return self.fh.write(data)
 
 
-def write_shard(path: Path, entries: list[tuple[str, str, dict]], parts_dir: Path) -> dict:
+def write_shard(path: Path, entries: Iterable[tuple[str, str, PartSample]],
+                parts_dir: Path) -> ShardRecord:
     """Copy the members of `entries` ((key, part_id, catalog entry), in shard order) from
     their part tars into a new shard (no re-encoding); return its manifest record (count,
     bytes, sha256, label histogram). Runs in a worker: shards are mixed in parallel."""
-    handles: OrderedDict[str, object] = OrderedDict()  # LRU: a shard may touch 1000s of parts
-    grids = []
+    handles: OrderedDict[str, IO[bytes]] = OrderedDict()  # LRU: a shard may touch 1000s of parts
+    grids: list[Grid] = []
     try:
         with atomic_file(path) as fh:
             out = _HashingWriter(fh)
@@ -239,11 +360,12 @@ def write_shard(path: Path, entries: list[tuple[str, str, dict]], parts_dir: Pat
             for key, part_id, entry in entries:
                 src = handles.pop(part_id, None)
                 if src is None:
-                    src = open(part_paths(parts_dir, part_id)[0], "rb")
+                    # closed when the LRU evicts it, or in the finally below
+                    src = open(part_paths(parts_dir, part_id)[0], "rb")  # noqa: SIM115
                     if len(handles) >= MAX_OPEN_PARTS:
                         handles.popitem(last=False)[1].close()
                 handles[part_id] = src
-                sample = {}
+                sample: dict[str, bytes] = {}
                 for ext, (offset, size) in entry["members"].items():
                     src.seek(offset)
                     sample[ext] = src.read(size)
@@ -253,13 +375,14 @@ def write_shard(path: Path, entries: list[tuple[str, str, dict]], parts_dir: Pat
     finally:
         for src in handles.values():
             src.close()
-    return {"name": path.name, "count": len(entries), "bytes": out.bytes,
+    return {"name": path.name, "count": len(grids), "bytes": out.bytes,
             "sha256": out.sha.hexdigest(), "labels": label_histogram(grids)}
 
 
-def label_histogram(grids) -> dict:
+def label_histogram(grids: Iterable[Sequence[Sequence[int]]]) -> LabelHistogram:
     """Cell-level label counts and region-level (any tumor cell) counts of label grids."""
-    cells, regions = Counter(), Counter()
+    cells: Counter[str] = Counter()
+    regions: Counter[str] = Counter()
     for labels in grids:
         flat = [int(v) for row in labels for v in row]
         cells.update(str(v) for v in flat)
@@ -268,38 +391,40 @@ def label_histogram(grids) -> dict:
 
 
 # --------------------------------------------------------------------------- describe / verify
-def iter_samples(path: Path):
-    """Yield (key, {ext: bytes}) per sample of a shard, in order."""
-    current, sample = None, {}
+def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) per sample of a shard, in order (consecutive members that
+    share a key make one sample)."""
     with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, ext = split_member_name(m.name)
-            if key != current and sample:
-                yield current, sample
-                sample = {}
-            current = key
-            sample[ext] = tar.extractfile(m).read()
-    if sample:
-        yield current, sample
+        named = ((split_member_name(m.name), m) for m in tar if m.isfile())
+        for key, members in itertools.groupby(named, key=lambda item: item[0][0]):
+            yield key, {ext: _member_bytes(tar, m) for (_, ext), m in members}
+
+
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    fh = tar.extractfile(member)
+    if fh is None:  # not a regular file; iter_samples only asks for regular ones
+        raise ValueError(f"{member.name} is not a regular file")
+    return fh.read()
 
 
 @dataclass
 class ShardCheck:
-    record: dict  # name, count, bytes, sha256, label histogram
+    record: ShardRecord
     keys: list[str]
     problems: list[str]
 
 
 def check_shard(path: Path, decode: bool = True) -> ShardCheck:
     """Describe a shard (for the manifest) and list what is wrong with its samples."""
-    problems, keys, grids = [], [], []
+    problems: list[str] = []
+    keys: list[str] = []
+    grids: list[Grid] = []
     for key, sample in iter_samples(path):
         keys.append(key)
         image_ext = next((e for e in ("jpg", "png") if e in sample), None)
         if image_ext is None or "json" not in sample:
-            problems.append(f"{path.name}: sample {key}: members {sorted(sample)} lack an image or json")
+            problems.append(f"{path.name}: sample {key}: members {sorted(sample)} lack an image "
+                            "or json")
             continue
         try:
             meta = json.loads(sample["json"])
@@ -318,7 +443,7 @@ def check_shard(path: Path, decode: bool = True) -> ShardCheck:
                     raise ValueError(f"image is {rgb.shape}, expected ({size}, {size}, 3)")
             except Exception as exc:
                 problems.append(f"{path.name}: sample {key}: image does not decode: {exc}")
-    record = {
+    record: ShardRecord = {
         "name": path.name,
         "count": len(keys),
         "bytes": path.stat().st_size,
@@ -335,12 +460,12 @@ def verify_folder(folder: Path, decode: bool = True) -> list[str]:
     if not manifest_path.exists():
         return [f"{manifest_path}: missing (the extraction did not finish; rerun the same "
                 "`patchetl extract` command to complete it)"]
-    manifest = json.loads(manifest_path.read_text())
+    manifest: Manifest = json.loads(manifest_path.read_text())
     problems: list[str] = []
     listed = {s["name"] for s in manifest["shards"]}
     for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
         problems.append(f"{folder / extra}: shard not listed in the manifest")
-    seen: Counter = Counter()
+    seen: Counter[str] = Counter()
     for expected in manifest["shards"]:
         path = folder / expected["name"]
         if not path.exists():
@@ -349,10 +474,10 @@ def verify_folder(folder: Path, decode: bool = True) -> list[str]:
         check = check_shard(path, decode=decode)
         problems += check.problems
         seen.update(check.keys)
-        for field in ("count", "bytes", "sha256", "labels"):
-            if check.record[field] != expected[field]:
-                problems.append(f"{path}: {field} is {check.record[field]}, manifest says "
-                                f"{expected[field]}")
+        for name in _CHECKED_FIELDS:
+            if check.record[name] != expected[name]:
+                problems.append(f"{path}: {name} is {check.record[name]}, manifest says "
+                                f"{expected[name]}")
     dupes = [k for k, n in seen.items() if n > 1]
     if dupes:
         problems.append(f"{len(dupes)} keys occur more than once, e.g. {dupes[:3]}")
