@@ -1,4 +1,5 @@
-"""Options of the ETL commands (synth, inspect, extract, verify, qc), each defined once here.
+"""Options of the ETL commands (synth, inspect, extract, verify, qc, evaluate), each with its
+default and help defined once, here (the CLI is derived from them; `etl.options`).
 
 `CoordsOptions` is the coordinate-file group shared by inspect, extract and qc. What decides
 the content of shards is `etl.extract.plan.ExtractParams` (the fingerprint a resume compares);
@@ -91,6 +92,29 @@ class QcOptions:
     tissue_downsample: Annotated[float, opt(
         "Tissue mask resolution (level-0 px per mask pixel).")] = 32.0
     slide_backend: SlideBackend = "auto"
+
+
+@dataclass
+class EvaluateOptions:
+    """The lesion FROC and slide AUC of `evaluate` (its patch-level part needs torch)."""
+
+    pred: Annotated[str, opt(
+        "Inference output folder: <name>.candidates.csv (+ <name>.prob.npy/.prob.json); its "
+        "slides are the ones evaluated.")] = "runs/infer"
+    truth: Annotated[list[str], opt(
+        "Ground-truth folder(s) of <name>.xml (ASAP) or <name>_mask.tif; repeat for several. A "
+        "slide without a file is a normal slide.")] = field(
+        default_factory=lambda: ["data/synth/training/annotations"])
+    slides: Annotated[str | None, opt(
+        "Folder of the slides (level-0 size and mpp); default: the .prob.json sidecars.")] = None
+    mpp: Annotated[float | None, opt(
+        "Level-0 micrometres per pixel for every slide (overrides the slides' own).")] = None
+    froc_method: Annotated[str, opt(
+        "Sensitivity at the 6 FP rates: interp (np.interp, as NCRF/MONAI) or step (the later "
+        "official script's bisect lookup).")] = "interp"
+    mask_tumor_value: Annotated[int | None, opt(
+        "Tumor value in mask TIFFs (default: the non-zero value of 0/1 or 0/255 masks).")] = None
+    out: Annotated[str, opt("Writes evaluation.json and froc.png here.")] = "runs/eval"
 
 
 @dataclass

@@ -1,11 +1,18 @@
-"""Options of `train` and `infer`: each option and its default are defined once, here.
+"""Options of `train`, `infer`, `check-dense` and `evaluate`'s patch-level part, each with
+its default and help defined once, here (the CLI is derived from them; `etl.options`).
 
-Defaults are the full-size (GPU) settings; `validate` names the option and the fix.
+Defaults are the full-size (GPU) settings; `validate` names the option and the fix. Torch-free,
+so the CLI builds without loading torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
 
+from etl.config import Progress, SlideBackend
+from etl.errors import OptionError
+from etl.options import arg, opt
 from training.errors import InferError, TrainError
 
 # Settings that change what a checkpoint means; a resume with other values is refused.
@@ -14,37 +21,54 @@ MODES = ("dense", "patch")
 # The ResNet trunk's output stride (torch-free here, so the CLI builds without torch).
 FEATURE_STRIDE = 32
 
+Device = Annotated[str, opt("auto, cpu or cuda.")]
+Amp = Annotated[bool | None, opt("bf16 autocast (default: on CUDA).")]
+
 
 @dataclass
 class TrainConfig:
     """Everything a run needs. Defaults are the full-size (GPU) settings."""
 
-    train: str  # split folder with manifest.json, or a brace pattern of shards
-    val: str | None = None
-    out: str = "runs/train"
-    epochs: int = 10
-    batch_size: int = 512  # patches per step (rounded down to whole regions)
-    grid: int = 3
-    patch_size: int = 224
-    optimizer: str = "sgd"  # sgd (momentum 0.9) | adamw
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_epochs: float = 1.0
-    workers: int | None = None  # DataLoader workers per rank; None: min(8, cpus per rank)
-    shuffle_buffer: int = 1000  # regions per worker
-    decode: str = "auto"  # auto | cpu | cuda
-    device: str = "auto"  # auto | cpu | cuda
-    amp: bool | None = None  # bf16 autocast; None: on for CUDA only
-    channels_last: bool = True
-    compile: bool = False
-    prefetch: bool = True  # CUDA: make the next batch on a side stream while the model runs
-    augment: bool = True
-    pretrained: str | None = None
-    resume: bool = False
-    seed: int = 0
-    max_bad: int = 100
-    progress: bool = True
-    record_keys: bool = False  # write the keys each rank trained on (audit of the splitting)
+    train: Annotated[str, opt(
+        "Training split folder (with manifest.json) or a brace pattern of shards.")] = (
+        "shards/training")
+    val: Annotated[str | None, opt(
+        "Validation split folder or pattern (e.g. shards/validation); none: no validation "
+        "metrics.")] = None
+    out: Annotated[str, opt("Checkpoints (last.pt, best.pt) and metrics.csv.")] = "runs/train"
+    epochs: Annotated[int, opt("Epochs (the cosine schedule spans them all).")] = 10
+    batch_size: Annotated[int, opt("Patches per step, rounded down to whole regions.")] = 512
+    grid: Annotated[int, opt("Cells per region side; one patch per cell.")] = 3
+    patch_size: Annotated[int, opt("Patch side in px, cropped inside each cell.")] = 224
+    optimizer: Annotated[str, opt("sgd (momentum 0.9) or adamw.")] = "sgd"
+    lr: Annotated[float, opt("Peak learning rate.")] = 1e-3
+    weight_decay: Annotated[float, opt("Weight decay.")] = 0.0
+    warmup_epochs: Annotated[float, opt("Linear warm-up before the cosine decay.")] = 1.0
+    workers: Annotated[int | None, opt(
+        "DataLoader workers per rank (default min(8, CPUs per rank)); 0 reads in the training "
+        "process.")] = None
+    shuffle_buffer: Annotated[int, opt("Sample shuffle buffer per worker (regions).")] = 1000
+    decode: Annotated[str, opt(
+        "Where JPEGs decode: cpu (workers), cuda (batched nvJPEG), auto (cuda when training on "
+        "CUDA).")] = "auto"
+    device: Device = "auto"
+    amp: Amp = None
+    channels_last: Annotated[bool, opt("channels_last memory format.")] = True
+    compile: Annotated[bool, opt("torch.compile the model.", "--compile")] = False
+    prefetch: Annotated[bool, opt(
+        "CUDA: transfer, decode, crop and augment the next batch on a side stream while the "
+        "model runs.")] = True
+    augment: Annotated[bool, opt("ColorJitter, flips, rot90 and random crops.")] = True
+    pretrained: Annotated[str | None, opt(
+        "Local torchvision resnet18 state dict (.pth).")] = None
+    resume: Annotated[bool, opt(
+        "Continue <out>/last.pt if it exists (epoch, optimiser, scheduler, RNG).")] = False
+    seed: Annotated[int, opt("Seed of every random draw.")] = 0
+    max_bad: Annotated[int, opt("Stop when more corrupt samples than this were skipped.")] = 100
+    progress: Progress = True
+    record_keys: Annotated[bool, opt(
+        "Write the keys each rank trained on per epoch to <out>/keys/ (audits the DDP/worker "
+        "splitting).")] = False
 
     def validate(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
@@ -66,31 +90,46 @@ class TrainConfig:
 
 @dataclass
 class InferConfig:
-    """Options of a run (the CLI's options; defaults are the full-size settings)."""
+    """Options of an inference run. Defaults are the full-size settings."""
 
-    checkpoint: str = "runs/train/best.pt"
-    out: str = "runs/infer"
-    mode: str = "dense"  # dense | patch
-    level: int = 0
-    stride: int = 32  # level px per map pixel (a multiple of 32)
-    patch_size: int | None = None  # None: the checkpoint's patch size, else 224
-    tile_size: int = 2048  # level px of map area per tile (rounded down to a stride multiple)
-    margin: int = 224  # dense: level px of context around each tile (a multiple of 32)
-    batch_size: int = 256  # patch mode: patches per forward pass
-    tiles_per_batch: int | None = None  # dense: tiles per forward pass; None: 4 CUDA, 1 CPU
-    workers: int = 4  # reading threads
+    checkpoint: Annotated[str, opt(
+        "Checkpoint written by `patchetl train`.", "--checkpoint", "--ckpt")] = (
+        "runs/train/best.pt")
+    out: Annotated[str, opt(
+        "Output folder; files are named after each slide (<name>.prob.npy, .prob.json, "
+        ".heatmap.png, .heatmap.tif, .candidates.csv, .candidates.geojson).")] = "runs/infer"
+    mode: Annotated[str, opt(
+        "dense (fully convolutional tiles) or patch (classic sliding window, the "
+        "reference).")] = "dense"
+    level: Annotated[int, opt("Pyramid level to run the model on.")] = 0
+    stride: Annotated[int, opt("Level px per map pixel (a multiple of 32).")] = 32
+    patch_size: Annotated[int | None, opt(
+        "Patch side in level px (multiple of 32); default: the checkpoint's, else 224.")] = None
+    tile_size: Annotated[int, opt(
+        "Level px of map area per tile (rounded down to a multiple of --stride).")] = 2048
+    margin: Annotated[int, opt(
+        "Dense: context px around each tile (224 covers ResNet18's receptive field: no "
+        "seams).")] = 224
+    batch_size: Annotated[int, opt("Patch mode: patches per forward pass.")] = 256
+    tiles_per_batch: Annotated[int | None, opt(
+        "Dense: tiles per forward pass (default 4 on CUDA, 1 on CPU).")] = None
+    workers: Annotated[int, opt("Threads reading tiles ahead of the model.")] = 4
     prefetch: int | None = None  # tiles read ahead of the model; None: 2 * workers
-    device: str = "auto"  # auto | cpu | cuda
-    amp: bool | None = None  # bf16 autocast; None: on CUDA only
+    device: Device = "auto"
+    amp: Amp = None
     channels_last: bool = True
-    tissue_downsample: float = 32.0
-    tissue_threshold: float | None = None  # saturation in [0, 1]; None: Otsu
-    tissue_min_area: float = 256 * 256  # level-0 px^2
-    nms_radius: float = 768.0  # level-0 px (NCRF: 12 px at level 6)
-    nms_threshold: float = 0.5
+    tissue_downsample: Annotated[float, opt(
+        "Tissue mask resolution, level-0 px per mask pixel.")] = 32.0
+    tissue_threshold: Annotated[float | None, opt(
+        "Saturation threshold in [0, 1] (default: Otsu).")] = None
+    tissue_min_area: Annotated[float, opt(
+        "Drop tissue pieces smaller than this (level-0 px^2).")] = 65536.0
+    nms_radius: Annotated[float, opt(
+        "NMS radius in level-0 px (NCRF: 12 px at level 6 = 768).")] = 768.0
+    nms_threshold: Annotated[float, opt("Keep candidates with probability >= this.")] = 0.5
     thumbnail_side: int = 2048
-    slide_backend: str = "auto"
-    progress: bool = True
+    slide_backend: SlideBackend = "auto"
+    progress: Progress = True
 
     def validate(self) -> None:
         problems = []
@@ -119,3 +158,37 @@ class InferConfig:
             problems.append("--nms-threshold must be in (0, 1] and --nms-radius >= 0")
         if problems:
             raise InferError("; ".join(problems))
+
+
+@dataclass
+class SlideInputs:
+    """The slides of `infer` and `check-dense`."""
+
+    slides: Annotated[list[Path], arg("Slide files, or folders of slides.")]
+
+
+@dataclass
+class AgreementOptions:
+    """What `check-dense` demands of the dense maps, and where it writes its numbers."""
+
+    min_r: Annotated[float, opt(
+        "Exit 1 when the pooled Pearson r inside tissue is below this.")] = 0.95
+    report: Annotated[Path | None, opt("Also write the numbers to this JSON file.")] = None
+
+
+@dataclass
+class PatchEvalOptions:
+    """The patch-level AUC of `evaluate`: a checkpoint scored on a validation split."""
+
+    checkpoint: Annotated[str | None, opt(
+        "Checkpoint for the patch-level AUC (with --shards).")] = None
+    shards: Annotated[str | None, opt(
+        "Validation split folder or shard pattern for the patch-level AUC (with "
+        "--checkpoint).")] = None
+    device: Annotated[str, opt("Patch-level evaluation device: auto, cpu or cuda.")] = "auto"
+    workers: Annotated[int, opt("DataLoader workers for the patch-level evaluation.")] = 0
+
+    def validate(self) -> None:
+        if (self.checkpoint is None) != (self.shards is None):
+            raise OptionError("the patch-level evaluation needs both --checkpoint and --shards "
+                              "(or neither)")
