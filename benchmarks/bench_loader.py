@@ -31,8 +31,8 @@ from benchmarks.common import cli, machine, median, table, write_section
 from etl.extract.coords import load_regions
 from etl.extract.plan import region_box
 from training.data.augment import Augment
+from training.data.pipeline import patch_batches
 from training.data.stream import PatchSpec, RegionStream, make_loader, open_shards
-from training.train import patch_batches
 
 REGION, GRID, PATCH = 768, 3, 224
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-
 from test_train_data import write_region_shards  # tests/ is on sys.path under pytest
-from training.data.augment import Augment
-from training.data.stream import PatchSpec
+
 from etl.evaluate.froc import binary_auc
 from training.config import TrainConfig
+from training.data.augment import Augment
+from training.data.stream import PatchSpec
 from training.errors import TrainError
 from training.train import Trainer, train
 
@@ -101,11 +101,11 @@ def test_on_a_cpu_the_workers_make_the_patches(shards, tmp_path):
     """CPU training hands crops + augmentation to the DataLoader workers (validation: centre
     crops, no augmentation), so that every core works; the main process runs the model."""
     trainer = Trainer(config(shards, tmp_path / "run", epochs=1), log=quiet)
-    assert trainer.train_stream(0).patches == PatchSpec(28, Augment(), channels_last=True)
-    assert trainer.val_stream().patches == PatchSpec(28, Augment.off(), channels_last=True)
+    assert trainer.data.train_stream(0).patches == PatchSpec(28, Augment(), channels_last=True)
+    assert trainer.data.val_stream().patches == PatchSpec(28, Augment.off(), channels_last=True)
     plain = Trainer(config(shards, tmp_path / "plain", epochs=1, augment=False,
                            channels_last=False), log=quiet)
-    assert plain.train_stream(0).patches == PatchSpec(28, Augment.off(), channels_last=False)
+    assert plain.data.train_stream(0).patches == PatchSpec(28, Augment.off(), channels_last=False)
 
 
 def test_resume_after_kill_continues_exactly_from_the_checkpoint(shards, straight, tmp_path):

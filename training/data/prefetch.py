@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import nullcontext
 from typing import Any, TypeVar
 
@@ -48,7 +48,7 @@ def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
 
 
 def prefetched(make: Callable[[], Iterator[T]], device: torch.device, depth: int = 2
-               ) -> Iterator[T]:
+               ) -> Generator[T, None, None]:
     """The items of `make()`, produced by a background thread up to `depth` ahead.
 
     On CUDA the producer runs on its own stream and each item is handed over with an event;
