@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from reference_augment import dihedral_indexed
 
-from training.data.augment import (Augment, _dihedral_indexed, _dihedral_select, draw_coins,
-                              draw_jitter, make_patches)
+from training.data.augment import Augment, apply_dihedral, draw_coins, draw_jitter, make_patches
 from training.data.prefetch import prefetched, tensors_in
 
 CPU = torch.device("cpu")
@@ -89,7 +89,7 @@ def test_select_and_indexed_dihedral_give_the_same_patches():
     x = torch.rand(16, 3, 8, 8, generator=gen)
     coins = draw_coins(16, gen)
     assert coins.any() and not coins.all()
-    assert torch.equal(_dihedral_select(x, coins), _dihedral_indexed(x, coins))
+    assert torch.equal(apply_dihedral(x, coins), dihedral_indexed(x, coins))
 
 
 def test_jitter_order_comes_from_the_order_generator_when_given():

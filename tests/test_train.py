@@ -128,7 +128,7 @@ def test_resume_after_kill_continues_exactly_from_the_checkpoint(shards, straigh
     assert f"resumed from {killed / 'last.pt'} after epoch {done}" in messages[0]
     straight_out, straight_result = straight
     assert [r["epoch"] for r in resumed["history"]] == [1, 2]
-    for a, b in zip(resumed["history"], straight_result["history"]):
+    for a, b in zip(resumed["history"], straight_result["history"], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-6)
     w_resumed = torch.load(killed / "last.pt", weights_only=True)["model"]
     w_straight = torch.load(straight_out / "last.pt", weights_only=True)["model"]

@@ -11,12 +11,27 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from reference_augment import (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    augment_patches,
+    grid_patches,
+)
 
-from training.data.augment import (Augment, adjust_brightness, adjust_contrast, adjust_hue,
-                              adjust_saturation, augment_patches, empty_patches, grid_labels,
-                              grid_patches, make_patches)
-from training.data.stream import (PatchSpec, RegionStream, ShardError, count_batches, device_batches,
-                           make_loader, open_shards, rank_slices)
+from training.data.augment import Augment, empty_patches, grid_labels, make_patches
+from training.data.stream import (
+    PatchSpec,
+    RegionBatch,
+    RegionStream,
+    ShardError,
+    count_batches,
+    make_loader,
+    open_shards,
+    rank_slices,
+    to_device,
+)
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not a dependency here).
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -82,6 +97,11 @@ def epoch_keys(shards, *, rank=0, world=1, workers=0, epoch=0, train=True, batch
     batches = list(make_loader(stream))
     assert len(batches) == len(stream)
     return [k for b in batches for k in b["keys"]], batches
+
+
+def device_batches(loader, device: torch.device, region_size: int) -> list[RegionBatch]:
+    """The loader's batches on `device` (JPEG bytes decoded there)."""
+    return [to_device(b, device, region_size) for b in loader]
 
 
 # --------------------------------------------------------------------------- grid + labels
@@ -257,8 +277,6 @@ def test_ranks_and_workers_see_every_sample_once_with_equal_steps(tmp_path, n, s
         assert set(seen) == everything
         extra = sum(seen.values()) - n
         assert extra == (2 - n % 2) % 2 and all(v <= 2 for v in seen.values())
-        if epoch == 0:
-            first = seen
     # validation does not pad: exactly once, rank sizes differ by at most one
     val = [epoch_keys(shards, rank=r, world=2, workers=2, train=False)[0] for r in (0, 1)]
     assert sorted(val[0] + val[1]) == sorted(everything)
@@ -319,7 +337,7 @@ def test_missing_manifest_and_pattern_sources(tmp_path):
     assert open_shards(pattern).counts == (4, 4, 2)
     (folder / "manifest.json").unlink()
     assert open_shards(pattern).counts == (4, 4, 2)  # counted from the tars
-    with pytest.raises(ShardError, match="manifest.json"):
+    with pytest.raises(ShardError, match=r"manifest\.json"):
         open_shards(folder)
     with pytest.raises(ShardError, match="not found"):
         open_shards(str(folder / "training-{000000..000009}.tar"))
@@ -393,7 +411,7 @@ def test_workers_make_ready_patches_reproducibly_with_their_cells_labels(tmp_pat
         assert_patches_are_their_cells(x, y, b["keys"], by_key, colours)
     # full augmentation: the same epoch gives the same patches (exact resume), another does not
     first, again, other = batches(1, Augment()), batches(1, Augment()), batches(2, Augment())
-    assert all(torch.equal(a["patches"], b["patches"]) for a, b in zip(first, again))
+    assert all(torch.equal(a["patches"], b["patches"]) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first[0]["patches"], other[0]["patches"])
     # evaluation: the workers' centre crops are make_patches on the regions, in this process
     plain = RegionStream(shards, epoch=0, seed=3, train=False, regions_per_batch=3, grid=grid,
@@ -401,7 +419,7 @@ def test_workers_make_ready_patches_reproducibly_with_their_cells_labels(tmp_pat
     regions = list(device_batches(make_loader(plain), torch.device("cpu"), region))
     ready = batches(0, Augment(), train=False)
     assert len(ready) == len(regions)
-    for a, b in zip(ready, regions):
+    for a, b in zip(ready, regions, strict=True):
         x, _ = make_patches(b.regions, b.labels, grid=grid, patch=28, train=False,
                             aug=Augment.off())
         assert a["keys"] == b.keys and torch.equal(a["patches"], x)

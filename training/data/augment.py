@@ -23,8 +23,8 @@ Two executions of the same draws:
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class Augment:
     flips: bool = True  # random h/v flips + transpose = flips and 90-degree rotations
 
     @classmethod
-    def off(cls) -> "Augment":
+    def off(cls) -> Augment:
         return cls(0.0, 0.0, 0.0, 0.0, False)
 
     @property
@@ -153,26 +153,15 @@ def crop_patches(regions: torch.Tensor, offsets: torch.Tensor, grid: int, patch:
     return crops.permute(0, 3, 1, 2)
 
 
-def grid_patches(regions: torch.Tensor, grid: int, patch: int, random: bool = False,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, C, R, R) regions -> (B * grid * grid, C, patch, patch) crops, cells row-major.
-
-    Patch `b * grid * grid + row * grid + col` comes from cell (row, col) of region b.
-    """
-    b, _, h, _ = regions.shape
-    _check_regions(regions.shape, grid)
-    offsets = cell_offsets(grid, h // grid, patch, b, random, generator, regions.device)
-    return crop_patches(regions, offsets.reshape(-1, 2), grid, patch)
-
-
 def grid_labels(labels: torch.Tensor) -> torch.Tensor:
-    """(B, g, g) row-major label grids -> (B * g * g,) labels in `grid_patches` order."""
+    """(B, g, g) row-major label grids -> (B * g * g,) labels in the order of the patches:
+    patch `b * g * g + row * g + col` comes from cell (row, col) of region b."""
     return labels.reshape(-1)
 
 
 # --------------------------------------------------------------------------- colour
-# In-place versions work on a tensor the caller owns: on a CPU these ops are bound by memory
-# traffic, so every temporary and every extra pass counts. The public adjust_* copy first.
+# In place, on a tensor the caller owns: on a CPU these ops are bound by memory traffic, so
+# every temporary and every extra pass counts.
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
@@ -239,22 +228,6 @@ JITTER: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "brightness": brightness_, "contrast": contrast_, "saturation": saturation_, "hue": hue_}
 
 
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return brightness_(x.clone(), factor)
-
-
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return contrast_(x.clone(), factor)
-
-
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return saturation_(x.clone(), factor)
-
-
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    return hue_(x.clone(), shift)
-
-
 def apply_jitter_(x: torch.Tensor, draws: JitterDraws, start: int = 0) -> torch.Tensor:
     """Apply the drawn adjustments in place to patches start .. start + len(x) of the batch."""
     for name, factor in draws.steps:
@@ -262,60 +235,20 @@ def apply_jitter_(x: torch.Tensor, draws: JitterDraws, start: int = 0) -> torch.
     return x
 
 
-def color_jitter(x: torch.Tensor, aug: Augment, generator: torch.Generator | None) -> torch.Tensor:
-    """Per-patch ColorJitter of float (N, 3, H, W) images in [0, 1] (a new tensor)."""
-    return apply_jitter_(x.clone(), draw_jitter(x.shape[0], aug, generator, x.device))
-
-
 # --------------------------------------------------------------------------- geometry
-def apply_dihedral(x: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
-    """Transpose, flip left-right, flip up-down the square patches whose coins say so."""
-    if x.device.type != "cpu":
-        # On a GPU, transforming every patch and selecting costs a few memory passes, while
-        # indexing by the coins (`nonzero`) would stall the host until the GPU catches up.
-        return _dihedral_select(x, coins)
-    return _dihedral_indexed(x, coins)
-
-
 _DIHEDRAL_OPS = (lambda t: t.transpose(-1, -2), lambda t: t.flip(-1), lambda t: t.flip(-2))
 
 
-def _dihedral_select(x: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
-    for coin, op in zip(coins, _DIHEDRAL_OPS):
-        x = torch.where(coin[:, None, None, None], op(x), x)
-    return x
+def apply_dihedral(x: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
+    """Transpose, flip left-right, flip up-down the square patches whose coins say so.
 
-
-def _dihedral_indexed(x: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
-    x = x.clone()
-    # Transform only the patches whose coin says so (torch.where would transform them all).
-    for coin, op in zip(coins, _DIHEDRAL_OPS):
-        idx = coin.nonzero().squeeze(1)
-        if idx.numel():
-            x[idx] = op(x[idx])
-    return x
-
-
-def random_dihedral(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Random flips and 90-degree rotations per square patch (uniform over the 8 symmetries).
-
-    A random transpose followed by random horizontal and vertical flips reaches each of the
-    8 elements of the square's symmetry group with probability 1/8, which is the same law as
-    the seed's random flip + random rot90 chain.
+    Random coins give each of the 8 symmetries of the square with probability 1/8: the law of
+    the seed's random flip + random rot90 chain. Every patch is transformed and then selected:
+    on a GPU that costs a few memory passes, while indexing by the coins (`nonzero`) would
+    stall the host until the GPU catches up. (The fused CPU path flips views while cropping.)
     """
-    return apply_dihedral(x, draw_coins(x.shape[0], generator, x.device))
-
-
-# --------------------------------------------------------------------------- all together
-def augment_patches(x: torch.Tensor, aug: Augment, generator: torch.Generator | None = None
-                    ) -> torch.Tensor:
-    """Augment float (N, 3, p, p) patches in [0, 1]; the input itself when `aug` is off."""
-    if not aug.enabled:
-        return x
-    if aug.jitter:
-        x = color_jitter(x, aug, generator)
-    if aug.flips:
-        x = random_dihedral(x, generator)
+    for coin, op in zip(coins, _DIHEDRAL_OPS, strict=True):
+        x = torch.where(coin[:, None, None, None], op(x), x)
     return x
 
 
@@ -355,8 +288,8 @@ def empty_patches(n: int, patch: int, channels_last: bool = False, shared: bool 
         return torch.empty(size, memory_format=fmt).share_memory_()
 
 
-def _patches_cpu(regions: Sequence[torch.Tensor], draws: PatchDraws, grid: int, patch: int,
-                 out: torch.Tensor) -> torch.Tensor:
+def _patches_cpu(regions: torch.Tensor | Sequence[torch.Tensor], draws: PatchDraws, grid: int,
+                 patch: int, out: torch.Tensor) -> torch.Tensor:
     """The fused CPU execution of `draws` (see the module docstring), chunk by chunk."""
     n, cells = out.shape[0], grid * grid
     # (R, R, 3) numpy views of the regions, whatever their memory layout (decoders give HWC)
@@ -366,9 +299,8 @@ def _patches_cpu(regions: Sequence[torch.Tensor], draws: PatchDraws, grid: int, 
     chunk = torch.empty((min(CPU_CHUNK, n), 3, patch, patch))
     planes = chunk.numpy()
     minus_one = torch.tensor(-1.0)
-    nhwc = out.permute(0, 2, 3, 1)
-    channels_last = nhwc.is_contiguous()
-    nhwc = nhwc.numpy()
+    channels_last = out.permute(0, 2, 3, 1).is_contiguous()
+    nhwc = out.permute(0, 2, 3, 1).numpy()
     for start in range(0, n, CPU_CHUNK):
         stop = min(n, start + CPU_CHUNK)
         for j, i in enumerate(range(start, stop)):

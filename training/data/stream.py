@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import braceexpand
 import numpy as np
@@ -410,18 +410,23 @@ def decode_on_device(images: list[torch.Tensor], device: torch.device, region_si
                 except RuntimeError as exc:
                     decoded.append(None)
                     errors[i] = f"RuntimeError: {exc}"
-        for i, im in zip(encoded, decoded):
+        for i, im in zip(encoded, decoded, strict=True):
             if im is not None:
                 try:
                     check_size(im, region_size)
                     out[i] = im
                 except ValueError as exc:
                     errors[i] = f"ValueError: {exc}"
-    for i, im in enumerate(images):
-        if out[i] is None:
-            out[i] = torch.zeros(3, region_size, region_size, dtype=torch.uint8, device=device) \
-                if errors[i] else im.to(device, non_blocking=True)
-    return out, errors
+
+    def final(i: int) -> torch.Tensor:  # decoded, blank for a failure, or moved as it is
+        done = out[i]
+        if done is not None:
+            return done
+        if errors[i]:
+            return torch.zeros(3, region_size, region_size, dtype=torch.uint8, device=device)
+        return images[i].to(device, non_blocking=True)
+
+    return [final(i) for i in range(len(images))], errors
 
 
 def to_device(batch: dict, device: torch.device, region_size: int) -> RegionBatch:
@@ -444,10 +449,3 @@ def to_device(batch: dict, device: torch.device, region_size: int) -> RegionBatc
             bad += [f"{batch['keys'][i]}: {errors[i]}" for i in failed]
     labels = batch["labels"].to(device, non_blocking=True)
     return RegionBatch(regions, labels, valid, list(batch["keys"]), bad)
-
-
-def device_batches(loader: Iterable[dict], device: torch.device, region_size: int
-                   ) -> Iterator[RegionBatch]:
-    """RegionBatches on `device` from a loader (the benchmark times this directly)."""
-    for batch in loader:
-        yield to_device(batch, device, region_size)
