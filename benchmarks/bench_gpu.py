@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import os
 import shutil
 import sys
@@ -51,13 +50,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tifffile
 import torch
 
 from benchmarks.common import cli, machine, median, table, write_section
-from etl.synth.cohort import TILE, box_downsample, make_scene, pyramid_dims
-
-GLASS_RGB = (243, 241, 245)  # the synthetic generator's glass colour
+from etl.synth.scene import GLASS_RGB, make_scene
+from etl.synth.textures import TILE
+from etl.wsi.downsample import block_mean
+from etl.wsi.pyramid import PyramidWriter, pyramid_dims
 
 
 @dataclass(frozen=True)
@@ -104,30 +103,6 @@ def log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- mosaic slide
-def _jpeg_kwargs(quality: int) -> dict:
-    return dict(photometric="rgb", compression="jpeg", compressionargs={"level": quality},
-                tile=(TILE, TILE), metadata=None)
-
-
-def encode_tiles(tiles: list[np.ndarray], quality: int) -> list[bytes]:
-    """Each (TILE, TILE, 3) tile encoded exactly as `tifffile` encodes a JPEG tile with the
-    same arguments (written to an in-memory TIFF, its tile bytes read back), so the bytes can
-    be written as they are into another TIFF page with those arguments."""
-    buf = io.BytesIO()
-    with tifffile.TiffWriter(buf) as tw:
-        tw.write(np.concatenate(tiles, axis=0), **_jpeg_kwargs(quality))
-    buf.seek(0)
-    with tifffile.TiffFile(buf) as tf:
-        page = tf.pages[0]
-        if page.jpegtables is not None:  # shared tables would not travel with the bytes
-            raise RuntimeError("tifffile wrote JPEG tables; pre-encoded tiles cannot be reused")
-        fh, out = tf.filehandle, []
-        for offset, count in zip(page.dataoffsets, page.databytecounts):
-            fh.seek(offset)
-            out.append(fh.read(count))
-    return out
-
-
 @dataclass
 class Mosaic:
     """What `write_mosaic_slide` wrote."""
@@ -194,21 +169,19 @@ def write_mosaic_slide(path: Path, side: int, *, block: int = 4096, unique: int 
     glass[:] = GLASS_RGB
     levels = pyramid_dims(side, side, 2)
     small = blocks
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+    with PyramidWriter(path, side, side, quality=quality, tile=TILE, mpp=(mpp, mpp)) as writer:
         for k, (w, h) in enumerate(levels):
             d = 2 ** k
             if block % d:
                 raise ValueError(f"block {block} is not a multiple of level {k}'s downsample {d}")
             bl = block // d  # block side at this level
             if k:  # each level from the one above, as the generator's pyramid is made
-                small = [box_downsample(b, 2) for b in small]
-            res = 1e4 / (mpp * side / w), 1e4 / (mpp * side / h)  # pixels per cm
-            extra = dict(resolution=res, resolutionunit="CENTIMETER", subfiletype=1 if k else 0)
+                small = [block_mean(b, 2, "drop") for b in small]
             if bl % TILE == 0:
                 per = bl // TILE  # tiles per block side
-                coded = encode_tiles([glass] + [s[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE]
-                                                for s in small for r in range(per)
-                                                for c in range(per)], quality)
+                coded = writer.encode_tiles([glass] + [
+                    s[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE]
+                    for s in small for r in range(per) for c in range(per)])
                 glass_bytes, tiles = coded[0], coded[1:]
 
                 def tile_bytes(w: int = w, h: int = h, per: int = per, tiles=tiles,
@@ -219,16 +192,15 @@ def write_mosaic_slide(path: Path, side: int, *, block: int = 4096, unique: int 
                             yield glass_bytes if src < 0 else tiles[
                                 (src * per + ty % per) * per + tx % per]
 
-                tw.write(tile_bytes(), shape=(h, w, 3), dtype=np.uint8, **_jpeg_kwargs(quality),
-                         **extra)
+                writer.level(tile_bytes(), size=(w, h))
             else:
                 img = np.empty((h, w, 3), np.uint8)
                 img[:] = GLASS_RGB
-                for by, bx in zip(*np.nonzero(layout >= 0)):
+                for by, bx in zip(*np.nonzero(layout >= 0), strict=True):
                     y, x = by * bl, bx * bl
                     part = small[layout[by, bx]][:max(0, h - y), :max(0, w - x)]
                     img[y:y + part.shape[0], x:x + part.shape[1]] = part
-                tw.write(img, **_jpeg_kwargs(quality), **extra)
+                writer.level(img)
     return Mosaic(path, side, side, levels, int((layout >= 0).sum()), layout.size,
                   time.perf_counter() - t0)
 

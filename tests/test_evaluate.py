@@ -14,7 +14,7 @@ from etl.wsi.annotations import write_asap_xml
 from etl.evaluate.froc import (EvaluationError, binary_auc, evaluate, evaluation_mask, froc_curve,
                           froc_score, major_axis_lengths, rasterize_polygons, read_mask_tiff,
                           score_slide)
-from etl.synth.cohort import tumor_mask, write_mask
+from etl.wsi.masks import tumor_mask, write_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from etl.synth.cohort import make_scene, points_in_polygons, write_slide
+from etl.synth.scene import make_scene
+from etl.synth.slide import write_slide
+from etl.wsi.annotations import points_in_polygons
 from training.cli import app
 from training.config import InferConfig
 from training.infer.run import (MapGeometry, Predictor, find_candidates, infer_slide,

@@ -16,7 +16,8 @@ from etl.cli import app
 from etl.extract.coords import Region, load_regions
 from etl.qc import COLOURS, draw_qc, qc_table, region_colour
 from etl.wsi.reader import open_slide
-from etl.synth.cohort import make_scene, synth_cohort
+from etl.synth.cohort import synth_cohort
+from etl.synth.scene import make_scene
 from etl.wsi.tissue import TissueMask, otsu_threshold, read_low_res, tissue_from_rgb, tissue_mask
 
 REPO = Path(__file__).resolve().parents[1]

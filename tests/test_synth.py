@@ -14,8 +14,11 @@ from typer.testing import CliRunner
 
 from etl.wsi.annotations import points_in_polygons, read_asap_xml, write_asap_xml
 from etl.cli import app
-from etl.synth.cohort import (MASK_DOWNSAMPLE, box_downsample, make_scene, read_mask, render_slide,
-                       synth_cohort, write_slide)
+from etl.synth.cohort import MASK_DOWNSAMPLE, synth_cohort
+from etl.synth.scene import make_scene, render_slide
+from etl.synth.slide import write_slide
+from etl.wsi.downsample import block_mean
+from etl.wsi.masks import read_mask
 
 W, H, MPP, SEED = 2048, 1536, 0.243, 3
 
@@ -92,7 +95,7 @@ def test_aperio_layout_opens_with_vendor_aperio(tmp_path):
         assert osr.properties["openslide.objective-power"] == "20"
         assert "thumbnail" in osr.associated_images
         level1 = np.asarray(osr.read_region((0, 0), 1, (384, 256)).convert("RGB"), dtype=float)
-    expected = box_downsample(scene.render(), 4)
+    expected = block_mean(scene.render(), 4, "drop")
     _assert_jpeg_close(level1[:-1, :-1], expected)
     with tifffile.TiffFile(path) as tf:  # tifffile's SVS reader sees baseline + 1 level
         assert tf.is_svs and len(tf.series[0].levels) == 2
@@ -113,7 +116,7 @@ def test_pixels_read_back_match_the_render(cohort):
             x, y = min(max(x, 0), W - 301), min(max(y, 0), H - 301)
             got = np.asarray(osr.read_region((x, y), 0, (300, 300)).convert("RGB"), dtype=float)
             _assert_jpeg_close(got, rgb[y : y + 301, x : x + 301], level=0)
-        level1 = box_downsample(rgb, 2)
+        level1 = block_mean(rgb, 2, "drop")
         got = np.asarray(osr.read_region((512, 256), 1, (400, 300)).convert("RGB"), dtype=float)
         _assert_jpeg_close(got, level1[128:429, 256:657])
     # A plausible picture: glass is bright, tissue is pink/purple, lesions darker than tissue.

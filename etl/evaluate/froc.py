@@ -56,7 +56,7 @@ from scipy import ndimage
 
 from etl.errors import PatchetlError
 from etl.wsi.annotations import EXCLUSION_GROUPS, read_asap_xml
-from etl.synth.cohort import tumor_mask
+from etl.wsi.masks import tumor_mask
 
 __all__ = [
     "DILATION_UM", "EVAL_LEVEL", "FP_RATES", "ITC_UM", "EvaluationError", "LesionMask",

@@ -2,20 +2,73 @@
 
 Polygons are float ``(N, 2)`` arrays of ``(x, y)`` level-0 pixel coordinates
 (x = column, y = row), the convention of the Camelyon16 XML files. A point is tumor
-when it lies inside ANY tumor polygon; inside one polygon the even-odd rule decides.
-Used by the synthetic slide generator (writing, labelling) and by evaluation (reading).
+when it lies inside ANY tumor polygon and inside no hole; inside one polygon the even-odd
+rule decides. Camelyon16's groups: ``_0`` and ``_1`` (and any other group, e.g. ``Tumor``)
+are tumor, ``_2`` (``Exclusion`` in some exports) are non-tumor holes inside lesions (the
+challenge's own mask conversion paints ``_2`` last with 0).
 """
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
 import numpy as np
 
+from etl.errors import PatchetlError
+
+__all__ = ["EXCLUSION_GROUPS", "AnnotationError", "Annotations", "points_in_polygons",
+           "read_annotations", "read_asap_xml", "write_asap_xml"]
+
 # Camelyon16: groups "_2" (and "Exclusion" in some exports) mark non-tumor holes inside lesions.
 EXCLUSION_GROUPS = ("_2", "Exclusion")
+
+
+class AnnotationError(PatchetlError, ValueError):
+    """An annotation file cannot be read; the message names the file, the entry and the fix."""
+
+
+@dataclass(frozen=True)
+class Annotations:
+    """The polygons of one slide: tumor = inside any ``tumor`` polygon and outside ``holes``."""
+
+    tumor: list[np.ndarray]
+    holes: list[np.ndarray]
+
+
+def _read_groups(path: Path) -> list[tuple[str, np.ndarray]]:
+    """(group, polygon) of every annotation, in file order; vertices sorted by ``Order``."""
+    try:
+        root = ET.parse(path).getroot()
+    except FileNotFoundError:
+        raise AnnotationError(f"{path}: annotation file not found") from None
+    except ET.ParseError as exc:
+        raise AnnotationError(f"{path}: not a valid XML file ({exc}); expected ASAP "
+                              "annotations") from None
+    polygons: list[tuple[str, np.ndarray]] = []
+    for i, ann in enumerate(root.iter("Annotation")):
+        name = ann.get("Name", f"#{i}")
+        points: list[tuple[float, float, float]] = []
+        for coord in ann.iter("Coordinate"):
+            try:
+                points.append((float(coord.get("Order", len(points))),
+                               float(coord.attrib["X"]), float(coord.attrib["Y"])))
+            except (KeyError, ValueError):
+                raise AnnotationError(
+                    f"{path}: annotation {name!r} has a Coordinate without numeric X/Y "
+                    f"({coord.attrib}); fix or remove that coordinate"
+                ) from None
+        if len(points) < 3:
+            raise AnnotationError(
+                f"{path}: annotation {name!r} has {len(points)} coordinate(s); a polygon needs "
+                "at least 3 (remove the annotation or add its vertices)"
+            )
+        points.sort(key=lambda p: p[0])
+        polygons.append((ann.get("PartOfGroup", ""),
+                         np.array([(x, y) for _, x, y in points], dtype=np.float64)))
+    return polygons
 
 
 def read_asap_xml(
@@ -27,40 +80,16 @@ def read_asap_xml(
     annotation except the exclusion groups (``_2``, ``Exclusion``). Coordinates are sorted
     by their ``Order`` attribute.
     """
-    path = Path(path)
-    try:
-        root = ET.parse(path).getroot()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: annotation file not found") from None
-    except ET.ParseError as exc:
-        raise ValueError(f"{path}: not a valid XML file ({exc}); expected ASAP annotations") from None
     wanted = None if groups is None else set(groups)
-    polygons: list[np.ndarray] = []
-    for i, ann in enumerate(root.iter("Annotation")):
-        name = ann.get("Name", f"#{i}")
-        group = ann.get("PartOfGroup", "")
-        if wanted is not None and group not in wanted:
-            continue
-        if wanted is None and group in EXCLUSION_GROUPS:
-            continue
-        points = []
-        for coord in ann.iter("Coordinate"):
-            try:
-                points.append((float(coord.get("Order", len(points))),
-                               float(coord.attrib["X"]), float(coord.attrib["Y"])))
-            except (KeyError, ValueError):
-                raise ValueError(
-                    f"{path}: annotation {name!r} has a Coordinate without numeric X/Y "
-                    f"({coord.attrib}); fix or remove that coordinate"
-                ) from None
-        if len(points) < 3:
-            raise ValueError(
-                f"{path}: annotation {name!r} has {len(points)} coordinate(s); a polygon needs "
-                "at least 3 (remove the annotation or add its vertices)"
-            )
-        points.sort(key=lambda p: p[0])
-        polygons.append(np.array([(x, y) for _, x, y in points], dtype=np.float64))
-    return polygons
+    return [poly for group, poly in _read_groups(Path(path))
+            if (group not in EXCLUSION_GROUPS if wanted is None else group in wanted)]
+
+
+def read_annotations(path: str | PathLike[str]) -> Annotations:
+    """Tumor polygons and holes (the exclusion groups) of an ASAP XML file, read once."""
+    groups = _read_groups(Path(path))
+    return Annotations(tumor=[p for g, p in groups if g not in EXCLUSION_GROUPS],
+                       holes=[p for g, p in groups if g in EXCLUSION_GROUPS])
 
 
 def write_asap_xml(

@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from etl.errors import OptionError
+from etl.wsi.downsample import block_mean
 from etl.wsi.reader import SlideReader
 
 __all__ = ["TissueMask", "LowRes", "read_low_res", "thumbnail", "otsu_threshold", "saturation",
@@ -40,26 +41,17 @@ class LowRes:
     level: int  # pyramid level it was read from
 
 
-def _box_reduce(strip: np.ndarray, f: int) -> np.ndarray:
-    """Mean over f x f blocks (the strip is padded with white to whole blocks), uint8."""
-    h, w = strip.shape[:2]
-    ph, pw = -h % f, -w % f
-    if ph or pw:
-        strip = np.pad(strip, ((0, ph), (0, pw), (0, 0)), constant_values=255)
-    blocks = strip.reshape(strip.shape[0] // f, f, strip.shape[1] // f, f, 3)
-    return np.rint(blocks.mean(axis=(1, 3), dtype=np.float32)).astype(np.uint8)
-
-
 def read_low_res(reader: SlideReader, downsample: float, *, coarser: bool = False) -> LowRes:
     """The slide at about ``downsample`` level-0 px per pixel.
 
     Reads the coarsest pyramid level whose downsample is at most ``downsample``, in strips of
     bounded size, then box-averages by the integer factor left (rounded down: the view is at
-    least as fine as asked; ``coarser=True`` rounds up: at most as fine). Partial blocks at
-    the right and bottom edges are averaged with white, so the view covers the whole slide.
+    least as fine as asked; ``coarser=True`` rounds up: at most as fine), rounding half up.
+    Partial blocks at the right and bottom edges are averaged with white (``edge="white"``),
+    so the view covers the whole slide.
     """
     if not downsample >= 1:
-        raise ValueError(f"downsample must be >= 1, got {downsample}")
+        raise OptionError(f"downsample must be >= 1, got {downsample}")
     w0, h0 = reader.dimensions
     level = max((i for i, d in enumerate(reader.level_downsamples) if d <= downsample * 1.001),
                 default=0)
@@ -73,7 +65,7 @@ def read_low_res(reader: SlideReader, downsample: float, *, coarser: bool = Fals
     for ly in range(0, hl, rows):
         h = min(rows, hl - ly)
         strip = reader.read_region(0, int(round(ly * step)), level, wl, h)
-        parts.append(_box_reduce(strip, f) if f > 1 else strip)
+        parts.append(block_mean(strip, f, "white") if f > 1 else strip)
     return LowRes(np.concatenate(parts, axis=0), (lds_x * f, lds_y * f), level)
 
 
