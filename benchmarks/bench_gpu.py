@@ -335,7 +335,10 @@ def bench_inference(slide: Path, warmup_slide: Path, ckpt: Path, out: Path, devi
                     workers: int) -> dict:
     """Warm-up on a small slide, then the whole big slide, timed by stage."""
     from training.config import InferConfig
-    from training.infer.run import Predictor, infer_slide, load_model, write_outputs
+    from training.infer.outputs import write_outputs
+    from training.infer.predictor import Predictor
+    from training.infer.run import infer_slide
+    from training.model import load_model
 
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -373,7 +376,7 @@ def bench_agreement(work: Path, ckpt: Path, sz: Sizes, device: str, workers: int
     without, not seen in training), as `patchetl check-dense` computes them."""
     from training.infer.agreement import compare_slide, pooled
     from training.config import InferConfig
-    from training.infer.run import make_predictor
+    from training.infer.predictor import make_predictor
 
     held = work / "heldout"
     cli("synth", "--out", held, "--slides", 2, "--width", sz.heldout_width, "--height",

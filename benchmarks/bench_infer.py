@@ -21,7 +21,8 @@ import torch
 
 from benchmarks.common import cli, machine, median, table, write_section
 from training.config import InferConfig
-from training.infer.run import Predictor, infer_slide
+from training.infer.predictor import Predictor
+from training.infer.run import infer_slide
 from training.model import build_model, load_model
 
 PATCH, STRIDE = 224, 32

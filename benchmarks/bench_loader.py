@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,8 @@ class OnTheFlyRegions(Dataset):
     torchvision ColorJitter, random flip, random rot90, cast, scale to [-1, 1]."""
 
     def __init__(self, regions, seed: int):
-        self.regions, self.seed, self.slides = regions, seed, {}
+        self.regions, self.seed = regions, seed
+        self.slides: dict[str, Any] = {}
 
     def __len__(self) -> int:
         return len(self.regions)
@@ -146,10 +148,11 @@ def main() -> None:
         ]
         text = "\n\n".join([
             "## Loader: patches/s as ready training batches (issue 4)",
-            f"Command: `python -m benchmarks.bench_loader` (run by `make bench`). Machine: {machine()}.",
+            "Command: `python -m benchmarks.bench_loader` (run by `make bench`). "
+            f"Machine: {machine()}.",
             f"Data: 3 synthetic slides 8000 x 6000, regions {REGION} px (JPEG 95 shards), grid "
-            f"{GRID}x{GRID}, patches {PATCH} px, {args.regions_per_batch * GRID * GRID} patches per "
-            f"batch, {args.batches} timed batches after 2 warm-up batches; medians of "
+            f"{GRID}x{GRID}, patches {PATCH} px, {args.regions_per_batch * GRID * GRID} patches "
+            f"per batch, {args.batches} timed batches after 2 warm-up batches; medians of "
             f"{args.repeats} interleaved runs (all runs: "
             + ", ".join(f"{k} {[round(v, 1) for v in vs]}" for k, vs in runs.items()) + ").",
             table(["variant", "patches/s (median)", "ratio", "target"], rows),

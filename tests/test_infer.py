@@ -12,15 +12,18 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from etl.evaluate.nms import nms
 from etl.synth.scene import make_scene
 from etl.synth.slide import write_slide
 from etl.wsi.annotations import points_in_polygons
 from training.cli import app
 from training.config import InferConfig
-from training.infer.run import (MapGeometry, Predictor, find_candidates, infer_slide,
-                            load_model, predict_map, write_heatmap_tiff)
-from training.model import build_model
-from etl.evaluate.nms import nms
+from training.infer.geometry import MapGeometry
+from training.infer.outputs import write_heatmap_tiff
+from training.infer.predictor import Predictor
+from training.infer.run import find_candidates, infer_slide
+from training.infer.tiling import predict_map
+from training.model import build_model, load_model
 
 P = 64  # test patch size: the model is fully convolutional, 64 px keeps CPU runs short
 MPP = 2.0
@@ -65,7 +68,7 @@ def _calibrate_bn(model: torch.nn.Module, pred: Predictor, pixels: np.ndarray) -
             m.reset_running_stats()
     model.train()
     with torch.no_grad():
-        pred._features(pred._input(pixels))
+        model.features(pred._input(pixels))
     model.eval()
 
 
@@ -96,8 +99,8 @@ def trained(tmp_path_factory):
     padded = np.pad(img, ((margin, margin), (margin, margin), (0, 0)), constant_values=255)
     k = margin // 32
     with torch.no_grad():
-        alone = F.avg_pool2d(pred._features(pred._input(patches)), P // 32).flatten(1)
-        inside = pred._features(pred._input(padded[None]))[:, :, k:-k, k:-k]
+        alone = F.avg_pool2d(model.features(pred._input(patches)), P // 32).flatten(1)
+        inside = model.features(pred._input(padded[None]))[:, :, k:-k, k:-k]
         inside = F.avg_pool2d(inside, P // 32, stride=1)[0].flatten(1).T[tissue]
     feats = torch.cat([alone, inside])
     y = torch.tensor(np.r_[labels, labels], dtype=torch.float32)
@@ -255,14 +258,14 @@ def test_check_dense_command(slide, trained, tmp_path):
     report = tmp_path / "agreement.json"
     args = ["check-dense", str(slide[0]), "--ckpt", str(trained), "--workers", "2",
             "--tile-size", "256", "--report", str(report)]
-    res = CliRunner().invoke(app, args + ["--min-r", "0.6"])
+    res = CliRunner().invoke(app, [*args, "--min-r", "0.6"])
     assert res.exit_code == 0, res.output
     doc = json.loads(report.read_text())
     (row,) = doc["slides"]
     assert row["slide"] == "tumor_test" and doc["patch_size"] == P and doc["amp"] is False
     assert 0.6 <= doc["pooled"]["pearson"] < 1 and row["cells"] == doc["pooled"]["cells"] > 50
     assert "pooled" in res.output and f"{doc['pooled']['pearson']:.4f}" in res.output
-    res = CliRunner().invoke(app, args + ["--min-r", "0.9999"])
+    res = CliRunner().invoke(app, [*args, "--min-r", "0.9999"])
     assert res.exit_code == 1 and "below --min-r 0.9999" in res.output
     res = CliRunner().invoke(app, ["check-dense", str(slide[0]), "--ckpt",
                                    str(tmp_path / "missing.pt")])
@@ -316,7 +319,7 @@ def test_candidates_csv_and_geojson(dense_run):
     assert [p for p, _, _ in rows] == sorted((p for p, _, _ in rows), reverse=True)
     gj = json.loads((dense_run / "tumor_test.candidates.geojson").read_text())
     assert gj["type"] == "FeatureCollection" and len(gj["features"]) == len(rows)
-    for feat, (p, x, y) in zip(gj["features"], rows):
+    for feat, (p, x, y) in zip(gj["features"], rows, strict=True):
         assert feat["type"] == "Feature"
         assert feat["geometry"] == {"type": "Point", "coordinates": [int(x), int(y)]}
         props = feat["properties"]

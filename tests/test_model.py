@@ -6,7 +6,7 @@ import torch
 from torchvision.models import resnet18
 
 from training.checkpoint import load_checkpoint
-from training.infer.run import Predictor
+from training.infer.predictor import Predictor
 from training.model import (
     CheckpointError,
     DeviceError,

@@ -85,7 +85,8 @@ def check_dense(inputs: SlideInputs, check: AgreementOptions,
     Writes no maps.
     """
     from training.infer.agreement import compare_slide, pooled, report_lines, write_report
-    from training.infer.run import make_predictor, slide_paths
+    from training.infer.predictor import make_predictor
+    from training.infer.run import slide_paths
 
     paths = slide_paths(inputs.slides)
     cfg, predictor = make_predictor(replace(cfg, progress=False))

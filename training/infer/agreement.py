@@ -22,7 +22,8 @@ import numpy as np
 
 from etl.atomic import write_json_atomic
 from training.config import InferConfig
-from training.infer.run import Predictor, infer_slide
+from training.infer.predictor import Predictor
+from training.infer.run import infer_slide
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Agreement:
     positive_patch: float
 
     @classmethod
-    def of(cls, dense: np.ndarray, patch: np.ndarray) -> "Agreement":
+    def of(cls, dense: np.ndarray, patch: np.ndarray) -> Agreement:
         d, p = np.asarray(dense, np.float64).ravel(), np.asarray(patch, np.float64).ravel()
         if d.shape != p.shape:
             raise ValueError(f"maps differ in size: {d.shape} vs {p.shape}")
