@@ -10,10 +10,18 @@ import pytest
 import tifffile
 from typer.testing import CliRunner
 
+from etl.evaluate.auc import binary_auc
+from etl.evaluate.froc import (
+    EvaluationError,
+    evaluation_mask,
+    froc_curve,
+    froc_score,
+    major_axis_lengths,
+    score_slide,
+)
+from etl.evaluate.run import evaluate
+from etl.evaluate.truth import rasterize_polygons, read_mask_tiff
 from etl.wsi.annotations import write_asap_xml
-from etl.evaluate.froc import (EvaluationError, binary_auc, evaluate, evaluation_mask, froc_curve,
-                          froc_score, major_axis_lengths, rasterize_polygons, read_mask_tiff,
-                          score_slide)
 from etl.wsi.masks import tumor_mask, write_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -102,7 +110,7 @@ def test_perfect_detector_scores_one(tmp_path):
     write_case(tmp_path, "tumor_001", lesions, [(0.9, 900, 900), (0.8, 2800, 1200)])
     write_case(tmp_path, "tumor_002", [square(1500, 300, 900)], [(0.7, 1900, 700)])
     write_case(tmp_path, "normal_001", None, [])
-    report = evaluate(tmp_path / "pred", [tmp_path / "truth"])
+    report = evaluate(tmp_path / "pred", [tmp_path / "truth"]).to_dict()
     assert report["froc"]["score"] == pytest.approx(1.0)
     assert report["froc"]["lesions"] == 3 and report["froc"]["lesions_hit"] == 3
     assert report["froc"]["false_positives"] == 0
@@ -114,7 +122,7 @@ def test_perfect_detector_scores_one(tmp_path):
 def test_detections_only_on_normal_slides_score_zero(tmp_path):
     write_case(tmp_path, "tumor_001", [square(500, 500, 800)], [])
     write_case(tmp_path, "normal_001", None, [(0.9, 100, 100), (0.6, 3000, 1500)])
-    report = evaluate(tmp_path / "pred", [tmp_path / "truth"])
+    report = evaluate(tmp_path / "pred", [tmp_path / "truth"]).to_dict()
     assert report["froc"]["score"] == 0.0
     assert report["froc"]["false_positives"] == 2
     assert report["froc"]["curve"]["fps_per_slide"] == [1.0, 0.5, 0.0]  # 2 FPs over 2 slides
@@ -123,7 +131,7 @@ def test_detections_only_on_normal_slides_score_zero(tmp_path):
 def test_itc_only_slide_contributes_nothing(tmp_path):
     write_case(tmp_path, "tumor_001", [square(500, 500, 800)], [(0.9, 900, 900)])
     write_case(tmp_path, "tumor_002", [square(2010, 1010, 160)], [(0.95, 2080, 1080)])
-    report = evaluate(tmp_path / "pred", [tmp_path / "truth"])
+    report = evaluate(tmp_path / "pred", [tmp_path / "truth"]).to_dict()
     itc_slide = next(r for r in report["slides"] if r["name"] == "tumor_002")
     assert (itc_slide["lesions"], itc_slide["itc"], itc_slide["hits"]) == (0, 1, 0)
     assert (itc_slide["false_positives"], itc_slide["ignored_in_itc"]) == (0, 1)
@@ -246,6 +254,7 @@ def test_cli_checkpoint_without_shards_is_refused(tmp_path):
 def test_patch_eval_matches_a_manual_pass_over_the_shards(tmp_path):
     torch = pytest.importorskip("torch")
     from test_train_data import write_region_shards  # tests/ is on sys.path under pytest
+
     from training.data.augment import Augment, make_patches
     from training.data.stream import RegionStream, make_loader, open_shards, to_device
     from training.model import build_model

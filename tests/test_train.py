@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 from test_train_data import write_region_shards  # tests/ is on sys.path under pytest
 
-from etl.evaluate.froc import binary_auc
+from etl.evaluate.auc import binary_auc
 from training.config import TrainConfig
 from training.data.augment import Augment
 from training.data.stream import PatchSpec

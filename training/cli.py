@@ -44,8 +44,8 @@ def train(cfg: TrainConfig) -> None:
 @command(app)
 def evaluate(opts: EvaluateOptions, patch: PatchEvalOptions) -> None:
     """Score inference outputs: lesion FROC (Camelyon16 rules), slide AUC, patch AUC."""
-    from etl.evaluate.froc import evaluate as run_evaluation
-    from etl.evaluate.froc import summary_lines, write_report
+    from etl.evaluate.report import summary_lines, write_report
+    from etl.evaluate.run import evaluate as run_evaluation
 
     report = run_evaluation(opts.pred, opts.truth, slides=opts.slides, mpp=opts.mpp,
                             method=cast("Method", opts.froc_method),
@@ -53,10 +53,10 @@ def evaluate(opts: EvaluateOptions, patch: PatchEvalOptions) -> None:
     if patch.checkpoint is not None and patch.shards is not None:
         from training.patch_eval import evaluate_patches
 
-        report["patch"] = evaluate_patches(patch.checkpoint, patch.shards, device=patch.device,
-                                           workers=patch.workers)
+        report.patch = evaluate_patches(patch.checkpoint, patch.shards, device=patch.device,
+                                        workers=patch.workers)
     json_path, png_path = write_report(report, opts.out)
-    for line in summary_lines(report) + [f"warning: {w}" for w in report["warnings"]]:
+    for line in summary_lines(report) + [f"warning: {w}" for w in report.warnings]:
         typer.echo(line)
     typer.echo(f"report: {json_path}; FROC curve: {png_path}")
 

@@ -1,7 +1,7 @@
 """Epoch metrics: how a run is measured, and where the numbers go.
 
 Losses are masked BCE sums (bad slots weigh 0) kept on the device during an epoch and summed
-over ranks once at its end. The patch AUC is `etl.evaluate.froc.binary_auc` (rank based, ties
+over ranks once at its end. The patch AUC is `etl.evaluate.auc.binary_auc` (rank based, ties
 averaged) over the probabilities of every valid patch of all ranks; training validation and
 `patchetl evaluate --checkpoint` score patches with the same `score_patches`. The data wait is
 the share of an epoch spent waiting for the next batch (loader, transfer, decode, crops,
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from etl.atomic import atomic_file
-from etl.evaluate.froc import binary_auc
+from etl.evaluate.auc import binary_auc
 from training.data.pipeline import PatchBatch
 
 T = TypeVar("T")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["Candidate", "nms", "candidates_csv", "candidates_geojson"]
+__all__ = ["Candidate", "candidates_csv", "candidates_geojson", "nms"]
 
 
 @dataclass(frozen=True)
