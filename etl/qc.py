@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -21,10 +22,10 @@ from scipy import ndimage
 from etl.atomic import atomic_path
 from etl.extract.coords import Region, RegionTable
 from etl.wsi.formats import key_stem
-from etl.wsi.reader import SlideError, open_slide
+from etl.wsi.reader import Backend, SlideError, open_slide
 from etl.wsi.tissue import thumbnail, tissue_mask
 
-__all__ = ["QcResult", "COLOURS", "region_colour", "draw_qc", "qc_slide", "qc_table"]
+__all__ = ["COLOURS", "QcResult", "draw_qc", "qc_slide", "qc_table", "region_colour"]
 
 COLOURS = {"normal": (0, 170, 0), "tumor": (220, 0, 0), "mixed": (255, 140, 0),
            "tissue": (0, 90, 255)}
@@ -54,7 +55,9 @@ def region_colour(region: Region) -> str:
 
 def _outline(mask: np.ndarray) -> np.ndarray:
     """Pixels of ``mask`` that touch a non-mask pixel (8-neighbourhood)."""
-    return mask & ~ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), border_value=0)
+    inner = ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), border_value=0)
+    edge: np.ndarray = mask & ~inner
+    return edge
 
 
 def _box(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
@@ -113,7 +116,7 @@ def qc_slide(slide: Path, regions: Sequence[Region], out_png: Path, *, region_si
              max_side: int = 2048, tissue_downsample: float = 32.0,
              slide_backend: str = "auto") -> QcResult:
     """Draw one slide's regions; raises :class:`SlideError` if the slide cannot be read."""
-    with open_slide(slide, backend=slide_backend) as reader:
+    with open_slide(slide, backend=cast("Backend", slide_backend)) as reader:
         thumb = thumbnail(reader, max_side)
         tissue = tissue_mask(reader, downsample=tissue_downsample)
         width, height = reader.dimensions

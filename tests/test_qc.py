@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from etl.cli import app
 from etl.extract.coords import Region, load_regions
 from etl.qc import COLOURS, draw_qc, qc_table, region_colour
-from etl.wsi.reader import open_slide
 from etl.synth.cohort import synth_cohort
 from etl.synth.scene import make_scene
+from etl.wsi.reader import open_slide
 from etl.wsi.tissue import TissueMask, otsu_threshold, read_low_res, tissue_from_rgb, tissue_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_draw_qc_colours_regions_cells_and_tissue():
                _region(320, 220, [[0, 0, 0], [0, 1, 0], [0, 0, 0]]), _region(200, 230, [[1]])]
     img = np.asarray(draw_qc(rgb, (1.0, 1.0), regions, 96, tissue))
     assert img.shape == (300 + 18, 400, 3)
-    for region, kind in zip(regions, ("normal", "tumor", "mixed", "tumor")):
+    for region, kind in zip(regions, ("normal", "tumor", "mixed", "tumor"), strict=True):
         x0, y0 = region.x - 48, region.y - 48
         top, left = img[y0, x0:x0 + 96], img[y0:y0 + 96, x0]
         assert (top == COLOURS[kind]).all() and (left == COLOURS[kind]).all(), kind

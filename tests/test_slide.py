@@ -279,7 +279,7 @@ def test_stripped_tiff_is_not_a_slide_for_any_backend(tmp_path):
     path = tmp_path / "stripped.tif"
     tifffile.imwrite(path, _image(300, 400), photometric="rgb", metadata=None, rowsperstrip=32)
     for backend in ("auto", "openslide", "tiff"):
-        with pytest.raises(SlideError, match="stripped.tif") as info:
+        with pytest.raises(SlideError, match=r"stripped.tif") as info:
             open_slide(path, backend=backend)
         assert "OpenSlide" in str(info.value)
 
@@ -330,7 +330,7 @@ def test_small_cache_is_bounded_and_still_decodes_a_region_once(slides):
 @pytest.mark.parametrize("backend", ["auto", "openslide", "tiff"])
 def test_missing_file_raises_slide_error(tmp_path, backend):
     path = tmp_path / "nope.svs"
-    with pytest.raises(SlideError, match="nope.svs.*not found"):
+    with pytest.raises(SlideError, match=r"nope.svs.*not found"):
         open_slide(path, backend=backend)
     with pytest.raises(OSError):  # SlideError is an OSError
         open_slide(path, backend=backend)
@@ -340,7 +340,7 @@ def test_missing_file_raises_slide_error(tmp_path, backend):
 def test_non_slide_file_raises_slide_error(tmp_path, backend):
     path = tmp_path / "notes.tif"
     path.write_text("not an image\n")
-    with pytest.raises(SlideError, match="notes.tif"):
+    with pytest.raises(SlideError, match=r"notes.tif"):
         open_slide(path, backend=backend)
 
 

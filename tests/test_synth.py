@@ -12,11 +12,11 @@ import pytest
 import tifffile
 from typer.testing import CliRunner
 
-from etl.wsi.annotations import points_in_polygons, read_asap_xml, write_asap_xml
 from etl.cli import app
 from etl.synth.cohort import MASK_DOWNSAMPLE, synth_cohort
 from etl.synth.scene import make_scene, render_slide
 from etl.synth.slide import write_slide
+from etl.wsi.annotations import points_in_polygons, read_asap_xml, write_asap_xml
 from etl.wsi.downsample import block_mean
 from etl.wsi.masks import read_mask
 
@@ -34,7 +34,7 @@ def cohort(tmp_path_factory):
 def _winding_inside(x: float, y: float, poly: np.ndarray) -> bool:
     """Independent point-in-polygon (winding number) for checking labels and masks."""
     wn = 0
-    for (x0, y0), (x1, y1) in zip(poly, np.roll(poly, -1, axis=0)):
+    for (x0, y0), (x1, y1) in zip(poly, np.roll(poly, -1, axis=0), strict=True):
         cross = (x1 - x0) * (y - y0) - (x - x0) * (y1 - y0)
         if y0 <= y < y1 and cross > 0:
             wn += 1
@@ -107,7 +107,7 @@ def test_pixels_read_back_match_the_render(cohort):
     assert rgb.shape == (H, W, 3) and rgb.dtype == np.uint8
     xml_polys = read_asap_xml(slide.xml)
     assert len(xml_polys) == len(polygons) > 0
-    for a, b in zip(xml_polys, polygons):
+    for a, b in zip(xml_polys, polygons, strict=True):
         np.testing.assert_array_equal(a, b)  # the XML reproduces the polygons exactly
     cx, cy = polygons[0].mean(axis=0).astype(int)
     spots = [(0, 0), (W - 300, H - 200), (cx - 150, cy - 150), (W // 2, H // 3)]

@@ -19,6 +19,7 @@ process opens its own.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 from abc import ABC, abstractmethod
@@ -37,14 +38,14 @@ import tifffile
 from etl.errors import OptionError, PatchetlError
 
 __all__ = [
+    "OpenSlideReader",
     "SlideError",
-    "UnsupportedSlide",
     "SlideReader",
     "TiffTileReader",
-    "OpenSlideReader",
+    "UnsupportedSlide",
+    "composite_over_white",
     "open_slide",
     "read_region_openslide_rgb",
-    "composite_over_white",
 ]
 
 log = logging.getLogger(__name__)
@@ -189,10 +190,9 @@ class OpenSlideReader(SlideReader):
         self.path = Path(path)
         self._slide: openslide.OpenSlide | None = _open_openslide(self.path)
         slide = self._slide
-        try:  # a private cache of the requested size (OpenSlide >= 4.0)
+        # a private cache of the requested size (OpenSlide >= 4.0; older ones lack it)
+        with contextlib.suppress(AttributeError, openslide.OpenSlideError):
             slide.set_cache(openslide.OpenSlideCache(int(tile_cache_bytes)))
-        except (AttributeError, openslide.OpenSlideError):  # pragma: no cover - old OpenSlide
-            pass
         self.vendor = slide.properties.get(openslide.PROPERTY_NAME_VENDOR) or "unknown"
         self.level_count = slide.level_count
         self.level_dimensions = tuple((int(w), int(h)) for w, h in slide.level_dimensions)
@@ -361,7 +361,8 @@ class TiffTileReader(SlideReader):
             raise UnsupportedSlide(f"{self.path}: OpenSlide format {self.vendor!r} is not "
                                    f"read directly (only {sorted(DIRECT_VENDORS)})")
         assert self._tif is not None
-        pages = _level_pages(list(self._tif.pages), self.vendor)
+        pages = _level_pages([p for p in self._tif.pages if isinstance(p, tifffile.TiffPage)],
+                             self.vendor)
         levels = []
         for page in pages:
             reason = _why_not_direct(page)

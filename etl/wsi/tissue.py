@@ -26,8 +26,16 @@ from etl.errors import OptionError
 from etl.wsi.downsample import block_mean
 from etl.wsi.reader import SlideReader
 
-__all__ = ["TissueMask", "LowRes", "read_low_res", "thumbnail", "otsu_threshold", "saturation",
-           "tissue_from_rgb", "tissue_mask"]
+__all__ = [
+    "LowRes",
+    "TissueMask",
+    "otsu_threshold",
+    "read_low_res",
+    "saturation",
+    "thumbnail",
+    "tissue_from_rgb",
+    "tissue_mask",
+]
 
 STRIP_BYTES = 64 << 20  # bound on one strip read while downsampling a level
 
@@ -64,7 +72,7 @@ def read_low_res(reader: SlideReader, downsample: float, *, coarser: bool = Fals
     parts = []
     for ly in range(0, hl, rows):
         h = min(rows, hl - ly)
-        strip = reader.read_region(0, int(round(ly * step)), level, wl, h)
+        strip = reader.read_region(0, round(ly * step), level, wl, h)
         parts.append(block_mean(strip, f, "white") if f > 1 else strip)
     return LowRes(np.concatenate(parts, axis=0), (lds_x * f, lds_y * f), level)
 
@@ -79,7 +87,8 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation (max - min) / max of uint8 RGB, float32 in [0, 1] (0 where max is 0)."""
     hi = rgb.max(axis=-1).astype(np.float32)
     lo = rgb.min(axis=-1).astype(np.float32)
-    return np.divide(hi - lo, hi, out=np.zeros_like(hi), where=hi > 0)
+    sat: np.ndarray = np.divide(hi - lo, hi, out=np.zeros_like(hi), where=hi > 0)
+    return sat
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256, value_range: tuple[float, float] = (0, 1)
@@ -152,7 +161,8 @@ class TissueMask:
         c0, c1 = bounds(cols, dsx, w)
         total = (table[r1[:, None], c1[None, :]] - table[r0[:, None], c1[None, :]]
                  - table[r1[:, None], c0[None, :]] + table[r0[:, None], c0[None, :]])
-        return total > 0
+        cells: np.ndarray = total > 0
+        return cells
 
     def at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Tissue at level-0 points (x, y) (False outside the slide)."""
