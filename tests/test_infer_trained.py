@@ -29,7 +29,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 def patchetl(*args, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
     res = subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)],
                          capture_output=True, text=True)
-    assert res.returncode in ok, f"patchetl {args[0]}: exit {res.returncode}\n{res.stdout}{res.stderr}"
+    assert res.returncode in ok, \
+        f"patchetl {args[0]}: exit {res.returncode}\n{res.stdout}{res.stderr}"
     return res
 
 
