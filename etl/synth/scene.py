@@ -83,22 +83,6 @@ class SlideScene:
         idx = np.clip(np.floor(u).astype(np.int64), 0, size - 2)
         return idx, np.clip(u - idx, 0.0, 1.0).astype(np.float32)
 
-    def _tumor_raster(self, x0: int, y0: int, h: int, w: int) -> Image.Image | None:
-        """Lesion pixels (255) of the window at (x0, y0), size (h, w), or None if it has none.
-
-        PIL rasterisation, for looks only: labels and masks use the exact polygon test.
-        """
-        img = None
-        for poly in self.polygons:
-            (xmin, ymin), (xmax, ymax) = poly.min(axis=0), poly.max(axis=0)
-            if xmax < x0 or ymax < y0 or xmin >= x0 + w or ymin >= y0 + h:
-                continue
-            if img is None:
-                img = Image.new("L", (w, h), 0)
-                draw = ImageDraw.Draw(img)
-            draw.polygon([(x - x0 - 0.5, y - y0 - 0.5) for x, y in poly], fill=255)
-        return img
-
     def render_tile(self, x0: int, y0: int, h: int = TILE, w: int = TILE) -> np.ndarray:
         """Render the (h, w, 3) uint8 RGB tile whose top-left level-0 pixel is (x0, y0)."""
         if not (0 < h <= TILE and 0 < w <= TILE):
@@ -127,38 +111,8 @@ class SlideScene:
             alpha = np.clip(dist / self._soft_px + 0.5, 0.0, 1.0) * (1.0 - vacuole)
             fib, fine, patchy = b[2], b[3], a[2]
             eos = NORMAL.eosin * np.maximum(0.45 + 0.55 * fib + 0.15 * patchy + 0.08 * fine, 0.05)
-            m = tex.reach
-            raster = self._tumor_raster(x0 - m, y0 - m, h + 2 * m, w + 2 * m)
-            lesion = None if raster is None else np.asarray(raster) > 127
-            tumor_share = None  # how much of the stroma is tumor stroma
-            if lesion is None or not lesion.any():
-                hema = np.maximum(a[0], b[0])
-                base = 0.07
-            elif lesion.all():  # well inside a lesion
-                hema = np.maximum(a[1], b[1])
-                tumor_share = 1.0
-                base = 0.12
-            else:
-                # A nucleus belongs to the lesion when its centre does: none is cut in two.
-                yy, xx = np.ogrid[m : m + h, m : m + w]
-                a_off = tex.a_off[:, ya : ya + h, xa : xa + w]
-                b_off = tex.b_off[:, yb : yb + h, xb : xb + w]
-
-                def centre_in(off: np.ndarray) -> np.ndarray:
-                    inside: np.ndarray = lesion[yy + off[0], xx + off[1]]
-                    return inside
-
-                hema = np.maximum.reduce([
-                    np.where(centre_in(a_off[0:2]), 0.0, a[0]),
-                    np.where(centre_in(b_off[0:2]), 0.0, b[0]),
-                    np.where(centre_in(a_off[2:4]), a[1], 0.0),
-                    np.where(centre_in(b_off[2:4]), b[1], 0.0),
-                ])
-                # Stroma changes over about a nucleus' width at the lesion border.
-                assert raster is not None  # a lesion pixel came from it
-                near = np.asarray(raster.filter(ImageFilter.BoxBlur(m)), np.float32)
-                tumor_share = near[m : m + h, m : m + w] / np.float32(255.0)
-                base = 0.07 + 0.05 * tumor_share
+            hema, tumor_share, base = _nuclei(self.polygons, tex, self.offset, x0, y0, h, w,
+                                              a, b)
             if tumor_share is not None:
                 eos_t = TUMOR.eosin * np.maximum(0.70 + 0.30 * fib + 0.10 * patchy + 0.08 * fine,
                                                   0.05)
@@ -166,14 +120,7 @@ class SlideScene:
             hema = alpha * (hema * (0.85 + 0.15 * grain) + base) * f[1]
             eos = alpha * eos * f[2]
             od = [od[c] + hema * self.h_vec[c] + eos * self.e_vec[c] for c in range(3)]
-        out = np.empty((h, w, 3), np.uint8)
-        for c in range(3):  # Beer-Lambert: transmitted light per channel
-            v = np.exp(-od[c])
-            v *= np.float32(255.0)
-            v += np.float32(0.5)
-            np.minimum(v, np.float32(255.0), out=v)
-            out[..., c] = v  # truncating cast: rounded since v >= 0.5
-        return out
+        return _transmitted(od, h, w)
 
     def render(self) -> np.ndarray:
         """The whole level-0 image (height, width, 3) uint8, assembled from ``render_tile``."""
@@ -183,6 +130,75 @@ class SlideScene:
                 tile = self.render_tile(x0, y0)
                 out[y0 : y0 + TILE, x0 : x0 + TILE] = tile[: self.height - y0, : self.width - x0]
         return out
+
+
+def _lesion_raster(polygons: list[np.ndarray], x0: int, y0: int, h: int,
+                   w: int) -> Image.Image | None:
+    """Lesion pixels (255) of the window at (x0, y0), size (h, w), or None if it has none.
+
+    PIL rasterisation, for looks only: labels and masks use the exact polygon test.
+    """
+    img = None
+    for poly in polygons:
+        (xmin, ymin), (xmax, ymax) = poly.min(axis=0), poly.max(axis=0)
+        if xmax < x0 or ymax < y0 or xmin >= x0 + w or ymin >= y0 + h:
+            continue
+        if img is None:
+            img = Image.new("L", (w, h), 0)
+            draw = ImageDraw.Draw(img)
+        draw.polygon([(x - x0 - 0.5, y - y0 - 0.5) for x, y in poly], fill=255)
+    return img
+
+
+def _nuclei(polygons: list[np.ndarray], tex: Textures, offset: tuple[int, int], x0: int,
+            y0: int, h: int, w: int, a: np.ndarray, b: np.ndarray,
+            ) -> tuple[np.ndarray, np.ndarray | float | None, np.ndarray | float]:
+    """Nuclei of the (h, w) window at (x0, y0): (hematoxylin density, share of tumor stroma
+    (None: no lesion near), base density). ``offset``: the scene's texture offset (y, x);
+    ``a``, ``b``: the window's texture slices."""
+    m = tex.reach
+    raster = _lesion_raster(polygons, x0 - m, y0 - m, h + 2 * m, w + 2 * m)
+    lesion = None if raster is None else np.asarray(raster) > 127
+    if lesion is None or not lesion.any():
+        return np.maximum(a[0], b[0]), None, 0.07
+    if lesion.all():  # well inside a lesion
+        return np.maximum(a[1], b[1]), 1.0, 0.12
+    # A nucleus belongs to the lesion when its centre does: none is cut in two.
+    oy, ox = offset
+    t1, t2 = TEXTURE_PERIODS
+    ya, xa = (y0 + oy) % t1, (x0 + ox) % t1
+    yb, xb = (y0 + oy) % t2, (x0 + ox) % t2
+    yy, xx = np.ogrid[m : m + h, m : m + w]
+    a_off = tex.a_off[:, ya : ya + h, xa : xa + w]
+    b_off = tex.b_off[:, yb : yb + h, xb : xb + w]
+
+    def centre_in(off: np.ndarray) -> np.ndarray:
+        inside: np.ndarray = lesion[yy + off[0], xx + off[1]]
+        return inside
+
+    hema = np.maximum.reduce([
+        np.where(centre_in(a_off[0:2]), 0.0, a[0]),
+        np.where(centre_in(b_off[0:2]), 0.0, b[0]),
+        np.where(centre_in(a_off[2:4]), a[1], 0.0),
+        np.where(centre_in(b_off[2:4]), b[1], 0.0),
+    ])
+    # Stroma changes over about a nucleus' width at the lesion border.
+    assert raster is not None  # a lesion pixel came from it
+    near = np.asarray(raster.filter(ImageFilter.BoxBlur(m)), np.float32)
+    tumor_share = near[m : m + h, m : m + w] / np.float32(255.0)
+    return hema, tumor_share, 0.07 + 0.05 * tumor_share
+
+
+def _transmitted(od: list[np.ndarray], h: int, w: int) -> np.ndarray:
+    """uint8 RGB from planar optical densities (Beer-Lambert: transmitted light per channel)."""
+    out = np.empty((h, w, 3), np.uint8)
+    for c in range(3):
+        v = np.exp(-od[c])
+        v *= np.float32(255.0)
+        v += np.float32(0.5)
+        np.minimum(v, np.float32(255.0), out=v)
+        out[..., c] = v  # truncating cast: rounded since v >= 0.5
+    return out
 
 
 def tissue_fields(rng: np.random.Generator, width: int, height: int

@@ -318,6 +318,25 @@ def _make_decoder(page: tifffile.TiffPage) -> Callable[[bytes, int], np.ndarray]
     return decode_other
 
 
+def _direct_levels(tif: tifffile.TiffFile, vendor: str, path: Path) -> list[_Level]:
+    """The pyramid levels of a TIFF as the direct reader decodes them (widest first)."""
+    pages = _level_pages([p for p in tif.pages if isinstance(p, tifffile.TiffPage)], vendor)
+    levels = []
+    for page in pages:
+        reason = _why_not_direct(page)
+        if reason is not None:
+            raise UnsupportedSlide(
+                f"{path}: page {page.index} cannot be decoded directly ({reason})")
+        levels.append(_Level(
+            page_index=page.index, width=page.imagewidth, height=page.imagelength,
+            tile_w=page.tilewidth, tile_h=page.tilelength,
+            tiles_across=-(-page.imagewidth // page.tilewidth),
+            tiles_down=-(-page.imagelength // page.tilelength),
+            offsets=tuple(page.dataoffsets), bytecounts=tuple(page.databytecounts),
+            decode=_make_decoder(page)))
+    return levels
+
+
 class TiffTileReader(SlideReader):
     """Direct tile decoder for tiled TIFF and Aperio SVS files (pixel-identical to OpenSlide).
 
@@ -361,21 +380,7 @@ class TiffTileReader(SlideReader):
             raise UnsupportedSlide(f"{self.path}: OpenSlide format {self.vendor!r} is not "
                                    f"read directly (only {sorted(DIRECT_VENDORS)})")
         assert self._tif is not None
-        pages = _level_pages([p for p in self._tif.pages if isinstance(p, tifffile.TiffPage)],
-                             self.vendor)
-        levels = []
-        for page in pages:
-            reason = _why_not_direct(page)
-            if reason is not None:
-                raise UnsupportedSlide(
-                    f"{self.path}: page {page.index} cannot be decoded directly ({reason})")
-            levels.append(_Level(
-                page_index=page.index, width=page.imagewidth, height=page.imagelength,
-                tile_w=page.tilewidth, tile_h=page.tilelength,
-                tiles_across=-(-page.imagewidth // page.tilewidth),
-                tiles_down=-(-page.imagelength // page.tilelength),
-                offsets=tuple(page.dataoffsets), bytecounts=tuple(page.databytecounts),
-                decode=_make_decoder(page)))
+        levels = _direct_levels(self._tif, self.vendor, self.path)
         dims = tuple((lv.width, lv.height) for lv in levels)
         if dims != tuple(slide.level_dimensions):
             raise UnsupportedSlide(f"{self.path}: TIFF levels {dims} differ from OpenSlide's "
