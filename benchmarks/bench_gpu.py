@@ -36,6 +36,7 @@ numbers mean nothing and it writes $TMPDIR/bench_gpu_smoke.md unless --out is gi
     python -m benchmarks.bench_gpu                      # CUDA machine
     python -m benchmarks.bench_gpu --device cpu --tiny  # smoke run, any machine
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,17 +86,43 @@ class Sizes:
 
 
 def full_sizes(cpus: int) -> Sizes:
-    return Sizes(slides=4, slide_width=8000, slide_height=6000, batch_size=512,
-                 batches_per_worker=6, workers=max(1, min(8, cpus)), region=768, patch=224,
-                 epochs=3, rounds=2, big_side=100_000, block=4096, unique_blocks=4,
-                 heldout_width=4000, heldout_height=3000)
+    return Sizes(
+        slides=4,
+        slide_width=8000,
+        slide_height=6000,
+        batch_size=512,
+        batches_per_worker=6,
+        workers=max(1, min(8, cpus)),
+        region=768,
+        patch=224,
+        epochs=3,
+        rounds=2,
+        big_side=100_000,
+        block=4096,
+        unique_blocks=4,
+        heldout_width=4000,
+        heldout_height=3000,
+    )
 
 
 def tiny_sizes() -> Sizes:
-    return Sizes(slides=2, slide_width=1600, slide_height=1200, batch_size=36,
-                 batches_per_worker=2, workers=2, region=288, patch=64, epochs=2, rounds=1,
-                 big_side=1536, block=256, unique_blocks=3,
-                 heldout_width=1024, heldout_height=768)
+    return Sizes(
+        slides=2,
+        slide_width=1600,
+        slide_height=1200,
+        batch_size=36,
+        batches_per_worker=2,
+        workers=2,
+        region=288,
+        patch=64,
+        epochs=2,
+        rounds=1,
+        big_side=1536,
+        block=256,
+        unique_blocks=3,
+        heldout_width=1024,
+        heldout_height=768,
+    )
 
 
 def log(message: str) -> None:
@@ -120,8 +147,9 @@ class Mosaic:
         return self.path.stat().st_size / 2**30
 
 
-def block_layout(width: int, height: int, block: int, unique: int, mpp: float, seed: int
-                 ) -> tuple[np.ndarray, list[tuple[int, int]], Callable]:
+def block_layout(
+    width: int, height: int, block: int, unique: int, mpp: float, seed: int
+) -> tuple[np.ndarray, list[tuple[int, int]], Callable]:
     """Which block shows which rendered source block (-1: glass), the sources' (x, y), and
     the scene to render them from. Tissue blocks follow the generator's full-size tissue
     layout (at least half of a 5 x 5 sample of the block on tissue)."""
@@ -146,8 +174,16 @@ def block_layout(width: int, height: int, block: int, unique: int, mpp: float, s
     return layout, sources, scene.render_tile
 
 
-def write_mosaic_slide(path: Path, side: int, *, block: int = 4096, unique: int = 4,
-                       mpp: float = 0.243, seed: int = 0, quality: int = 90) -> Mosaic:
+def write_mosaic_slide(
+    path: Path,
+    side: int,
+    *,
+    block: int = 4096,
+    unique: int = 4,
+    mpp: float = 0.243,
+    seed: int = 0,
+    quality: int = 90,
+) -> Mosaic:
     """A side x side pyramidal JPEG TIFF made of `unique` rendered tissue blocks on glass.
 
     Level k (downsample 2^k, sizes as `patchetl synth` makes them) is written from
@@ -163,7 +199,7 @@ def write_mosaic_slide(path: Path, side: int, *, block: int = 4096, unique: int 
         img = np.empty((block, block, 3), np.uint8)
         for ty in range(0, block, TILE):
             for tx in range(0, block, TILE):
-                img[ty:ty + TILE, tx:tx + TILE] = render_tile(x0 + tx, y0 + ty)
+                img[ty : ty + TILE, tx : tx + TILE] = render_tile(x0 + tx, y0 + ty)
         blocks.append(img)
     glass = np.empty((TILE, TILE, 3), np.uint8)
     glass[:] = GLASS_RGB
@@ -171,7 +207,7 @@ def write_mosaic_slide(path: Path, side: int, *, block: int = 4096, unique: int 
     small = blocks
     with PyramidWriter(path, side, side, quality=quality, tile=TILE, mpp=(mpp, mpp)) as writer:
         for k, (w, h) in enumerate(levels):
-            d = 2 ** k
+            d = 2**k
             if block % d:
                 raise ValueError(f"block {block} is not a multiple of level {k}'s downsample {d}")
             bl = block // d  # block side at this level
@@ -179,18 +215,28 @@ def write_mosaic_slide(path: Path, side: int, *, block: int = 4096, unique: int 
                 small = [block_mean(b, 2, "drop") for b in small]
             if bl % TILE == 0:
                 per = bl // TILE  # tiles per block side
-                coded = writer.encode_tiles([glass] + [
-                    s[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE]
-                    for s in small for r in range(per) for c in range(per)])
+                coded = writer.encode_tiles(
+                    [glass]
+                    + [
+                        s[r * TILE : (r + 1) * TILE, c * TILE : (c + 1) * TILE]
+                        for s in small
+                        for r in range(per)
+                        for c in range(per)
+                    ]
+                )
                 glass_bytes, tiles = coded[0], coded[1:]
 
-                def tile_bytes(w: int = w, h: int = h, per: int = per, tiles=tiles,
-                               glass_bytes=glass_bytes) -> Iterator[bytes]:
+                def tile_bytes(
+                    w: int = w, h: int = h, per: int = per, tiles=tiles, glass_bytes=glass_bytes
+                ) -> Iterator[bytes]:
                     for ty in range(-(-h // TILE)):
                         for tx in range(-(-w // TILE)):
                             src = layout[ty // per, tx // per]
-                            yield glass_bytes if src < 0 else tiles[
-                                (src * per + ty % per) * per + tx % per]
+                            yield (
+                                glass_bytes
+                                if src < 0
+                                else tiles[(src * per + ty % per) * per + tx % per]
+                            )
 
                 writer.level(tile_bytes(), size=(w, h))
             else:
@@ -198,11 +244,12 @@ def write_mosaic_slide(path: Path, side: int, *, block: int = 4096, unique: int 
                 img[:] = GLASS_RGB
                 for by, bx in zip(*np.nonzero(layout >= 0), strict=True):
                     y, x = by * bl, bx * bl
-                    part = small[layout[by, bx]][:max(0, h - y), :max(0, w - x)]
-                    img[y:y + part.shape[0], x:x + part.shape[1]] = part
+                    part = small[layout[by, bx]][: max(0, h - y), : max(0, w - x)]
+                    img[y : y + part.shape[0], x : x + part.shape[1]] = part
                 writer.level(img)
-    return Mosaic(path, side, side, levels, int((layout >= 0).sum()), layout.size,
-                  time.perf_counter() - t0)
+    return Mosaic(
+        path, side, side, levels, int((layout >= 0).sum()), layout.size, time.perf_counter() - t0
+    )
 
 
 # --------------------------------------------------------------------------- stages
@@ -211,27 +258,71 @@ def make_shards(work: Path, sz: Sizes) -> tuple[Path, Path, int]:
     data, shards = work / "data", work / "shards"
     regions = sz.workers * sz.regions_per_batch * sz.batches_per_worker
     per_slide = -(-regions // sz.slides)
-    cli("synth", "--out", data, "--slides", sz.slides, "--width", sz.slide_width, "--height",
-        sz.slide_height, "--seed", 3, "--regions-per-slide", per_slide, "--region-size",
-        sz.region, "--val-fraction", 0)
-    cli("extract", "--json", data / "dataset_0.json", "--data-root", data, "--out", shards,
-        "--region-size", sz.region, "--quality", 95, "--no-progress",
-        "--shard-size", max(1, -(-regions // 16)), "--workers", os.cpu_count() or 1)
+    cli(
+        "synth",
+        "--out",
+        data,
+        "--slides",
+        sz.slides,
+        "--width",
+        sz.slide_width,
+        "--height",
+        sz.slide_height,
+        "--seed",
+        3,
+        "--regions-per-slide",
+        per_slide,
+        "--region-size",
+        sz.region,
+        "--val-fraction",
+        0,
+    )
+    cli(
+        "extract",
+        "--json",
+        data / "dataset_0.json",
+        "--data-root",
+        data,
+        "--out",
+        shards,
+        "--region-size",
+        sz.region,
+        "--quality",
+        95,
+        "--no-progress",
+        "--shard-size",
+        max(1, -(-regions // 16)),
+        "--workers",
+        os.cpu_count() or 1,
+    )
     return data, shards / "training", per_slide * sz.slides
 
 
-def run_training(shards: Path, out: Path, sz: Sizes, device: str, decode: str, prefetch: bool,
-                 seed: int) -> list[dict]:
+def run_training(
+    shards: Path, out: Path, sz: Sizes, device: str, decode: str, prefetch: bool, seed: int
+) -> list[dict]:
     """The real trainer for `sz.epochs` epochs; returns its per-epoch metric rows."""
     from training.config import TrainConfig
     from training.train import train
 
     # AdamW without warm-up (the demo's settings): a default-variant run's checkpoint is
     # also the trained model of the dense-vs-patch agreement stage
-    cfg = TrainConfig(train=str(shards), out=str(out), epochs=sz.epochs,
-                      batch_size=sz.batch_size, patch_size=sz.patch, decode=decode,
-                      device=device, channels_last=True, workers=sz.workers, seed=seed,
-                      optimizer="adamw", warmup_epochs=0.0, prefetch=prefetch, progress=False)
+    cfg = TrainConfig(
+        train=str(shards),
+        out=str(out),
+        epochs=sz.epochs,
+        batch_size=sz.batch_size,
+        patch_size=sz.patch,
+        decode=decode,
+        device=device,
+        channels_last=True,
+        workers=sz.workers,
+        seed=seed,
+        optimizer="adamw",
+        warmup_epochs=0.0,
+        prefetch=prefetch,
+        progress=False,
+    )
     result = train(cfg, log=lambda m: log(f"  {m}"))
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -241,6 +332,13 @@ def run_training(shards: Path, out: Path, sz: Sizes, device: str, decode: str, p
 def model_ceiling(sz: Sizes, device: str, steps: int = 20, repeats: int = 3) -> float:
     """Patches/s of the training step alone (the same model, batch, bf16, channels_last and
     AdamW) on one batch already on the device: what the GPU does when it never waits."""
+    speed = _step_rate(sz, device, steps, repeats)
+    if device == "cuda":  # the model and batch are gone with _step_rate's frame
+        torch.cuda.empty_cache()
+    return speed
+
+
+def _step_rate(sz: Sizes, device: str, steps: int, repeats: int) -> float:
     from training.model import build_model
 
     dev = torch.device(device)
@@ -249,7 +347,8 @@ def model_ceiling(sz: Sizes, device: str, steps: int = 20, repeats: int = 3) -> 
     model = build_model().to(dev).to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(n, 3, sz.patch, sz.patch, device=dev).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     y = (torch.rand(n, device=dev) < 0.5).float()
     cuda = dev.type == "cuda"
 
@@ -269,27 +368,35 @@ def model_ceiling(sz: Sizes, device: str, steps: int = 20, repeats: int = 3) -> 
         return k * n / (time.perf_counter() - t)
 
     run(max(2, steps // 2))  # cuDNN autotuning, allocator warm-up
-    speed = median([run(steps) for _ in range(repeats)])
-    del model, opt, x
-    if cuda:
-        torch.cuda.empty_cache()
-    return speed
+    return median([run(steps) for _ in range(repeats)])
 
 
 VARIANTS = {  # name: (decode, prefetch, description)
-    "cpu-sync": ("cpu", False, "JPEG decode on CPU workers; transfer, crops and augmentation "
-                 "in the training thread (before)"),
-    "cpu": ("cpu", True, "JPEG decode on CPU workers; transfer, crops and augmentation "
-            "prefetched on a side stream"),
-    "cuda-sync": ("cuda", False, "nvJPEG decode on the GPU, crops and augmentation in the "
-                  "training thread (before)"),
-    "cuda": ("cuda", True, "nvJPEG decode, crops and augmentation prefetched on a side "
-             "stream (the default on CUDA)"),
+    "cpu-sync": (
+        "cpu",
+        False,
+        "JPEG decode on CPU workers; transfer, crops and augmentation "
+        "in the training thread (before)",
+    ),
+    "cpu": (
+        "cpu",
+        True,
+        "JPEG decode on CPU workers; transfer, crops and augmentation prefetched on a side stream",
+    ),
+    "cuda-sync": (
+        "cuda",
+        False,
+        "nvJPEG decode on the GPU, crops and augmentation in the training thread (before)",
+    ),
+    "cuda": (
+        "cuda",
+        True,
+        "nvJPEG decode, crops and augmentation prefetched on a side stream (the default on CUDA)",
+    ),
 }
 
 
-def bench_training(shards: Path, work: Path, sz: Sizes, device: str
-                   ) -> tuple[list[list], Path]:
+def bench_training(shards: Path, work: Path, sz: Sizes, device: str) -> tuple[list[list], Path]:
     """Interleaved runs of every variant, with the model-alone ceiling as the last row;
     returns the rows for the table and the default variant's checkpoint."""
     ceiling = model_ceiling(sz, device)
@@ -300,7 +407,7 @@ def bench_training(shards: Path, work: Path, sz: Sizes, device: str
     loss: dict[str, list[float]] = {v: [] for v in VARIANTS}
     ckpt = None
     for rnd in range(sz.rounds):
-        for variant in (list(VARIANTS) if rnd % 2 == 0 else list(VARIANTS)[::-1]):
+        for variant in list(VARIANTS) if rnd % 2 == 0 else list(VARIANTS)[::-1]:
             decode, prefetch, _ = VARIANTS[variant]
             # on the CPU smoke run nvJPEG does not exist: the 'cuda' rows run CPU decode
             decode = decode if device == "cuda" else "cpu"
@@ -311,28 +418,52 @@ def bench_training(shards: Path, work: Path, sz: Sizes, device: str
             speed[variant] += [r["patches_per_s"] for r in later]
             # without the epoch's start (worker processes, first batch), paid once per epoch
             # (the first batch's patches are left out too, its step stays in: conservative)
-            steady[variant] += [r["train_patches"] * (1 - 1 / r["train_steps"])
-                                / (r["seconds"] - r["startup_s"]) for r in later]
+            steady[variant] += [
+                r["train_patches"] * (1 - 1 / r["train_steps"]) / (r["seconds"] - r["startup_s"])
+                for r in later
+            ]
             wait[variant] += [r["data_wait"] for r in later]
             loss[variant].append(history[-1]["train_loss"])
             if variant == "cuda":
                 ckpt = out / "last.pt"
     base = median(speed["cpu-sync"])
-    rows = [[VARIANTS[v][2] + ("" if device == "cuda" or VARIANTS[v][0] == "cpu"
-                               else " (smoke run: ran CPU decode)"),
-             f"{median(speed[v]):.0f}", f"{100 * median(wait[v]):.0f}%",
-             f"{median(speed[v]) / base:.2f}x", f"{median(speed[v]) / ceiling:.0%}",
-             f"{median(steady[v]):.0f} ({median(steady[v]) / ceiling:.0%})",
-             ", ".join(f"{x:.3f}" for x in loss[v]),
-             ", ".join(f"{x:.0f}" for x in speed[v])] for v in VARIANTS]
-    rows.append(["model alone (one batch already on the device, no data path)",
-                 f"{ceiling:.0f}", "-", f"{ceiling / base:.2f}x", "100%", "-", "-", "-"])
+    rows = [
+        [
+            VARIANTS[v][2]
+            + (
+                ""
+                if device == "cuda" or VARIANTS[v][0] == "cpu"
+                else " (smoke run: ran CPU decode)"
+            ),
+            f"{median(speed[v]):.0f}",
+            f"{100 * median(wait[v]):.0f}%",
+            f"{median(speed[v]) / base:.2f}x",
+            f"{median(speed[v]) / ceiling:.0%}",
+            f"{median(steady[v]):.0f} ({median(steady[v]) / ceiling:.0%})",
+            ", ".join(f"{x:.3f}" for x in loss[v]),
+            ", ".join(f"{x:.0f}" for x in speed[v]),
+        ]
+        for v in VARIANTS
+    ]
+    rows.append(
+        [
+            "model alone (one batch already on the device, no data path)",
+            f"{ceiling:.0f}",
+            "-",
+            f"{ceiling / base:.2f}x",
+            "100%",
+            "-",
+            "-",
+            "-",
+        ]
+    )
     assert ckpt is not None
     return rows, ckpt
 
 
-def bench_inference(slide: Path, warmup_slide: Path, ckpt: Path, out: Path, device: str,
-                    workers: int) -> dict:
+def bench_inference(
+    slide: Path, warmup_slide: Path, ckpt: Path, out: Path, device: str, workers: int
+) -> dict:
     """Warm-up on a small slide, then the whole big slide, timed by stage."""
     from training.config import InferConfig
     from training.infer.outputs import write_outputs
@@ -345,8 +476,16 @@ def bench_inference(slide: Path, warmup_slide: Path, ckpt: Path, out: Path, devi
         torch.backends.cudnn.benchmark = True
     model, info = load_model(ckpt, dev)
     patch = int(info.get("patch_size", 224))
-    cfg = InferConfig(checkpoint=str(ckpt), out=str(out), mode="dense", stride=32,
-                      patch_size=patch, device=device, workers=workers, progress=False)
+    cfg = InferConfig(
+        checkpoint=str(ckpt),
+        out=str(out),
+        mode="dense",
+        stride=32,
+        patch_size=patch,
+        device=device,
+        workers=workers,
+        progress=False,
+    )
     amp = dev.type == "cuda"
     predictor = Predictor(model, patch, cfg.stride, dev, amp=amp, channels_last=True)
     t0 = time.perf_counter()
@@ -361,40 +500,84 @@ def bench_inference(slide: Path, warmup_slide: Path, ckpt: Path, out: Path, devi
     write_outputs(result, out, cfg, {"device": dev.type, "amp": amp})
     outputs = time.perf_counter() - t1
     s = result.seconds
-    return {"tissue_s": s["tissue"], "map_s": s["model"], "slide_s": s["total"],
-            "outputs_s": outputs, "tissue_px": result.tissue_pixels,
-            "tissue_fraction": result.tissue.fraction, "map": result.geometry.shape,
-            "cells": int(result.cells.sum()), "patch": patch, "amp": amp,
-            "tiles_per_batch": cfg.tiles_per_batch or (4 if dev.type == "cuda" else 1),
-            "candidates": len(result.candidates),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
+    return {
+        "tissue_s": s["tissue"],
+        "map_s": s["model"],
+        "slide_s": s["total"],
+        "outputs_s": outputs,
+        "tissue_px": result.tissue_pixels,
+        "tissue_fraction": result.tissue.fraction,
+        "map": result.geometry.shape,
+        "cells": int(result.cells.sum()),
+        "patch": patch,
+        "amp": amp,
+        "tiles_per_batch": cfg.tiles_per_batch or (4 if dev.type == "cuda" else 1),
+        "candidates": len(result.candidates),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
+    }
 
 
-def bench_agreement(work: Path, ckpt: Path, sz: Sizes, device: str, workers: int
-                    ) -> tuple[list[list], dict]:
+def bench_agreement(
+    work: Path, ckpt: Path, sz: Sizes, device: str, workers: int
+) -> tuple[list[list], dict]:
     """Dense vs patch maps of the trained checkpoint on held-out slides (one with tumor, one
     without, not seen in training), as `patchetl check-dense` computes them."""
-    from training.infer.agreement import compare_slide, pooled
     from training.config import InferConfig
+    from training.infer.agreement import compare_slide, pooled
     from training.infer.predictor import make_predictor
 
     held = work / "heldout"
-    cli("synth", "--out", held, "--slides", 2, "--width", sz.heldout_width, "--height",
-        sz.heldout_height, "--seed", 11, "--tumor-fraction", 0.5, "--val-fraction", 0)
-    cfg, predictor = make_predictor(InferConfig(checkpoint=str(ckpt), device=device,
-                                                workers=workers, progress=False))
+    cli(
+        "synth",
+        "--out",
+        held,
+        "--slides",
+        2,
+        "--width",
+        sz.heldout_width,
+        "--height",
+        sz.heldout_height,
+        "--seed",
+        11,
+        "--tumor-fraction",
+        0.5,
+        "--val-fraction",
+        0,
+    )
+    cfg, predictor = make_predictor(
+        InferConfig(checkpoint=str(ckpt), device=device, workers=workers, progress=False)
+    )
     rows, results = [], []
     for path in sorted((held / "training" / "images").glob("*.tif")):
         res = compare_slide(path, predictor, cfg)
         results.append(res)
         a = res.agreement
-        rows.append([res.slide, a.cells, f"{a.pearson:.4f}", f"{a.mean_abs:.4f}",
-                     f"{a.max_abs:.3f}", f"{a.same_call:.2%}", f"{res.dense_seconds:.1f}",
-                     f"{res.patch_seconds:.1f}"])
+        rows.append(
+            [
+                res.slide,
+                a.cells,
+                f"{a.pearson:.4f}",
+                f"{a.mean_abs:.4f}",
+                f"{a.max_abs:.3f}",
+                f"{a.same_call:.2%}",
+                f"{res.dense_seconds:.1f}",
+                f"{res.patch_seconds:.1f}",
+            ]
+        )
         log(f"  {res.slide}: r {a.pearson:.4f}, mean |d| {a.mean_abs:.4f}")
     total = pooled(results)
-    rows.append(["**pooled**", total.cells, f"**{total.pearson:.4f}**", f"{total.mean_abs:.4f}",
-                 f"{total.max_abs:.3f}", f"{total.same_call:.2%}", "", ""])
+    rows.append(
+        [
+            "**pooled**",
+            total.cells,
+            f"**{total.pearson:.4f}**",
+            f"{total.mean_abs:.4f}",
+            f"{total.max_abs:.3f}",
+            f"{total.same_call:.2%}",
+            "",
+            "",
+        ]
+    )
     return rows, {"patch": cfg.patch_size, "amp": predictor.amp, "r": total.pearson}
 
 
@@ -402,24 +585,37 @@ def device_line(device: str) -> str:
     if device != "cuda":
         return f"CPU (smoke run), torch {torch.__version__}"
     props = torch.cuda.get_device_properties(0)
-    return (f"{torch.cuda.get_device_name(0)} ({props.total_memory / 2**30:.0f} GiB), torch "
-            f"{torch.__version__}, CUDA {torch.version.cuda}")
+    return (
+        f"{torch.cuda.get_device_name(0)} ({props.total_memory / 2**30:.0f} GiB), torch "
+        f"{torch.__version__}, CUDA {torch.version.cuda}"
+    )
 
 
 def refuse_without_cuda() -> None:
     if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device is available (torch "
-              f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none'}); run it on a "
-              "machine with an NVIDIA GPU, or `python -m benchmarks.bench_gpu --device cpu "
-              "--tiny` for a smoke run of every stage on the CPU. Nothing was measured.",
-              file=sys.stderr)
+        print(
+            "bench_gpu: no CUDA device is available (torch "
+            f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none'}); run it on a "
+            "machine with an NVIDIA GPU, or `python -m benchmarks.bench_gpu --device cpu "
+            "--tiny` for a smoke run of every stage on the CPU. Nothing was measured.",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 
-def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: float,
-           n_regions: int, train_rows: list[list], agree_rows: list[list] | None,
-           agree: dict | None,
-           mosaic: Mosaic | None, inf: dict | None, infer_workers: int) -> str:
+def report(
+    args: argparse.Namespace,
+    sz: Sizes,
+    stage: dict[str, float],
+    total: float,
+    n_regions: int,
+    train_rows: list[list],
+    agree_rows: list[list] | None,
+    agree: dict | None,
+    mosaic: Mosaic | None,
+    inf: dict | None,
+    infer_workers: int,
+) -> str:
     """The markdown section (without the whole-slide part while mosaic/inf are None)."""
     batch = sz.regions_per_batch * 9
     steps = sz.batches_per_worker * sz.workers
@@ -433,7 +629,8 @@ def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: 
         f"{f' --rounds {args.rounds}' if args.rounds else ''}`"
         f" (`make bench-gpu`). Device: {device_line(args.device)}. Host: {machine()}. "
         f"Whole script: {total:.0f} s ("
-        + ", ".join(f"{k} {v:.0f} s" for k, v in stage.items()) + ").",
+        + ", ".join(f"{k} {v:.0f} s" for k, v in stage.items())
+        + ").",
         f"### Training: patches/s and data wait by data path\n\n"
         f"Real `train()` ({'bf16 autocast' if args.device == 'cuda' else 'fp32'}, "
         f"channels_last, AdamW, augmentation on the device), batch {batch} patches "
@@ -450,13 +647,25 @@ def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: 
         f"epoch here is only {steps} steps, so starting the DataLoader workers and filling "
         "the first batch weighs more than in a real epoch); loss = the last epoch's training "
         "loss of each run (finite = no corrupted batches).",
-        table(["data path", "patches/s (median)", "data wait (median)", "vs first row",
-               "of ceiling", "after start-up (of ceiling)", "final train loss per run",
-               "patches/s of each measured epoch"], train_rows),
+        table(
+            [
+                "data path",
+                "patches/s (median)",
+                "data wait (median)",
+                "vs first row",
+                "of ceiling",
+                "after start-up (of ceiling)",
+                "final train loss per run",
+                "patches/s of each measured epoch",
+            ],
+            train_rows,
+        ),
     ]
     if agree_rows is None or agree is None:
-        parts.append("### Dense vs patch-by-patch maps\n\nNot run (--only-training, or the "
-                     "run stopped before).")
+        parts.append(
+            "### Dense vs patch-by-patch maps\n\nNot run (--only-training, or the "
+            "run stopped before)."
+        )
     else:
         parts += [
             f"### Dense vs patch-by-patch maps of the trained checkpoint (issue 5)\n\n"
@@ -469,18 +678,35 @@ def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: 
             "share of pixels on the same side of 0.5. Target: pooled r >= 0.95 "
             f"({'met' if agree['r'] >= 0.95 else 'NOT met'}). A normal slide's map is ~0 "
             "everywhere, so its own r measures noise.",
-            table(["slide", "tissue map px", "Pearson r", "mean abs diff", "max abs diff",
-                   "same call", "dense s", "patch s"], agree_rows),
+            table(
+                [
+                    "slide",
+                    "tissue map px",
+                    "Pearson r",
+                    "mean abs diff",
+                    "max abs diff",
+                    "same call",
+                    "dense s",
+                    "patch s",
+                ],
+                agree_rows,
+            ),
         ]
     if mosaic is not None and inf is not None:
         per_1e8 = inf["map_s"] / (inf["tissue_px"] / 1e8)
         rows_inf = [
             ["tissue mask (Otsu on saturation, level-0 / 32)", f"{inf['tissue_s']:.1f}", ""],
-            ["probability map: tile reads + dense model", f"{inf['map_s']:.1f}",
-             f"{per_1e8:.2f} s per 1e8 tissue px"],
+            [
+                "probability map: tile reads + dense model",
+                f"{inf['map_s']:.1f}",
+                f"{per_1e8:.2f} s per 1e8 tissue px",
+            ],
             ["whole slide (mask + map + NMS)", f"{inf['slide_s']:.1f}", "target < 60 s"],
-            ["writing the outputs (npy, PNG, pyramidal TIFF, CSV, GeoJSON)",
-             f"{inf['outputs_s']:.1f}", ""],
+            [
+                "writing the outputs (npy, PNG, pyramidal TIFF, CSV, GeoJSON)",
+                f"{inf['outputs_s']:.1f}",
+                "",
+            ],
         ]
         parts += [
             f"### Whole-slide dense inference\n\n"
@@ -499,26 +725,47 @@ def report(args: argparse.Namespace, sz: Sizes, stage: dict[str, float], total: 
             table(["stage", "seconds", "note"], rows_inf),
         ]
     else:
-        parts.append("### Whole-slide dense inference\n\nNot run (--only-training, or the "
-                     "run stopped before).")
+        parts.append(
+            "### Whole-slide dense inference\n\nNot run (--only-training, or the "
+            "run stopped before)."
+        )
     return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=None,
-                    help="markdown section to write (default: benchmarks/results/gpu.md; "
-                         "with --tiny: $TMPDIR/bench_gpu_smoke.md)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown section to write (default: benchmarks/results/gpu.md; "
+        "with --tiny: $TMPDIR/bench_gpu_smoke.md)",
+    )
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--tiny", action="store_true", help="toy sizes (a smoke run of every stage)")
-    ap.add_argument("--infer-workers", type=int, default=None,
-                    help="tile-reading threads for inference (default: CPU count, at most 16)")
-    ap.add_argument("--only-training", action="store_true",
-                    help="stop after the training stage (data paths and model ceiling)")
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="interleaved rounds of the training variants (default 2)")
-    ap.add_argument("--work", type=Path, default=None,
-                    help="work folder (kept); default: a temporary folder, deleted at the end")
+    ap.add_argument(
+        "--infer-workers",
+        type=int,
+        default=None,
+        help="tile-reading threads for inference (default: CPU count, at most 16)",
+    )
+    ap.add_argument(
+        "--only-training",
+        action="store_true",
+        help="stop after the training stage (data paths and model ceiling)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds of the training variants (default 2)",
+    )
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="work folder (kept); default: a temporary folder, deleted at the end",
+    )
     args = ap.parse_args(argv)
     if args.device == "cuda":
         refuse_without_cuda()
@@ -529,8 +776,11 @@ def main(argv: list[str] | None = None) -> None:
     infer_workers = args.infer_workers or max(1, min(16, cpus))
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_gpu_"))
     work.mkdir(parents=True, exist_ok=True)
-    out = args.out or (Path(tempfile.gettempdir()) / "bench_gpu_smoke.md" if args.tiny
-                       else Path("benchmarks/results/gpu.md"))
+    out = args.out or (
+        Path(tempfile.gettempdir()) / "bench_gpu_smoke.md"
+        if args.tiny
+        else Path("benchmarks/results/gpu.md")
+    )
     started = time.perf_counter()
     stage: dict[str, float] = {}
     try:
@@ -543,8 +793,22 @@ def main(argv: list[str] | None = None) -> None:
         train_rows, ckpt = bench_training(shards, work, sz, args.device)
         stage["training"] = time.perf_counter() - t
         if args.only_training:
-            write_section(out, report(args, sz, stage, time.perf_counter() - started, n_regions,
-                                      train_rows, None, None, None, None, infer_workers))
+            write_section(
+                out,
+                report(
+                    args,
+                    sz,
+                    stage,
+                    time.perf_counter() - started,
+                    n_regions,
+                    train_rows,
+                    None,
+                    None,
+                    None,
+                    None,
+                    infer_workers,
+                ),
+            )
             return
 
         t = time.perf_counter()
@@ -552,27 +816,66 @@ def main(argv: list[str] | None = None) -> None:
         agree_rows, agree = bench_agreement(work, ckpt, sz, args.device, infer_workers)
         stage["agreement"] = time.perf_counter() - t
         # written now as well, so that a later stage's failure does not lose it
-        write_section(out, report(args, sz, stage, time.perf_counter() - started, n_regions,
-                                  train_rows, agree_rows, agree, None, None, infer_workers))
+        write_section(
+            out,
+            report(
+                args,
+                sz,
+                stage,
+                time.perf_counter() - started,
+                n_regions,
+                train_rows,
+                agree_rows,
+                agree,
+                None,
+                None,
+                infer_workers,
+            ),
+        )
 
         t = time.perf_counter()
         log(f"mosaic slide {sz.big_side} x {sz.big_side}")
-        mosaic = write_mosaic_slide(work / f"mosaic_{sz.big_side}.tif", sz.big_side, block=sz.block,
-                                    unique=sz.unique_blocks, seed=1)
-        log(f"  written in {mosaic.seconds:.1f} s: {mosaic.gib:.2f} GiB, {len(mosaic.levels)} "
-            f"levels, {mosaic.tissue_blocks}/{mosaic.blocks} tissue blocks")
+        mosaic = write_mosaic_slide(
+            work / f"mosaic_{sz.big_side}.tif",
+            sz.big_side,
+            block=sz.block,
+            unique=sz.unique_blocks,
+            seed=1,
+        )
+        log(
+            f"  written in {mosaic.seconds:.1f} s: {mosaic.gib:.2f} GiB, {len(mosaic.levels)} "
+            f"levels, {mosaic.tissue_blocks}/{mosaic.blocks} tissue blocks"
+        )
         stage["mosaic slide"] = time.perf_counter() - t
         t = time.perf_counter()
         warmup_slide = min((data / "training" / "images").glob("*.tif"))
-        inf = bench_inference(mosaic.path, warmup_slide, ckpt, work / "infer", args.device,
-                              infer_workers)
+        inf = bench_inference(
+            mosaic.path, warmup_slide, ckpt, work / "infer", args.device, infer_workers
+        )
         stage["inference"] = time.perf_counter() - t
         total = time.perf_counter() - started
-        log("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in stage.items())
-            + f"; total {total:.0f} s")
+        log(
+            "stages: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in stage.items())
+            + f"; total {total:.0f} s"
+        )
 
-        write_section(out, report(args, sz, stage, total, n_regions, train_rows, agree_rows,
-                                  agree, mosaic, inf, infer_workers))
+        write_section(
+            out,
+            report(
+                args,
+                sz,
+                stage,
+                total,
+                n_regions,
+                train_rows,
+                agree_rows,
+                agree,
+                mosaic,
+                inf,
+                infer_workers,
+            ),
+        )
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

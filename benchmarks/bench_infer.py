@@ -9,6 +9,7 @@ runs after one untimed dense warm-up.
 
     python -m benchmarks.bench_infer --out benchmarks/results/infer.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,17 +31,36 @@ PATCH, STRIDE = 224, 32
 
 def synth_slide(out: Path, width: int, height: int, mpp: float, seed: int) -> Path:
     """One synthetic tumor slide, written by the CLI in a child process; returns its path."""
-    cli("synth", "--out", out, "--slides", 1, "--tumor-fraction", 1, "--width", width,
-        "--height", height, "--mpp", mpp, "--seed", seed, "--regions-per-slide", 1,
-        "--val-fraction", 0)
+    cli(
+        "synth",
+        "--out",
+        out,
+        "--slides",
+        1,
+        "--tumor-fraction",
+        1,
+        "--width",
+        width,
+        "--height",
+        height,
+        "--mpp",
+        mpp,
+        "--seed",
+        seed,
+        "--regions-per-slide",
+        1,
+        "--val-fraction",
+        0,
+    )
     return next((out / "training" / "images").glob("*.tif"))
 
 
 def random_checkpoint(path: Path, seed: int = 0) -> Path:
     """A randomly initialised detector in the trainer's checkpoint layout (what infer loads)."""
     torch.manual_seed(seed)
-    torch.save({"model": build_model().state_dict(), "patch_size": PATCH, "arch": "FCResNet18"},
-               path)
+    torch.save(
+        {"model": build_model().state_dict(), "patch_size": PATCH, "arch": "FCResNet18"}, path
+    )
     return path
 
 
@@ -64,9 +84,16 @@ def main() -> None:
         device = torch.device("cpu")
         model, _ = load_model(ckpt, device)
         predictor = Predictor(model, PATCH, STRIDE, device, amp=False, channels_last=True)
-        base = InferConfig(checkpoint=str(ckpt), out=str(work / "out"), stride=STRIDE,
-                           patch_size=PATCH, device="cpu", workers=args.workers,
-                           batch_size=args.batch_size, progress=False)
+        base = InferConfig(
+            checkpoint=str(ckpt),
+            out=str(work / "out"),
+            stride=STRIDE,
+            patch_size=PATCH,
+            device="cpu",
+            workers=args.workers,
+            batch_size=args.batch_size,
+            progress=False,
+        )
         configs = {mode: InferConfig(**{**vars(base), "mode": mode}) for mode in ("dense", "patch")}
         result = infer_slide(slide, predictor, configs["dense"])  # warm-up (allocator, threads)
         tissue_px, cells = result.tissue_pixels, int(result.cells.sum())
@@ -78,33 +105,51 @@ def main() -> None:
                 r = infer_slide(slide, predictor, configs[mode])
                 seconds[mode].append(r.seconds["model"])
                 tissue_s.append(r.seconds["tissue"])
-                print(f"run {rep + 1} {mode}: {r.seconds['model']:.2f} s map, "
-                      f"{r.seconds['tissue']:.2f} s tissue", flush=True)
+                print(
+                    f"run {rep + 1} {mode}: {r.seconds['model']:.2f} s map, "
+                    f"{r.seconds['tissue']:.2f} s tissue",
+                    flush=True,
+                )
         per = {m: median(v) / (tissue_px / 1e8) for m, v in seconds.items()}
         rows = [
-            ["patch-by-patch sliding window (224 px patch per map pixel, batches of "
-             f"{args.batch_size})", f"{median(seconds['patch']):.2f}", f"{per['patch']:.1f}",
-             "1.00x", "baseline"],
-            ["dense: fully convolutional tiles of 2048 px + 224 px margin",
-             f"{median(seconds['dense']):.2f}", f"{per['dense']:.1f}",
-             f"{per['patch'] / per['dense']:.1f}x", ">= 5x faster"],
+            [
+                "patch-by-patch sliding window (224 px patch per map pixel, batches of "
+                f"{args.batch_size})",
+                f"{median(seconds['patch']):.2f}",
+                f"{per['patch']:.1f}",
+                "1.00x",
+                "baseline",
+            ],
+            [
+                "dense: fully convolutional tiles of 2048 px + 224 px margin",
+                f"{median(seconds['dense']):.2f}",
+                f"{per['dense']:.1f}",
+                f"{per['patch'] / per['dense']:.1f}x",
+                ">= 5x faster",
+            ],
         ]
-        text = "\n\n".join([
-            "## Inference: dense vs patch-by-patch, same slide and stride (issue 5)",
-            f"Command: `python -m benchmarks.bench_infer` (run by `make bench`). Machine: "
-            f"{machine()}; torch {torch.__version__} on CPU, {threads} threads, fp32, "
-            f"channels_last; {args.workers} tile-reading threads.",
-            f"Slide: synthetic {args.width} x {args.height} px at {args.mpp} um/px "
-            f"({tissue_px / 1e6:.2f} M tissue px = {tissue_px / (args.width * args.height):.0%}"
-            f", {cells} tissue map pixels); checkpoint: randomly initialised FCResNet18 "
-            f"(speed does not depend on the weights); output stride {STRIDE} px, patch {PATCH} px. "
-            "Time = the probability map (tile reads + model); the tissue mask (median "
-            f"{median(tissue_s):.2f} s) is the same in both modes and left out. Medians of "
-            f"{args.repeats} interleaved runs after a warm-up (all runs, s: "
-            + ", ".join(f"{k} {[round(v, 2) for v in vs]}" for k, vs in seconds.items()) + ").",
-            table(["mode", "map seconds (median)", "s per 1e8 tissue px", "speed-up", "target"],
-                  rows),
-        ])
+        text = "\n\n".join(
+            [
+                "## Inference: dense vs patch-by-patch, same slide and stride (issue 5)",
+                f"Command: `python -m benchmarks.bench_infer` (run by `make bench`). Machine: "
+                f"{machine()}; torch {torch.__version__} on CPU, {threads} threads, fp32, "
+                f"channels_last; {args.workers} tile-reading threads.",
+                f"Slide: synthetic {args.width} x {args.height} px at {args.mpp} um/px "
+                f"({tissue_px / 1e6:.2f} M tissue px = {tissue_px / (args.width * args.height):.0%}"
+                f", {cells} tissue map pixels); checkpoint: randomly initialised FCResNet18 "
+                "(speed does not depend on the weights); "
+                f"output stride {STRIDE} px, patch {PATCH} px. "
+                "Time = the probability map (tile reads + model); the tissue mask (median "
+                f"{median(tissue_s):.2f} s) is the same in both modes and left out. Medians of "
+                f"{args.repeats} interleaved runs after a warm-up (all runs, s: "
+                + ", ".join(f"{k} {[round(v, 2) for v in vs]}" for k, vs in seconds.items())
+                + ").",
+                table(
+                    ["mode", "map seconds (median)", "s per 1e8 tissue px", "speed-up", "target"],
+                    rows,
+                ),
+            ]
+        )
         write_section(args.out, text)
     finally:
         shutil.rmtree(work, ignore_errors=True)

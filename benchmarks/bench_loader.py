@@ -15,6 +15,7 @@ interleaved runs.
 
     python -m benchmarks.bench_loader --out benchmarks/results/loader.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,8 @@ class OnTheFlyRegions(Dataset):
 
         r = self.regions[i]
         slide = self.slides.get(r.slide) or self.slides.setdefault(
-            r.slide, openslide.OpenSlide(str(r.slide)))
+            r.slide, openslide.OpenSlide(str(r.slide))
+        )
         x0, y0, _ = region_box(r.x, r.y, REGION)
         rgb = read_region_openslide_rgb(slide, x0, y0, 0, REGION, REGION)
         rng = np.random.default_rng(self.seed * 100003 + i)
@@ -68,7 +70,7 @@ class OnTheFlyRegions(Dataset):
             for col in range(GRID):
                 oy, ox = (int(v) for v in rng.integers(0, cell - PATCH + 1, 2))
                 y, x = row * cell + oy, col * cell + ox
-                patches.append(rgb[y:y + PATCH, x:x + PATCH].transpose(2, 0, 1))
+                patches.append(rgb[y : y + PATCH, x : x + PATCH].transpose(2, 0, 1))
                 labels.append(r.labels[row][col])
         torch.manual_seed(self.seed * 100003 + i)
         image = ColorJitter(64 / 255, 0.75, 0.25, 0.04)(torch.from_numpy(np.stack(patches)))
@@ -111,52 +113,123 @@ def main() -> None:
         data, shards = work / "data", work / "shards"
         need = (args.batches + 2) * args.regions_per_batch
         per_slide = -(-need // 3) + 4
-        cli("synth", "--out", data, "--slides", 3, "--width", 8000, "--height", 6000, "--seed", 11,
-            "--regions-per-slide", per_slide, "--region-size", REGION, "--val-fraction", 0)
-        cli("extract", "--json", data / "dataset_0.json", "--data-root", data, "--out", shards,
-            "--no-progress", "--shard-size", 32)
+        cli(
+            "synth",
+            "--out",
+            data,
+            "--slides",
+            3,
+            "--width",
+            8000,
+            "--height",
+            6000,
+            "--seed",
+            11,
+            "--regions-per-slide",
+            per_slide,
+            "--region-size",
+            REGION,
+            "--val-fraction",
+            0,
+        )
+        cli(
+            "extract",
+            "--json",
+            data / "dataset_0.json",
+            "--data-root",
+            data,
+            "--out",
+            shards,
+            "--no-progress",
+            "--shard-size",
+            32,
+        )
         regions = load_regions(data / "dataset_0.json", data_root=data).regions
         shard_set = open_shards(shards / "training")
         cpu = torch.device("cpu")
         runs: dict[str, list[float]] = {"seed": [], "shards": [], "main": []}
         for rep in range(args.repeats):
-            loader = DataLoader(OnTheFlyRegions(regions, rep), batch_size=args.regions_per_batch,
-                                shuffle=True, num_workers=args.workers,
-                                collate_fn=collate_patches,
-                                generator=torch.Generator().manual_seed(rep))
+            loader = DataLoader(
+                OnTheFlyRegions(regions, rep),
+                batch_size=args.regions_per_batch,
+                shuffle=True,
+                num_workers=args.workers,
+                collate_fn=collate_patches,
+                generator=torch.Generator().manual_seed(rep),
+            )
             runs["seed"].append(time_batches(loader, args.batches))
             del loader
-            for name, spec in (("shards", PatchSpec(PATCH, Augment(), channels_last=True)),
-                               ("main", None)):
-                stream = RegionStream(shard_set, epoch=rep, seed=0, train=True,
-                                      regions_per_batch=args.regions_per_batch, grid=GRID,
-                                      workers=args.workers, decode_in_worker=True,
-                                      shuffle_buffer=64, patches=spec)
+            for name, spec in (
+                ("shards", PatchSpec(PATCH, Augment(), channels_last=True)),
+                ("main", None),
+            ):
+                stream = RegionStream(
+                    shard_set,
+                    epoch=rep,
+                    seed=0,
+                    train=True,
+                    regions_per_batch=args.regions_per_batch,
+                    grid=GRID,
+                    workers=args.workers,
+                    decode_in_worker=True,
+                    shuffle_buffer=64,
+                    patches=spec,
+                )
                 g = torch.Generator().manual_seed(rep)
-                batches = patch_batches(make_loader(stream), cpu, REGION, grid=GRID, patch=PATCH,
-                                        train=True, aug=Augment(), generator=g, channels_last=True)
+                batches = patch_batches(
+                    make_loader(stream),
+                    cpu,
+                    REGION,
+                    grid=GRID,
+                    patch=PATCH,
+                    train=True,
+                    aug=Augment(),
+                    generator=g,
+                    channels_last=True,
+                )
                 runs[name].append(time_batches(batches, args.batches))
                 del batches
         seed, ours, main = median(runs["seed"]), median(runs["shards"]), median(runs["main"])
         rows = [
-            ["(a) seed pattern: OpenSlide read_region + torchvision/numpy transforms per sample, "
-             f"DataLoader {args.workers} workers", f"{seed:.1f}", "1.00x", "baseline"],
-            [f"(b) shard stream: JPEG decode + split/augment of each batch in {args.workers} "
-             "workers (the trainer on a CPU)", f"{ours:.1f}", f"{ours / seed:.2f}x", ">= 5x (a)"],
-            [f"(c) shard stream: JPEG decode in {args.workers} workers, split/augment in the main "
-             "process", f"{main:.1f}", f"{main / seed:.2f}x", "reference"],
+            [
+                "(a) seed pattern: OpenSlide read_region + torchvision/numpy transforms "
+                "per sample, "
+                f"DataLoader {args.workers} workers",
+                f"{seed:.1f}",
+                "1.00x",
+                "baseline",
+            ],
+            [
+                f"(b) shard stream: JPEG decode + split/augment of each batch in {args.workers} "
+                "workers (the trainer on a CPU)",
+                f"{ours:.1f}",
+                f"{ours / seed:.2f}x",
+                ">= 5x (a)",
+            ],
+            [
+                f"(c) shard stream: JPEG decode in {args.workers} workers, "
+                "split/augment in the main "
+                "process",
+                f"{main:.1f}",
+                f"{main / seed:.2f}x",
+                "reference",
+            ],
         ]
-        text = "\n\n".join([
-            "## Loader: patches/s as ready training batches (issue 4)",
-            "Command: `python -m benchmarks.bench_loader` (run by `make bench`). "
-            f"Machine: {machine()}.",
-            f"Data: 3 synthetic slides 8000 x 6000, regions {REGION} px (JPEG 95 shards), grid "
-            f"{GRID}x{GRID}, patches {PATCH} px, {args.regions_per_batch * GRID * GRID} patches "
-            f"per batch, {args.batches} timed batches after 2 warm-up batches; medians of "
-            f"{args.repeats} interleaved runs (all runs: "
-            + ", ".join(f"{k} {[round(v, 1) for v in vs]}" for k, vs in runs.items()) + ").",
-            table(["variant", "patches/s (median)", "ratio", "target"], rows),
-        ])
+        text = "\n\n".join(
+            [
+                "## Loader: patches/s as ready training batches (issue 4)",
+                "Command: `python -m benchmarks.bench_loader` (run by `make bench`). "
+                f"Machine: {machine()}.",
+                f"Data: 3 synthetic slides 8000 x 6000, regions {REGION} px (JPEG 95 shards), "
+                f"grid {GRID}x{GRID}, patches {PATCH} px, "
+                f"{args.regions_per_batch * GRID * GRID} patches "
+                f"per batch, {args.batches} timed batches after 2 warm-up batches; medians of "
+                f"{args.repeats} interleaved runs (all runs: "
+                + ", ".join(f"{k} {[round(v, 1) for v in vs]}" for k, vs in runs.items())
+                + ").",
+                table(["variant", "patches/s (median)", "ratio", "target"], rows),
+            ]
+        )
         write_section(args.out, text)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,4 +1,5 @@
 """Shared helpers of the side-by-side benchmarks: machine description, medians, markdown."""
+
 from __future__ import annotations
 
 import os
@@ -23,16 +24,20 @@ def machine() -> str:
 
 def git_revision() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except Exception:
         return "unknown"
 
 
 def cli(*args) -> None:
     """`patchetl ...` in a child process (its memory and threads are not the benchmark's)."""
-    subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "training.cli", *map(str, args)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def median(values) -> float:

@@ -4,6 +4,7 @@ a killed writer carry `.tmp-<pid>` in their name and are swept by `remove_tempor
 
 Every part of the project (shards, manifests, checkpoints, maps, thumbnails) writes this way.
 """
+
 from __future__ import annotations
 
 import json

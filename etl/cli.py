@@ -4,6 +4,7 @@ Thin layer: options come from the config dataclasses (`etl.command` derives them
 command calls functions that tests call directly and prints their results. Never imports
 torch; the work modules load inside each command, so `--help` stays fast.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -42,20 +43,37 @@ def synth(opts: SynthOptions) -> None:
     from etl.synth.cohort import synth_cohort
 
     def report(slide: SynthSlide) -> None:
-        typer.echo(f"  {slide.path.name}: {slide.width}x{slide.height}"
-                   f"{'  tumor' if slide.has_tumor else ''}")
+        typer.echo(
+            f"  {slide.path.name}: {slide.width}x{slide.height}"
+            f"{'  tumor' if slide.has_tumor else ''}"
+        )
 
     cohort = synth_cohort(
-        opts.out, n_slides=opts.n_slides, width=opts.width, height=opts.height,
-        tumor_fraction=opts.tumor_fraction, seed=opts.seed, mpp=opts.mpp,
-        downsample=opts.downsample, vendor=opts.vendor, jpeg_quality=opts.jpeg_quality,
-        regions_per_slide=opts.regions_per_slide, region_size=opts.region_size, grid=opts.grid,
-        val_fraction=opts.val_fraction, progress=report)
+        opts.out,
+        n_slides=opts.n_slides,
+        width=opts.width,
+        height=opts.height,
+        tumor_fraction=opts.tumor_fraction,
+        seed=opts.seed,
+        mpp=opts.mpp,
+        downsample=opts.downsample,
+        vendor=opts.vendor,
+        jpeg_quality=opts.jpeg_quality,
+        regions_per_slide=opts.regions_per_slide,
+        region_size=opts.region_size,
+        grid=opts.grid,
+        val_fraction=opts.val_fraction,
+        progress=report,
+    )
     n_tumor = sum(s.has_tumor for s in cohort.slides)
-    typer.echo(f"wrote {len(cohort.slides)} slide(s), {n_tumor} with tumor, to "
-               f"{cohort.root / 'training' / 'images'}")
-    typer.echo(f"coordinates: {cohort.dataset_json} (and {cohort.csv_paths['all'].name}); "
-               f"use --data-root {cohort.root}")
+    typer.echo(
+        f"wrote {len(cohort.slides)} slide(s), {n_tumor} with tumor, to "
+        f"{cohort.root / 'training' / 'images'}"
+    )
+    typer.echo(
+        f"coordinates: {cohort.dataset_json} (and {cohort.csv_paths['all'].name}); "
+        f"use --data-root {cohort.root}"
+    )
 
 
 @command(app, "inspect")
@@ -67,14 +85,21 @@ def inspect_command(coords: CoordsOptions) -> None:
     from etl.extract.coords import inspect_report, parse_coordinates
 
     table = parse_coordinates(
-        coords.path, data_root=coords.data_root, location_order=coords.location_order,
-        anchor=coords.anchor, region_size=coords.region_size, split=coords.splits,
-        fmt=coords.fmt)
+        coords.path,
+        data_root=coords.data_root,
+        location_order=coords.location_order,
+        anchor=coords.anchor,
+        region_size=coords.region_size,
+        split=coords.splits,
+        fmt=coords.fmt,
+    )
     typer.echo(inspect_report(table))
     missing = table.slides_missing()
     if table.errors or missing:
-        fail(f"{coords.path}: {len(table.errors)} error(s), {len(missing)} missing slide(s) "
-             "(listed above)")
+        fail(
+            f"{coords.path}: {len(table.errors)} error(s), {len(missing)} missing slide(s) "
+            "(listed above)"
+        )
 
 
 @command(app)
@@ -84,21 +109,38 @@ def extract(coords: CoordsOptions, params: ExtractParams, run: ExtractRunOptions
     from etl.progress import progress_bar
 
     parse_options = {"location_order": coords.location_order, "anchor": coords.anchor}
-    table, plans = plan_extraction(coords.path, params, data_root=coords.data_root,
-                                   splits=coords.splits, slide_backend=run.slide_backend,
-                                   **parse_options)
+    table, plans = plan_extraction(
+        coords.path,
+        params,
+        data_root=coords.data_root,
+        splits=coords.splits,
+        slide_backend=run.slide_backend,
+        **parse_options,
+    )
     for warning in table.warnings:
         warn(f"warning: {warning}")
     bar = progress_bar(unit="regions", enabled=run.progress)
     with bar:
         jobs: list[tuple[SplitPlan, Path, Callable[[int], None]]] = [
-            (plan, run.out / plan.split,
-             partial(bar.advance, bar.add_task(plan.split, total=plan.n_regions)))
-            for plan in plans]
+            (
+                plan,
+                run.out / plan.split,
+                partial(bar.advance, bar.add_task(plan.split, total=plan.n_regions)),
+            )
+            for plan in plans
+        ]
         results = extract_splits(
-            table, jobs, params, parse_options, workers=run.workers, backend=run.backend,
-            scheduler=run.scheduler, overwrite=run.overwrite, slide_backend=run.slide_backend,
-            tile_cache_bytes=run.tile_cache_mb << 20)
+            table,
+            jobs,
+            params,
+            parse_options,
+            workers=run.workers,
+            backend=run.backend,
+            scheduler=run.scheduler,
+            overwrite=run.overwrite,
+            slide_backend=run.slide_backend,
+            tile_cache_bytes=run.tile_cache_mb << 20,
+        )
     for r in results:
         _echo_split(r)
     failed = sum(len(r.failed) for r in results)
@@ -108,12 +150,17 @@ def extract(coords: CoordsOptions, params: ExtractParams, run: ExtractRunOptions
 
 def _echo_split(r: SplitResult) -> None:
     resumed = f", {r.resumed_parts} part(s) resumed" if r.resumed_parts else ""
-    typer.echo(f"{r.split}: {r.written}/{r.planned} regions in {len(r.shards)} shard(s) at "
-               f"{r.folder}  (skipped {len(r.skipped)}, failed {len(r.failed)}, "
-               f"{r.seconds:.1f} s, {r.rate:.1f} regions/s{resumed})")
+    typer.echo(
+        f"{r.split}: {r.written}/{r.planned} regions in {len(r.shards)} shard(s) at "
+        f"{r.folder}  (skipped {len(r.skipped)}, failed {len(r.failed)}, "
+        f"{r.seconds:.1f} s, {r.rate:.1f} regions/s{resumed})"
+    )
     for f in r.failed:
-        typer.secho(f"  failed: {f['image']} entry {f['index']} (x={f['x']}, y={f['y']}): "
-                    f"{f['reason']}", fg=typer.colors.RED, err=True)
+        typer.secho(
+            f"  failed: {f['image']} entry {f['index']} (x={f['x']}, y={f['y']}): {f['reason']}",
+            fg=typer.colors.RED,
+            err=True,
+        )
 
 
 @command(app)
@@ -135,19 +182,32 @@ def qc(coords: CoordsOptions, opts: QcOptions) -> None:
     from etl.extract.coords import load_regions
     from etl.qc import qc_table
 
-    table = load_regions(coords.path, data_root=coords.data_root, split=coords.splits,
-                         region_size=coords.region_size, location_order=coords.location_order,
-                         anchor=coords.anchor, fmt=coords.fmt)
-    results = qc_table(table, opts.out, region_size=coords.region_size, max_side=opts.max_side,
-                       tissue_downsample=opts.tissue_downsample,
-                       slide_backend=opts.slide_backend)
+    table = load_regions(
+        coords.path,
+        data_root=coords.data_root,
+        split=coords.splits,
+        region_size=coords.region_size,
+        location_order=coords.location_order,
+        anchor=coords.anchor,
+        fmt=coords.fmt,
+    )
+    results = qc_table(
+        table,
+        opts.out,
+        region_size=coords.region_size,
+        max_side=opts.max_side,
+        tissue_downsample=opts.tissue_downsample,
+        slide_backend=opts.slide_backend,
+    )
     for r in results:
         if r.error:
             typer.secho(f"error: {r.error}", fg=typer.colors.RED, err=True)
             continue
-        typer.echo(f"{r.png}: {r.regions} region(s) ({r.counts['normal']} normal, "
-                   f"{r.counts['mixed']} mixed, {r.counts['tumor']} tumor); "
-                   f"{r.off_tissue} centre(s) off tissue, {r.outside} not inside the slide")
+        typer.echo(
+            f"{r.png}: {r.regions} region(s) ({r.counts['normal']} normal, "
+            f"{r.counts['mixed']} mixed, {r.counts['tumor']} tumor); "
+            f"{r.off_tissue} centre(s) off tissue, {r.outside} not inside the slide"
+        )
     failed = [r for r in results if r.error]
     if failed:
         fail(f"{len(failed)} of {len(results)} slide(s) could not be read (listed above)", code=1)

@@ -6,6 +6,7 @@ option feeding each. The dataclasses are built and `validate()`d, then the funct
 `PatchetlError` raised in any of that prints `error: <message>` on stderr and exits 2, without
 a traceback: the message already names the file, the entry and the fix.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -56,8 +57,10 @@ def _groups(func: Callable[..., None]) -> tuple[list[_Group], dict[str, OptionSp
         for spec in own:
             first = specs.setdefault(spec.name, spec)
             if not first.same_option(spec):
-                raise TypeError(f"{func.__name__}: option {spec.name!r} is declared differently "
-                                f"by {cls.__name__} and an earlier group; make them agree")
+                raise TypeError(
+                    f"{func.__name__}: option {spec.name!r} is declared differently "
+                    f"by {cls.__name__} and an earlier group; make them agree"
+                )
         groups.append(_Group(param, cls, tuple(s.name for s in own)))
     return groups, specs
 
@@ -68,10 +71,15 @@ def _parameter(spec: OptionSpec) -> inspect.Parameter:
         info = typer.Argument(..., help=spec.meta.help, show_default=False)
     else:
         default = spec.default_factory() if spec.default_factory else spec.default
-        info = typer.Option(... if spec.required else default, *spec.flags,
-                            help=spec.meta.help, show_default=default != [])
-    return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=info,
-                             annotation=spec.type)
+        info = typer.Option(
+            ... if spec.required else default,
+            *spec.flags,
+            help=spec.meta.help,
+            show_default=default != [],
+        )
+    return inspect.Parameter(
+        spec.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=spec.type
+    )
 
 
 def command(app: typer.Typer, name: str | None = None) -> Callable[[F], F]:
@@ -91,7 +99,8 @@ def command(app: typer.Typer, name: str | None = None) -> Callable[[F], F]:
                 func(**configs)
 
         callback.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-            [_parameter(s) for s in specs.values()])
+            [_parameter(s) for s in specs.values()]
+        )
         callback.__annotations__ = {n: s.type for n, s in specs.items()}
         callback.__name__, callback.__doc__ = func.__name__, func.__doc__
         app.command(name)(callback)

@@ -4,6 +4,7 @@ Every command maps a `PatchetlError` to its message and exit status 2 (no traceb
 message names the file, the entry and the fix. Subclasses keep a builtin base too
 (`ValueError`, `OSError`, ...) so callers that catch those still do.
 """
+
 from __future__ import annotations
 
 

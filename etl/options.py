@@ -6,6 +6,7 @@ positional argument. Fields without either are settings no command exposes. The 
 from these specs (`etl.command`), so a default or a help text lives in one place. Free of typer:
 config modules import this and stay light.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,9 +73,13 @@ class OptionSpec:
 
     def same_option(self, other: OptionSpec) -> bool:
         """Whether two dataclasses declare the same option (one CLI option can feed both)."""
-        return (self.type == other.type and self.default == other.default
-                and self.flags == other.flags and self.meta.argument == other.meta.argument
-                and (self.default_factory is None) == (other.default_factory is None))
+        return (
+            self.type == other.type
+            and self.default == other.default
+            and self.flags == other.flags
+            and self.meta.argument == other.meta.argument
+            and (self.default_factory is None) == (other.default_factory is None)
+        )
 
 
 def _union_args(tp: Any) -> tuple[Any, ...]:

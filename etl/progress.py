@@ -3,10 +3,19 @@
 `progress_bar(unit=...)` counts items with their rate and ETA; `info=True` adds a column that
 shows a task's `info` field (e.g. the running loss). Disabled bars cost nothing.
 """
+
 from __future__ import annotations
 
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task,
-                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 
@@ -22,11 +31,16 @@ class _RateColumn(ProgressColumn):
         return Text(f"{speed:.1f} {self.unit}/s" if speed else f"-- {self.unit}/s")
 
 
-def progress_bar(*, unit: str, enabled: bool = True, info: bool = False,
-                 transient: bool = False) -> Progress:
+def progress_bar(
+    *, unit: str, enabled: bool = True, info: bool = False, transient: bool = False
+) -> Progress:
     """A bar per task: description, bar, done/total, rate in `unit`/s, elapsed, ETA."""
-    columns: list[ProgressColumn] = [TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), _RateColumn(unit)]
+    columns: list[ProgressColumn] = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(unit),
+    ]
     if info:
         columns.append(TextColumn("{task.fields[info]}"))
     columns += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]

@@ -8,6 +8,7 @@ the right orientation (a [y, x] / [x, y] swap or a corner/centre mix-up shows at
 
 Outputs ``<out>/<slide name>.qc.png`` (written to a temporary file, then renamed). No torch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,8 +28,12 @@ from etl.wsi.tissue import thumbnail, tissue_mask
 
 __all__ = ["COLOURS", "QcResult", "draw_qc", "qc_slide", "qc_table", "region_colour"]
 
-COLOURS = {"normal": (0, 170, 0), "tumor": (220, 0, 0), "mixed": (255, 140, 0),
-           "tissue": (0, 90, 255)}
+COLOURS = {
+    "normal": (0, 170, 0),
+    "tumor": (220, 0, 0),
+    "mixed": (255, 140, 0),
+    "tissue": (0, 90, 255),
+}
 LEGEND_PX = 18
 
 
@@ -65,15 +70,26 @@ def _box(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, floa
     return x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)
 
 
-def draw_qc(rgb: np.ndarray, downsample: tuple[float, float], regions: Sequence[Region],
-            region_size: int, tissue: np.ndarray | None = None) -> Image.Image:
+def draw_qc(
+    rgb: np.ndarray,
+    downsample: tuple[float, float],
+    regions: Sequence[Region],
+    region_size: int,
+    tissue: np.ndarray | None = None,
+) -> Image.Image:
     """The thumbnail ``rgb`` (pixel = ``downsample`` level-0 px) with regions and tissue drawn."""
     h, w = rgb.shape[:2]
     base = Image.fromarray(rgb).convert("RGBA")
     if tissue is not None and tissue.any():
         # the mask at thumbnail resolution (nearest), then its outline
-        up = np.asarray(Image.fromarray(tissue.astype(np.uint8) * 255).resize((w, h),
-                        Image.Resampling.NEAREST)) > 0
+        up = (
+            np.asarray(
+                Image.fromarray(tissue.astype(np.uint8) * 255).resize(
+                    (w, h), Image.Resampling.NEAREST
+                )
+            )
+            > 0
+        )
         edge = _outline(up)
         px = np.asarray(base).copy()
         px[edge] = (*COLOURS["tissue"], 255)
@@ -88,16 +104,22 @@ def draw_qc(rgb: np.ndarray, downsample: tuple[float, float], regions: Sequence[
         colour = COLOURS[region_colour(r)]
         for row in range(g):
             for col in range(g):
-                box = _box((x0 + col * cell) / dsx, (y0 + row * cell) / dsy,
-                           (x0 + (col + 1) * cell) / dsx, (y0 + (row + 1) * cell) / dsy)
+                box = _box(
+                    (x0 + col * cell) / dsx,
+                    (y0 + row * cell) / dsy,
+                    (x0 + (col + 1) * cell) / dsx,
+                    (y0 + (row + 1) * cell) / dsy,
+                )
                 fill = (*COLOURS["tumor"], 70) if r.labels[row][col] else None
                 if g > 1:
                     draw.rectangle(box, fill=fill, outline=(*colour, 110))
                 elif fill:
                     draw.rectangle(box, fill=fill)
-        draw.rectangle(_box(x0 / dsx, y0 / dsy, (x0 + region_size) / dsx,
-                            (y0 + region_size) / dsy), outline=(*colour, 255),
-                       width=max(1, round(min(w, h) / 400)))
+        draw.rectangle(
+            _box(x0 / dsx, y0 / dsy, (x0 + region_size) / dsx, (y0 + region_size) / dsy),
+            outline=(*colour, 255),
+            width=max(1, round(min(w, h) / 400)),
+        )
     image = Image.alpha_composite(base, overlay).convert("RGB")
     # a legend strip under the picture
     canvas = Image.new("RGB", (w, h + LEGEND_PX), (255, 255, 255))
@@ -112,9 +134,16 @@ def draw_qc(rgb: np.ndarray, downsample: tuple[float, float], regions: Sequence[
     return canvas
 
 
-def qc_slide(slide: Path, regions: Sequence[Region], out_png: Path, *, region_size: int = 768,
-             max_side: int = 2048, tissue_downsample: float = 32.0,
-             slide_backend: str = "auto") -> QcResult:
+def qc_slide(
+    slide: Path,
+    regions: Sequence[Region],
+    out_png: Path,
+    *,
+    region_size: int = 768,
+    max_side: int = 2048,
+    tissue_downsample: float = 32.0,
+    slide_backend: str = "auto",
+) -> QcResult:
     """Draw one slide's regions; raises :class:`SlideError` if the slide cannot be read."""
     with open_slide(slide, backend=cast("Backend", slide_backend)) as reader:
         thumb = thumbnail(reader, max_side)
@@ -127,15 +156,34 @@ def qc_slide(slide: Path, regions: Sequence[Region], out_png: Path, *, region_si
     xs = np.array([r.x for r in regions], dtype=np.float64)
     ys = np.array([r.y for r in regions], dtype=np.float64)
     half = region_size // 2
-    outside = int(np.sum((xs - half < 0) | (ys - half < 0) | (xs - half + region_size > width)
-                         | (ys - half + region_size > height)))
+    outside = int(
+        np.sum(
+            (xs - half < 0)
+            | (ys - half < 0)
+            | (xs - half + region_size > width)
+            | (ys - half + region_size > height)
+        )
+    )
     counts = {k: sum(region_colour(r) == k for r in regions) for k in ("normal", "mixed", "tumor")}
-    return QcResult(slide=slide, png=out_png, regions=len(regions),
-                    off_tissue=int(np.sum(~tissue.at(xs, ys))), outside=outside, counts=counts)
+    return QcResult(
+        slide=slide,
+        png=out_png,
+        regions=len(regions),
+        off_tissue=int(np.sum(~tissue.at(xs, ys))),
+        outside=outside,
+        counts=counts,
+    )
 
 
-def qc_table(table: RegionTable, out: str | Path, *, region_size: int = 768, max_side: int = 2048,
-             tissue_downsample: float = 32.0, slide_backend: str = "auto") -> list[QcResult]:
+def qc_table(
+    table: RegionTable,
+    out: str | Path,
+    *,
+    region_size: int = 768,
+    max_side: int = 2048,
+    tissue_downsample: float = 32.0,
+    slide_backend: str = "auto",
+) -> list[QcResult]:
     """One thumbnail per slide of ``table``; a slide that cannot be read gets ``error`` set."""
     by_slide: dict[Path, list[Region]] = {}
     for r in table.regions:
@@ -144,9 +192,17 @@ def qc_table(table: RegionTable, out: str | Path, *, region_size: int = 768, max
     for slide, regions in by_slide.items():
         png = Path(out) / f"{key_stem(slide.name)}.qc.png"
         try:
-            results.append(qc_slide(slide, regions, png, region_size=region_size,
-                                    max_side=max_side, tissue_downsample=tissue_downsample,
-                                    slide_backend=slide_backend))
+            results.append(
+                qc_slide(
+                    slide,
+                    regions,
+                    png,
+                    region_size=region_size,
+                    max_side=max_side,
+                    tissue_downsample=tissue_downsample,
+                    slide_backend=slide_backend,
+                )
+            )
         except SlideError as exc:
             results.append(QcResult(slide=slide, png=None, regions=len(regions), error=str(exc)))
     return results

@@ -6,6 +6,7 @@ the colour adjustments one by one (compared with torchvision's functions), the d
 by indexing (compared with the `torch.where` selection the library uses), grid crops of whole
 batches, and an augmentation chain drawing its own randoms.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,8 +55,13 @@ def dihedral_indexed(x: torch.Tensor, coins: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def grid_patches(regions: torch.Tensor, grid: int, patch: int, random: bool = False,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def grid_patches(
+    regions: torch.Tensor,
+    grid: int,
+    patch: int,
+    random: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """(B, C, R, R) regions -> (B * grid * grid, C, patch, patch) crops, cells row-major.
 
     Patch `b * grid * grid + row * grid + col` comes from cell (row, col) of region b.
@@ -66,8 +72,9 @@ def grid_patches(regions: torch.Tensor, grid: int, patch: int, random: bool = Fa
     return crop_patches(regions, offsets.reshape(-1, 2), grid, patch)
 
 
-def augment_patches(x: torch.Tensor, aug: Augment, generator: torch.Generator | None = None
-                    ) -> torch.Tensor:
+def augment_patches(
+    x: torch.Tensor, aug: Augment, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Augment float (N, 3, p, p) patches in [0, 1] (per-patch ColorJitter, then random flips
     and 90-degree rotations); the input itself when `aug` is off."""
     if not aug.enabled:

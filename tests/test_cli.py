@@ -1,6 +1,7 @@
 """The CLI is derived from the config dataclasses (etl/options.py, etl/command.py): defaults and
 help come from the fields, shared option groups feed every dataclass that declares them, and
 every command maps a PatchetlError to `error: <message>` and exit 2."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,29 +25,29 @@ from training.config import InferConfig, TrainConfig
 # dataclass field must not rename an option unnoticed.
 FLAGS = {
     "synth": "--out --slides --width --height --tumor-fraction --seed --mpp --downsample "
-             "--vendor --quality --regions-per-slide --region-size --grid --val-fraction",
+    "--vendor --quality --regions-per-slide --region-size --grid --val-fraction",
     "inspect": "--json --csv --data-root --location-order --anchor --region-size --split",
     "extract": "--json --csv --out --data-root --split --region-size --level --format "
-               "--quality --shard-size --part-size --seed --outside --workers --backend "
-               "--scheduler --overwrite --no-overwrite --slide-backend --tile-cache-mb "
-               "--location-order --anchor --progress --no-progress",
+    "--quality --shard-size --part-size --seed --outside --workers --backend "
+    "--scheduler --overwrite --no-overwrite --slide-backend --tile-cache-mb "
+    "--location-order --anchor --progress --no-progress",
     "verify": "--decode --no-decode",
     "qc": "--json --csv --data-root --out --split --region-size --max-side "
-          "--tissue-downsample --location-order --anchor --slide-backend",
+    "--tissue-downsample --location-order --anchor --slide-backend",
     "train": "--train --val --out --epochs --batch-size --grid --patch-size --optimizer --lr "
-             "--weight-decay --warmup-epochs --workers --shuffle-buffer --decode --device "
-             "--amp --no-amp --channels-last --no-channels-last --compile --prefetch "
-             "--no-prefetch --augment --no-augment --pretrained --resume --no-resume --seed "
-             "--max-bad --progress --no-progress --record-keys --no-record-keys",
+    "--weight-decay --warmup-epochs --workers --shuffle-buffer --decode --device "
+    "--amp --no-amp --channels-last --no-channels-last --compile --prefetch "
+    "--no-prefetch --augment --no-augment --pretrained --resume --no-resume --seed "
+    "--max-bad --progress --no-progress --record-keys --no-record-keys",
     "evaluate": "--pred --truth --slides --mpp --froc-method --mask-tumor-value --checkpoint "
-                "--shards --device --workers --out",
+    "--shards --device --workers --out",
     "infer": "--checkpoint --ckpt --out --mode --level --stride --patch-size --tile-size "
-             "--margin --batch-size --tiles-per-batch --workers --device --amp --no-amp "
-             "--tissue-downsample --tissue-threshold --tissue-min-area --nms-radius "
-             "--nms-threshold --slide-backend --progress --no-progress",
+    "--margin --batch-size --tiles-per-batch --workers --device --amp --no-amp "
+    "--tissue-downsample --tissue-threshold --tissue-min-area --nms-radius "
+    "--nms-threshold --slide-backend --progress --no-progress",
     "check-dense": "--checkpoint --ckpt --min-r --report --level --stride --patch-size "
-                   "--tile-size --margin --batch-size --workers --device --amp --no-amp "
-                   "--slide-backend",
+    "--tile-size --margin --batch-size --workers --device --amp --no-amp "
+    "--slide-backend",
 }
 
 
@@ -57,8 +58,9 @@ def invoke(target: typer.Typer, args: list[str]):
 @pytest.mark.parametrize("name", sorted(FLAGS))
 def test_every_command_keeps_its_option_names(name):
     click_command = typer.main.get_command(app).commands[name]
-    flags = {f for p in click_command.params for f in (*p.opts, *p.secondary_opts)
-             if f.startswith("-")} - {"--help"}
+    flags = {
+        f for p in click_command.params for f in (*p.opts, *p.secondary_opts) if f.startswith("-")
+    } - {"--help"}
     assert flags == set(FLAGS[name].split())
 
 
@@ -117,8 +119,10 @@ def test_help_and_defaults_come_from_the_dataclass():
 
 def test_options_are_parsed_into_the_dataclass():
     seen: list = []
-    res = invoke(tiny_app(Tiny, seen), ["run", "--size", "5", "--kind", "b", "--fast", "--no-amp",
-                                        "--tags", "x", "--tags", "y"])
+    res = invoke(
+        tiny_app(Tiny, seen),
+        ["run", "--size", "5", "--kind", "b", "--fast", "--no-amp", "--tags", "x", "--tags", "y"],
+    )
     assert res.exit_code == 0, res.output
     assert seen == [Tiny(size=5, mode="b", fast=True, amp=False, tags=["x", "y"])]
 
@@ -187,6 +191,7 @@ def test_only_exposes_the_fields_named():
     assert "--size" in res.output and "--kind" not in res.output
     assert invoke(tiny, ["pick", "--size", "2"]).exit_code == 0 and seen == [Tiny(size=2)]
     with pytest.raises(TypeError, match="no options named"):
+
         @command(tiny)
         def wrong(opts: Annotated[Tiny, only("nope")]) -> None: ...
 
@@ -204,25 +209,50 @@ def test_extract_builds_its_groups_with_their_defaults_and_shares_region_size(mo
     res = invoke(app, ["extract", "--json", "d.json"])
     assert res.exit_code == 2 and "error: stopped in the test" in res.output
     assert "Traceback" not in res.output
-    assert calls[-1] == (Path("d.json"), ExtractParams(),
-                         {"data_root": None, "splits": None, "location_order": "yx",
-                          "anchor": "center", "slide_backend": ExtractRunOptions().slide_backend})
-    invoke(app, ["extract", "--csv", "d.csv", "--region-size", "384", "--format", "png",
-                 "--split", "training", "--anchor", "corner"])
+    assert calls[-1] == (
+        Path("d.json"),
+        ExtractParams(),
+        {
+            "data_root": None,
+            "splits": None,
+            "location_order": "yx",
+            "anchor": "center",
+            "slide_backend": ExtractRunOptions().slide_backend,
+        },
+    )
+    invoke(
+        app,
+        [
+            "extract",
+            "--csv",
+            "d.csv",
+            "--region-size",
+            "384",
+            "--format",
+            "png",
+            "--split",
+            "training",
+            "--anchor",
+            "corner",
+        ],
+    )
     assert calls[-1][1] == ExtractParams(region_size=384, fmt="png")
     assert calls[-1][2]["splits"] == ["training"] and calls[-1][2]["anchor"] == "corner"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["extract"], "give exactly one of --json FILE or --csv FILE"),
-    (["extract", "--json", "a", "--csv", "b"], "give exactly one of --json FILE or --csv FILE"),
-    (["extract", "--json", "a", "--outside", "nowhere"], "--outside must be one of"),
-    (["extract", "--json", "a", "--quality", "0"], "--quality must be in 1..100"),
-    (["qc", "--csv", "a", "--json", "b"], "give exactly one of"),
-    (["train", "--optimizer", "lion"], "--optimizer 'lion': use sgd or adamw"),
-    (["infer", "x.tif", "--stride", "48"], "--stride 48: use a multiple of 32"),
-    (["evaluate", "--checkpoint", "c.pt"], "the patch-level evaluation needs both"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["extract"], "give exactly one of --json FILE or --csv FILE"),
+        (["extract", "--json", "a", "--csv", "b"], "give exactly one of --json FILE or --csv FILE"),
+        (["extract", "--json", "a", "--outside", "nowhere"], "--outside must be one of"),
+        (["extract", "--json", "a", "--quality", "0"], "--quality must be in 1..100"),
+        (["qc", "--csv", "a", "--json", "b"], "give exactly one of"),
+        (["train", "--optimizer", "lion"], "--optimizer 'lion': use sgd or adamw"),
+        (["infer", "x.tif", "--stride", "48"], "--stride 48: use a multiple of 32"),
+        (["evaluate", "--checkpoint", "c.pt"], "the patch-level evaluation needs both"),
+    ],
+)
 def test_bad_option_values_exit_2_before_any_work(args, message):
     res = invoke(app, args)
     assert res.exit_code == 2 and f"error: {message}" in res.output, res.output
@@ -232,8 +262,11 @@ def test_bad_option_values_exit_2_before_any_work(args, message):
 def test_training_defaults_are_the_dataclass_defaults():
     """What `train` and `infer` print as defaults is what their dataclasses hold."""
     train_help = invoke(app, ["train", "--help"]).output
-    for flag, value in (("--train", TrainConfig().train), ("--epochs", TrainConfig().epochs),
-                        ("--batch-size", TrainConfig().batch_size)):
+    for flag, value in (
+        ("--train", TrainConfig().train),
+        ("--epochs", TrainConfig().epochs),
+        ("--batch-size", TrainConfig().batch_size),
+    ):
         assert flag in train_help and f"[default: {value}]" in train_help
     infer_help = invoke(app, ["infer", "--help"]).output
     assert f"[default: {InferConfig().checkpoint}]" in infer_help

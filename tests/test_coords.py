@@ -1,4 +1,5 @@
 """Coordinate parsing and validation (etl/coords.py) and the `patchetl inspect` command."""
+
 from __future__ import annotations
 
 import json
@@ -33,10 +34,14 @@ def write_json(path: Path, data: object) -> Path:
     return path
 
 
-def entry(image: object = "tumor_001.tif", location: object = (100, 200),
-          label: object = None) -> dict:
-    return {"image": image, "location": list(location) if isinstance(location, tuple) else location,
-            "label": FLAT9 if label is None else label}
+def entry(
+    image: object = "tumor_001.tif", location: object = (100, 200), label: object = None
+) -> dict:
+    return {
+        "image": image,
+        "location": list(location) if isinstance(location, tuple) else location,
+        "label": FLAT9 if label is None else label,
+    }
 
 
 def touch(path: Path) -> Path:
@@ -95,8 +100,9 @@ def test_corner_anchor_moves_to_centre(tmp_path: Path, size: int, shift: int) ->
     assert (c.x, c.y) == (r.x, r.y)
 
 
-@pytest.mark.parametrize("option", [{"location_order": "zz"}, {"anchor": "middle"},
-                                    {"region_size": 0}, {"fmt": "xml"}])
+@pytest.mark.parametrize(
+    "option", [{"location_order": "zz"}, {"anchor": "middle"}, {"region_size": 0}, {"fmt": "xml"}]
+)
 def test_bad_options_raise_value_error(tmp_path: Path, option: dict) -> None:
     path = write_json(tmp_path / "d.json", {"training": [entry()]})
     with pytest.raises(ValueError, match=next(iter(option))):
@@ -110,29 +116,46 @@ def test_bad_options_raise_value_error(tmp_path: Path, option: dict) -> None:
 def test_json_and_csv_give_the_same_table(tmp_path: Path, header: str) -> None:
     touch(tmp_path / "tumor_001.tif")
     touch(tmp_path / "training" / "images" / "normal_002.tif")
-    regions = [("tumor_001", 200, 100, FLAT9), ("normal_002", 5, 7, [0] * 9),
-               ("tumor_001", 300, 400, [0, 0, 0, 1, 1, 1, 0, 0, 0])]
-    js = write_json(tmp_path / "d.json", {"training": [
-        {"image": f"{n}.tif", "location": [y, x], "label": lab} for n, x, y, lab in regions]})
+    regions = [
+        ("tumor_001", 200, 100, FLAT9),
+        ("normal_002", 5, 7, [0] * 9),
+        ("tumor_001", 300, 400, [0, 0, 0, 1, 1, 1, 0, 0, 0]),
+    ]
+    js = write_json(
+        tmp_path / "d.json",
+        {
+            "training": [
+                {"image": f"{n}.tif", "location": [y, x], "label": lab} for n, x, y, lab in regions
+            ]
+        },
+    )
     csv = tmp_path / "pathology_train.csv"
-    csv.write_text(header + "".join(f"{n},{x},{y},{','.join(map(str, lab))}\n"
-                                    for n, x, y, lab in regions))
+    csv.write_text(
+        header + "".join(f"{n},{x},{y},{','.join(map(str, lab))}\n" for n, x, y, lab in regions)
+    )
     a, b = load_regions(js, data_root=tmp_path), load_regions(csv, data_root=tmp_path)
 
     def key(t: RegionTable) -> list:
-        return [(r.split, r.index, r.image, r.slide, r.x, r.y, r.labels, r.exists)
-                for r in t.regions]
+        return [
+            (r.split, r.index, r.image, r.slide, r.x, r.y, r.labels, r.exists) for r in t.regions
+        ]
 
     assert key(a) == key(b)
     assert [r.slide for r in a.regions][:2] == [
-        tmp_path / "tumor_001.tif", tmp_path / "training" / "images" / "normal_002.tif"]
+        tmp_path / "tumor_001.tif",
+        tmp_path / "training" / "images" / "normal_002.tif",
+    ]
     assert a.regions[2].labels == ((0, 1, 0), (0, 1, 0), (0, 1, 0))
 
 
 def test_csv_split_name(tmp_path: Path) -> None:
     row = "t,1,2,0\n"
-    for name, split in [("pathology_valid.csv", "validation"), ("coords_test.csv", "testing"),
-                        ("pathology_train.csv", "training"), ("coords.csv", "training")]:
+    for name, split in [
+        ("pathology_valid.csv", "validation"),
+        ("coords_test.csv", "testing"),
+        ("pathology_train.csv", "training"),
+        ("coords.csv", "training"),
+    ]:
         (tmp_path / name).write_text(row)
         assert list(load_regions(tmp_path / name, data_root=tmp_path).splits()) == [split]
     table = load_regions(tmp_path / "coords.csv", data_root=tmp_path, split="validation")
@@ -143,8 +166,10 @@ def test_csv_split_name(tmp_path: Path) -> None:
 
 
 def test_json_split_filter(tmp_path: Path) -> None:
-    path = write_json(tmp_path / "d.json", {"training": [entry()], "validation": [entry("v.tif")],
-                                            "testing": [entry("t.tif")]})
+    path = write_json(
+        tmp_path / "d.json",
+        {"training": [entry()], "validation": [entry("v.tif")], "testing": [entry("t.tif")]},
+    )
     table = load_regions(path, data_root=tmp_path, split=["validation", "testing"])
     assert list(table.splits()) == ["validation", "testing"]
     errors = parse_coordinates(path, data_root=tmp_path, split="nope").errors
@@ -152,9 +177,16 @@ def test_json_split_filter(tmp_path: Path) -> None:
 
 
 def test_decathlon_style_metadata_keys_are_skipped_with_a_warning(tmp_path: Path) -> None:
-    path = write_json(tmp_path / "d.json", {
-        "name": "Camelyon16 regions", "description": "tumor detection", "numTraining": 1,
-        "labels": {"0": "normal", "1": "tumor"}, "training": [entry()]})
+    path = write_json(
+        tmp_path / "d.json",
+        {
+            "name": "Camelyon16 regions",
+            "description": "tumor detection",
+            "numTraining": 1,
+            "labels": {"0": "normal", "1": "tumor"},
+            "training": [entry()],
+        },
+    )
     table = load_regions(path, data_root=tmp_path)
     assert list(table.splits()) == ["training"] and len(table.regions) == 1
     skipped = [str(w) for w in table.warnings]
@@ -174,8 +206,10 @@ def test_data_root_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     touch(root / "training" / "images" / "a.tif")  # shadowed by the direct candidate
     fallback = touch(root / "training" / "images" / "b.tif")
     absolute = touch(tmp_path / "elsewhere" / "c.tif")
-    path = write_json(tmp_path / "d.json", {"training": [
-        entry("a.tif"), entry("b.tif"), entry(str(absolute)), entry("missing.tif")]})
+    path = write_json(
+        tmp_path / "d.json",
+        {"training": [entry("a.tif"), entry("b.tif"), entry(str(absolute)), entry("missing.tif")]},
+    )
     table = load_regions(path, data_root=root)
     assert [r.slide for r in table.regions] == [direct, fallback, absolute, root / "missing.tif"]
     assert [r.exists for r in table.regions] == [True, True, True, False]
@@ -197,59 +231,131 @@ BAD_JSON = [
     ("top-level", [OK], "", "top level is a list, not an object"),
     ("no-splits", {}, "", "no splits at all"),
     ("split-not-list", {"training": OK}, "", "split 'training' is an object, not a list"),
-    ("only-metadata", {"name": "x", "labels": {"0": "normal"}}, "", "no splits: no top-level "
-     "key holds a list of entries (keys: 'name', 'labels')"),
+    (
+        "only-metadata",
+        {"name": "x", "labels": {"0": "normal"}},
+        "",
+        "no splits: no top-level key holds a list of entries (keys: 'name', 'labels')",
+    ),
     ("empty-split", {"training": [OK], "validation": []}, "", "split 'validation' is empty"),
     ("entry-not-object", {"training": [OK, "a.tif"]}, "training[1]: ", "entry is a string"),
-    ("missing-image", {"training": [OK, {"location": [1, 2], "label": [0]}]},
-     "training[1].image: ", "missing key 'image'"),
-    ("missing-location", {"training": [OK, {"image": "a.tif", "label": [0]}]},
-     "training[1].location: ", "missing key 'location'"),
-    ("missing-label", {"training": [OK, {"image": "a.tif", "location": [1, 2]}]},
-     "training[1].label: ", "missing key 'label'"),
-    ("image-not-string", {"training": [OK, entry(image=7)]},
-     "training[1].image: ", "not a non-empty"),
-    ("location-3", {"training": [OK, entry(location=[1, 2, 3])]},
-     "training[1].location: ", "list of 2 numbers, got 3 values"),
-    ("location-scalar", {"training": [OK, entry(location=5)]},
-     "training[1].location: ", "list of 2 numbers, got a number"),
-    ("location-text", {"training": [OK, entry(location=["12", 4])]},
-     "training[1].location: ", "y is not a number: '12'"),
-    ("location-float", {"training": [OK, entry(location=[1.5, 4])]},
-     "training[1].location: ", "y is not an integer: 1.5"),
-    ("location-negative", {"training": [OK, entry(location=[5, -3])]},
-     "training[1].location: ", "negative value -3 for x"),
-    ("label-length", {"training": [OK, entry(label=[0, 1, 0])]},
-     "training[1].label: ", "3 values, not 1 or a square"),
+    (
+        "missing-image",
+        {"training": [OK, {"location": [1, 2], "label": [0]}]},
+        "training[1].image: ",
+        "missing key 'image'",
+    ),
+    (
+        "missing-location",
+        {"training": [OK, {"image": "a.tif", "label": [0]}]},
+        "training[1].location: ",
+        "missing key 'location'",
+    ),
+    (
+        "missing-label",
+        {"training": [OK, {"image": "a.tif", "location": [1, 2]}]},
+        "training[1].label: ",
+        "missing key 'label'",
+    ),
+    (
+        "image-not-string",
+        {"training": [OK, entry(image=7)]},
+        "training[1].image: ",
+        "not a non-empty",
+    ),
+    (
+        "location-3",
+        {"training": [OK, entry(location=[1, 2, 3])]},
+        "training[1].location: ",
+        "list of 2 numbers, got 3 values",
+    ),
+    (
+        "location-scalar",
+        {"training": [OK, entry(location=5)]},
+        "training[1].location: ",
+        "list of 2 numbers, got a number",
+    ),
+    (
+        "location-text",
+        {"training": [OK, entry(location=["12", 4])]},
+        "training[1].location: ",
+        "y is not a number: '12'",
+    ),
+    (
+        "location-float",
+        {"training": [OK, entry(location=[1.5, 4])]},
+        "training[1].location: ",
+        "y is not an integer: 1.5",
+    ),
+    (
+        "location-negative",
+        {"training": [OK, entry(location=[5, -3])]},
+        "training[1].location: ",
+        "negative value -3 for x",
+    ),
+    (
+        "label-length",
+        {"training": [OK, entry(label=[0, 1, 0])]},
+        "training[1].label: ",
+        "3 values, not 1 or a square",
+    ),
     ("label-empty", {"training": [OK, entry(label=[])]}, "training[1].label: ", "empty label"),
-    ("label-nested-shape", {"training": [OK, entry(label=[[0, 1], [0]])]},
-     "training[1].label: ", "nested label must be 2 rows of 2 values"),
-    ("label-nested-mixed", {"training": [OK, entry(label=[[0, 1], 0])]},
-     "training[1].label: ", "nested label must be 2 rows"),
-    ("label-value", {"training": [OK, entry(label=[0, 2, 0, 0.5])]},
-     "training[1].label: ", "label[1] = 2 is not 0 or 1; label[3] = 0.5 is not 0 or 1"),
-    ("label-text", {"training": [OK, entry(label=["1"])]},
-     "training[1].label: ", "label[0] = '1' is not 0 or 1"),
-    ("label-nested-value", {"training": [OK, entry(label=[[0, 0], [None, 0]])]},
-     "training[1].label: ", "label[1][0] = None"),
-    ("conflicting-duplicate", {"training": [OK], "validation": [entry(label=[1] * 9)]},
-     "validation[0].label: ", "conflicting duplicate: same slide tumor_001.tif and centre "
-     "x=200, y=100 as training[0]"),
+    (
+        "label-nested-shape",
+        {"training": [OK, entry(label=[[0, 1], [0]])]},
+        "training[1].label: ",
+        "nested label must be 2 rows of 2 values",
+    ),
+    (
+        "label-nested-mixed",
+        {"training": [OK, entry(label=[[0, 1], 0])]},
+        "training[1].label: ",
+        "nested label must be 2 rows",
+    ),
+    (
+        "label-value",
+        {"training": [OK, entry(label=[0, 2, 0, 0.5])]},
+        "training[1].label: ",
+        "label[1] = 2 is not 0 or 1; label[3] = 0.5 is not 0 or 1",
+    ),
+    (
+        "label-text",
+        {"training": [OK, entry(label=["1"])]},
+        "training[1].label: ",
+        "label[0] = '1' is not 0 or 1",
+    ),
+    (
+        "label-nested-value",
+        {"training": [OK, entry(label=[[0, 0], [None, 0]])]},
+        "training[1].label: ",
+        "label[1][0] = None",
+    ),
+    (
+        "conflicting-duplicate",
+        {"training": [OK], "validation": [entry(label=[1] * 9)]},
+        "validation[0].label: ",
+        "conflicting duplicate: same slide tumor_001.tif and centre x=200, y=100 as training[0]",
+    ),
 ]
 BAD_CSV = [
     ("x-text", "t1,10,20,1\nt2,abc,20,1\n", "line 2, x: ", "x is not a number: 'abc'"),
     ("y-negative", "t1,10,20,1\n\nt2,10,-4,1\n", "line 3, y: ", "negative value -4 for y"),
     ("no-labels", "name,x,y\nt1,10,20\n", "line 2, label: ", "3 column(s); no labels"),
     ("label-count", "t1,10,20,1,0\n", "line 1, label: ", "2 values, not 1 or a square"),
-    ("label-value", "t1,10,20,0,0,0,0,0,0,0,0,x\n",
-     "line 1, label: ", "label[8] is not a number: 'x'"),
+    (
+        "label-value",
+        "t1,10,20,0,0,0,0,0,0,0,0,x\n",
+        "line 1, label: ",
+        "label[8] is not a number: 'x'",
+    ),
     ("empty-name", ",10,20,1\n", "line 1, name: ", "empty slide name"),
     ("header-yx", "name,y,x,label\nt1,10,20,1\n", "line 1: ", "header names columns 'y,x'"),
     ("empty", "name,x,y,l0\n", "", "split 'training' is empty"),
     ("conflict", "t1,10,20,1\nt1,10,20,0\n", "line 2, label: ", "as line 1 but different"),
 ]
 CASES = [(f"json-{i}", "bad.json", c, w, m) for i, c, w, m in BAD_JSON] + [
-    (f"csv-{i}", "bad.csv", c, w, m) for i, c, w, m in BAD_CSV]
+    (f"csv-{i}", "bad.csv", c, w, m) for i, c, w, m in BAD_CSV
+]
 
 
 def write_case(tmp_path: Path, name: str, content: object) -> Path:
@@ -258,10 +364,12 @@ def write_case(tmp_path: Path, name: str, content: object) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name, content, where, message", [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
-def test_bad_input_is_reported(tmp_path: Path, name: str, content: object, where: str,
-                               message: str) -> None:
+@pytest.mark.parametrize(
+    "name, content, where, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input_is_reported(
+    tmp_path: Path, name: str, content: object, where: str, message: str
+) -> None:
     path = write_case(tmp_path, name, content)
     table = parse_coordinates(path, data_root=tmp_path)
     texts = [str(p) for p in table.errors]
@@ -272,10 +380,12 @@ def test_bad_input_is_reported(tmp_path: Path, name: str, content: object, where
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize("name, content, where, message", [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
-def test_cli_inspect_fails_with_the_message(tmp_path: Path, name: str, content: object,
-                                             where: str, message: str) -> None:
+@pytest.mark.parametrize(
+    "name, content, where, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_cli_inspect_fails_with_the_message(
+    tmp_path: Path, name: str, content: object, where: str, message: str
+) -> None:
     touch(tmp_path / "tumor_001.tif")
     path = write_case(tmp_path, name, content)
     flag = "--csv" if name.endswith(".csv") else "--json"
@@ -287,8 +397,9 @@ def test_cli_inspect_fails_with_the_message(tmp_path: Path, name: str, content: 
 
 def test_all_problems_are_collected(tmp_path: Path) -> None:
     bad = [entry(location=[i, -1]) for i in range(60)]
-    path = write_json(tmp_path / "d.json", {"training": [entry(label=[0, 1, 0]), *bad],
-                                            "validation": []})
+    path = write_json(
+        tmp_path / "d.json", {"training": [entry(label=[0, 1, 0]), *bad], "validation": []}
+    )
     table = parse_coordinates(path, data_root=tmp_path)
     assert len(table.errors) == 62 and table.regions == []
     text = str(CoordsError(table.errors))
@@ -308,10 +419,13 @@ def test_unreadable_file_is_a_problem(tmp_path: Path) -> None:
 
 
 def test_duplicates_warn_are_counted_and_first_kept(tmp_path: Path) -> None:
-    path = write_json(tmp_path / "d.json", {
-        "training": [entry(), entry("b.tif"), entry()],
-        "validation": [entry(str(tmp_path / "tumor_001.tif"))],  # same resolved slide
-    })
+    path = write_json(
+        tmp_path / "d.json",
+        {
+            "training": [entry(), entry("b.tif"), entry()],
+            "validation": [entry(str(tmp_path / "tumor_001.tif"))],  # same resolved slide
+        },
+    )
     table = load_regions(path, data_root=tmp_path)
     assert [(r.split, r.index) for r in table.regions] == [("training", 0), ("training", 1)]
     assert table.duplicates == 2 and not table.errors
@@ -324,12 +438,20 @@ def test_duplicates_warn_are_counted_and_first_kept(tmp_path: Path) -> None:
 def test_inspect_report_and_cli_counts(tmp_path: Path) -> None:
     touch(tmp_path / "tumor_001.tif")
     touch(tmp_path / "normal_001.tif")
-    path = write_json(tmp_path / "d.json", {
-        "training": [entry(), entry(location=[1, 1], label=[0]),
-                     entry("normal_001.tif", label=[0])],
-        "validation": [entry("normal_001.tif", location=[9, 9], label=[[0, 1], [0, 0]]),
-                       entry("normal_001.tif", location=[9, 9], label=[[0, 1], [0, 0]])],
-    })
+    path = write_json(
+        tmp_path / "d.json",
+        {
+            "training": [
+                entry(),
+                entry(location=[1, 1], label=[0]),
+                entry("normal_001.tif", label=[0]),
+            ],
+            "validation": [
+                entry("normal_001.tif", location=[9, 9], label=[[0, 1], [0, 0]]),
+                entry("normal_001.tif", location=[9, 9], label=[[0, 1], [0, 0]]),
+            ],
+        },
+    )
     report = inspect_report(load_regions(path, data_root=tmp_path))
     lines = [line.split() for line in report.splitlines()]
     assert ["training", "3", "2", "1", "2"] in lines  # regions, slides, tumor, normal
@@ -360,7 +482,15 @@ def test_cli_usage_errors(tmp_path: Path) -> None:
 
 
 def test_problem_str_format() -> None:
-    p = Problem(Path("dataset_0.json"), "training", 12, "location", "negative value -3",
-                "locations are level-0 pixels >= 0")
-    assert str(p) == ("dataset_0.json: training[12].location: negative value -3 "
-                      "(locations are level-0 pixels >= 0)")
+    p = Problem(
+        Path("dataset_0.json"),
+        "training",
+        12,
+        "location",
+        "negative value -3",
+        "locations are level-0 pixels >= 0",
+    )
+    assert str(p) == (
+        "dataset_0.json: training[12].location: negative value -3 "
+        "(locations are level-0 pixels >= 0)"
+    )

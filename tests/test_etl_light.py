@@ -1,5 +1,6 @@
 """The ETL stays light: no module of `etl` imports torch (or training), so ETL workers start
 fast on a cluster and `patchetl extract --help` does not load torch."""
+
 import subprocess
 import sys
 
@@ -11,16 +12,20 @@ def run_in_fresh_python(code: str) -> None:
 
 
 def test_etl_modules_do_not_import_torch():
-    code = ("import sys, pkgutil, importlib, etl\n"
-            "for m in pkgutil.walk_packages(etl.__path__, 'etl.'): importlib.import_module(m.name)\n"
-            "bad = [m for m in ('torch', 'training', 'webdataset') if m in sys.modules]\n"
-            "print(bad); sys.exit(1 if bad else 0)\n")
+    code = (
+        "import sys, pkgutil, importlib, etl\n"
+        "for m in pkgutil.walk_packages(etl.__path__, 'etl.'): importlib.import_module(m.name)\n"
+        "bad = [m for m in ('torch', 'training', 'webdataset') if m in sys.modules]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
     run_in_fresh_python(code)
 
 
 def test_extract_help_does_not_load_torch():
-    code = ("import sys\nfrom typer.testing import CliRunner\nfrom training.cli import app\n"
-            "r = CliRunner().invoke(app, ['extract', '--help'])\n"
-            "assert r.exit_code == 0 and '--json' in r.output, r.output\n"
-            "sys.exit(1 if 'torch' in sys.modules else 0)\n")
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom training.cli import app\n"
+        "r = CliRunner().invoke(app, ['extract', '--help'])\n"
+        "assert r.exit_code == 0 and '--json' in r.output, r.output\n"
+        "sys.exit(1 if 'torch' in sys.modules else 0)\n"
+    )
     run_in_fresh_python(code)

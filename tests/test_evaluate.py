@@ -1,4 +1,5 @@
 """Evaluation: Camelyon16 FROC rules on hand-made cases, slide AUC, report, CLI, patch AUC."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,14 @@ def square(x0: float, y0: float, side: float) -> np.ndarray:
     return np.array([(x0, y0), (x0 + side, y0), (x0 + side, y0 + side), (x0, y0 + side)], float)
 
 
-def write_case(root: Path, name: str, polygons: list[np.ndarray] | None,
-               detections: list[tuple[float, float, float]], *, mpp: float = MPP) -> None:
+def write_case(
+    root: Path,
+    name: str,
+    polygons: list[np.ndarray] | None,
+    detections: list[tuple[float, float, float]],
+    *,
+    mpp: float = MPP,
+) -> None:
     """Truth XML (None: normal slide), candidates CSV and a sidecar with size and mpp."""
     (root / "pred").mkdir(parents=True, exist_ok=True)
     (root / "truth").mkdir(parents=True, exist_ok=True)
@@ -45,8 +52,9 @@ def write_case(root: Path, name: str, polygons: list[np.ndarray] | None,
         write_asap_xml(root / "truth" / f"{name}.xml", polygons)
     lines = ["prob,x,y"] + [f"{p},{x},{y}" for p, x, y in detections]
     (root / "pred" / f"{name}.candidates.csv").write_text("\n".join(lines) + "\n")
-    (root / "pred" / f"{name}.prob.json").write_text(json.dumps(
-        {"slide": str(root / "missing" / f"{name}.tif"), "dims": [W, H], "mpp": mpp}))
+    (root / "pred" / f"{name}.prob.json").write_text(
+        json.dumps({"slide": str(root / "missing" / f"{name}.tif"), "dims": [W, H], "mpp": mpp})
+    )
 
 
 # --------------------------------------------------------------------------- geometry
@@ -177,8 +185,12 @@ def test_mask_tiffs_give_the_same_lesions_as_the_xml(tmp_path):
     cam = tmp_path / "t_Mask.tif"
     with tifffile.TiffWriter(cam) as tw:
         for ds in (1, 4, 16, 64):
-            tw.write(full[ds // 2::ds, ds // 2::ds], tile=(256, 256), compression="zlib",
-                     subfiletype=0 if ds == 1 else 1)
+            tw.write(
+                full[ds // 2 :: ds, ds // 2 :: ds],
+                tile=(256, 256),
+                compression="zlib",
+                subfiletype=0 if ds == 1 else 1,
+            )
     from_cam, size0, _ = read_mask_tiff(cam)
     assert size0 == (W, H)
     for other in (from_synth, from_cam):
@@ -209,8 +221,18 @@ def test_cli_writes_json_and_png_and_exits_zero(tmp_path):
     write_case(tmp_path, "normal_001", None, [(0.5, 100, 100)])
     np.save(tmp_path / "pred" / "normal_001.prob.npy", np.full((4, 4), 0.2, np.float32))
     out = tmp_path / "eval"
-    result = CliRunner().invoke(app, ["evaluate", "--pred", str(tmp_path / "pred"), "--truth",
-                                      str(tmp_path / "truth"), "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--pred",
+            str(tmp_path / "pred"),
+            "--truth",
+            str(tmp_path / "truth"),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "evaluation.json").read_text())
     # thresholds 0.3, 0.5, 0.9: FPs/slide 1.0, 0.5, 0 with sensitivity 1 throughout
@@ -231,8 +253,18 @@ def test_cli_missing_prediction_folder_is_a_clear_error(tmp_path):
     from training.cli import app
 
     (tmp_path / "truth").mkdir()
-    result = CliRunner().invoke(app, ["evaluate", "--pred", str(tmp_path / "nope"), "--truth",
-                                      str(tmp_path / "truth"), "--out", str(tmp_path / "eval")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--pred",
+            str(tmp_path / "nope"),
+            "--truth",
+            str(tmp_path / "truth"),
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+    )
     assert result.exit_code != 0
     assert "prediction folder not found" in result.output
     assert "Traceback" not in result.output
@@ -243,8 +275,18 @@ def test_cli_checkpoint_without_shards_is_refused(tmp_path):
     from training.cli import app
 
     write_case(tmp_path, "normal_001", None, [])
-    result = CliRunner().invoke(app, ["evaluate", "--pred", str(tmp_path / "pred"), "--truth",
-                                      str(tmp_path / "truth"), "--checkpoint", "x.pt"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--pred",
+            str(tmp_path / "pred"),
+            "--truth",
+            str(tmp_path / "truth"),
+            "--checkpoint",
+            "x.pt",
+        ],
+    )
     assert result.exit_code != 0 and "--shards" in result.output
 
 
@@ -260,28 +302,33 @@ def test_patch_eval_matches_a_manual_pass_over_the_shards(tmp_path):
     from training.model import build_model
     from training.patch_eval import evaluate_patches
 
-    metas = write_region_shards(tmp_path / "validation", 5, region=96, shard_size=3, seed=3,
-                                split="validation")
+    metas = write_region_shards(
+        tmp_path / "validation", 5, region=96, shard_size=3, seed=3, split="validation"
+    )
     torch.manual_seed(0)
     model = build_model().eval()
     ckpt = tmp_path / "best.pt"
-    torch.save({"format": 1, "model": model.state_dict(), "grid": 3, "patch_size": 28,
-                "epoch": 2}, ckpt)
+    torch.save(
+        {"format": 1, "model": model.state_dict(), "grid": 3, "patch_size": 28, "epoch": 2}, ckpt
+    )
     result = evaluate_patches(ckpt, tmp_path / "validation", device="cpu", batch_regions=2)
 
     data = open_shards(tmp_path / "validation")
     probs, labels = [], []
     with torch.no_grad():
-        for b in make_loader(RegionStream(data, epoch=0, seed=0, train=False,
-                                          regions_per_batch=4, grid=3)):
+        for b in make_loader(
+            RegionStream(data, epoch=0, seed=0, train=False, regions_per_batch=4, grid=3)
+        ):
             batch = to_device(b, torch.device("cpu"), 96)
-            x, y = make_patches(batch.regions, batch.labels, grid=3, patch=28, train=False,
-                                aug=Augment.off())
+            x, y = make_patches(
+                batch.regions, batch.labels, grid=3, patch=28, train=False, aug=Augment.off()
+            )
             probs.append(torch.sigmoid(model(x).flatten()).double())
             labels.append(y)
     p, t = torch.cat(probs).numpy(), torch.cat(labels).numpy()
     assert result["patches"] == 5 * 9 and result["tumor_patches"] == int(
-        sum(np.sum(m["labels"]) for m in metas))
+        sum(np.sum(m["labels"]) for m in metas)
+    )
     assert result["auc"] == pytest.approx(binary_auc(t, p), abs=1e-9)
     assert result["accuracy"] == pytest.approx(np.mean((p >= 0.5) == (t >= 0.5)))
     assert result["checkpoint_epoch"] == 2

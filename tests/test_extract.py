@@ -1,4 +1,5 @@
 """`patchetl extract` / `verify`: shards hold exactly the planned, correctly labelled regions."""
+
 from __future__ import annotations
 
 import json
@@ -34,19 +35,43 @@ REGION = 192  # small regions keep the tests fast; geometry is the same as 768
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("cohort")
-    return synth_cohort(root, n_slides=3, width=2048, height=1536, tumor_fraction=0.67, seed=3,
-                        mpp=1.0, regions_per_slide=10, region_size=REGION, val_fraction=0.34)
+    return synth_cohort(
+        root,
+        n_slides=3,
+        width=2048,
+        height=1536,
+        tumor_fraction=0.67,
+        seed=3,
+        mpp=1.0,
+        regions_per_slide=10,
+        region_size=REGION,
+        val_fraction=0.34,
+    )
 
 
 def run_extract(cohort, out, **kw):
-    params = ExtractParams(region_size=REGION, shard_size=kw.pop("shard_size", 7),
-                           part_size=kw.pop("part_size", 4), fmt=kw.pop("fmt", "jpg"),
-                           quality=kw.pop("quality", 95), outside=kw.pop("outside", "error"))
-    table, plans = plan_extraction(cohort.dataset_json, params, data_root=cohort.root,
-                                   splits=["training"])
-    results = [extract_split(table, plan, out / plan.split, params,
-                             {"location_order": "yx", "anchor": "center"}, **kw)
-               for plan in plans]
+    params = ExtractParams(
+        region_size=REGION,
+        shard_size=kw.pop("shard_size", 7),
+        part_size=kw.pop("part_size", 4),
+        fmt=kw.pop("fmt", "jpg"),
+        quality=kw.pop("quality", 95),
+        outside=kw.pop("outside", "error"),
+    )
+    table, plans = plan_extraction(
+        cohort.dataset_json, params, data_root=cohort.root, splits=["training"]
+    )
+    results = [
+        extract_split(
+            table,
+            plan,
+            out / plan.split,
+            params,
+            {"location_order": "yx", "anchor": "center"},
+            **kw,
+        )
+        for plan in plans
+    ]
     return table, results
 
 
@@ -73,17 +98,24 @@ def test_png_shards_hold_exactly_openslide_pixels_and_row_major_labels(cohort, t
         assert meta["grid"] == 3 and meta["region_size"] == REGION and meta["level"] == 0
         if region.slide not in slides:
             slides[region.slide] = openslide.OpenSlide(str(region.slide))
-        ref = slides[region.slide].read_region((region.x - REGION // 2, region.y - REGION // 2),
-                                               0, (REGION, REGION)).convert("RGB")
+        ref = (
+            slides[region.slide]
+            .read_region((region.x - REGION // 2, region.y - REGION // 2), 0, (REGION, REGION))
+            .convert("RGB")
+        )
         np.testing.assert_array_equal(decode_image(sample["png"]), np.asarray(ref))
     # The datalist is column by column: shards must have turned it into row-major grids.
     raw = json.loads(cohort.dataset_json.read_text())["training"]
     entry = next(e for e in raw if 0 < sum(e["label"]) < 9 and e["label"] != e["label"][::-1])
-    key_meta = next(json.loads(s["json"]) for s in samples.values()
-                    if [json.loads(s["json"])[k] for k in ("y", "x")] == entry["location"]
-                    and json.loads(s["json"])["slide"] == entry["image"])
-    assert [[key_meta["labels"][r][c] for r in range(3)] for c in range(3)] == \
-        [entry["label"][3 * c:3 * c + 3] for c in range(3)]
+    key_meta = next(
+        json.loads(s["json"])
+        for s in samples.values()
+        if [json.loads(s["json"])[k] for k in ("y", "x")] == entry["location"]
+        and json.loads(s["json"])["slide"] == entry["image"]
+    )
+    assert [[key_meta["labels"][r][c] for r in range(3)] for c in range(3)] == [
+        entry["label"][3 * c : 3 * c + 3] for c in range(3)
+    ]
 
 
 def test_shards_are_equal_sized_mixed_and_verified(cohort, tmp_path):
@@ -96,8 +128,12 @@ def test_shards_are_equal_sized_mixed_and_verified(cohort, tmp_path):
     first = [json.loads(s["json"])["slide"] for _, s in iter_samples(result.folder / names[0])]
     assert len(set(first)) > 1, "the global shuffle should mix slides within a shard"
     manifest = json.loads((result.folder / "manifest.json").read_text())
-    assert manifest["counts"] == {"planned": len(table.regions), "written": len(table.regions),
-                                  "skipped": 0, "failed": 0}
+    assert manifest["counts"] == {
+        "planned": len(table.regions),
+        "written": len(table.regions),
+        "skipped": 0,
+        "failed": 0,
+    }
     assert sum(s["count"] for s in manifest["slides"].values()) == len(table.regions)
     assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
     assert verify_folder(result.folder) == []
@@ -131,13 +167,33 @@ def test_second_run_on_a_locked_folder_refuses(cohort, tmp_path):
         run_extract(cohort, tmp_path)
 
 
-def test_kill_minus_nine_while_reading_then_rerun_ends_with_the_planned_samples(cohort,
-                                                                               tmp_path):
+def test_kill_minus_nine_while_reading_then_rerun_ends_with_the_planned_samples(cohort, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "training.cli", "extract", "--json", str(cohort.dataset_json),
-           "--data-root", str(cohort.root), "--out", str(out), "--region-size", str(REGION),
-           "--part-size", "1", "--shard-size", "4", "--workers", "1", "--no-progress",
-           "--format", "png", "--split", "training"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "extract",
+        "--json",
+        str(cohort.dataset_json),
+        "--data-root",
+        str(cohort.root),
+        "--out",
+        str(out),
+        "--region-size",
+        str(REGION),
+        "--part-size",
+        "1",
+        "--shard-size",
+        "4",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--format",
+        "png",
+        "--split",
+        "training",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     parts = out / "training" / ".parts"
     deadline = time.time() + 120
@@ -186,9 +242,24 @@ runpy.run_module("training.cli", run_name="__main__")
 
 
 def test_kill_minus_nine_while_mixing_then_rerun_ends_with_identical_shards(cohort, tmp_path):
-    args = ["extract", "--json", str(cohort.dataset_json), "--data-root", str(cohort.root),
-            "--region-size", str(REGION), "--part-size", "3", "--shard-size", "4",
-            "--workers", "1", "--no-progress", "--split", "training"]
+    args = [
+        "extract",
+        "--json",
+        str(cohort.dataset_json),
+        "--data-root",
+        str(cohort.root),
+        "--region-size",
+        str(REGION),
+        "--part-size",
+        "3",
+        "--shard-size",
+        "4",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--split",
+        "training",
+    ]
     reference = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "reference")])
     assert reference.exit_code == 0, reference.output
     expected = json.loads((tmp_path / "reference" / "training" / "manifest.json").read_text())
@@ -197,8 +268,11 @@ def test_kill_minus_nine_while_mixing_then_rerun_ends_with_identical_shards(coho
     folder = out / "training"
     script = tmp_path / "dying_extract.py"
     script.write_text(DYING_EXTRACT)
-    dead = subprocess.run([sys.executable, str(script), *args, "--out", str(out)],
-                          env={**os.environ, "KILL_AT_SHARD": "2"}, capture_output=True)
+    dead = subprocess.run(
+        [sys.executable, str(script), *args, "--out", str(out)],
+        env={**os.environ, "KILL_AT_SHARD": "2"},
+        capture_output=True,
+    )
     assert dead.returncode == -signal.SIGKILL, dead.stderr.decode()
     # Killed while writing shard 2: parts all written, shards 0-1 complete, shard 2 half
     # written under its temporary name, no manifest.
@@ -209,16 +283,19 @@ def test_kill_minus_nine_while_mixing_then_rerun_ends_with_identical_shards(coho
     assert (folder / ".parts").is_dir()
     survivors = {name: (folder / name).stat().st_mtime_ns for name in names[:2]}
 
-    rerun = subprocess.run([sys.executable, "-m", "training.cli", *args, "--out", str(out)],
-                           capture_output=True)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "training.cli", *args, "--out", str(out)], capture_output=True
+    )
     assert rerun.returncode == 0, rerun.stderr.decode()
     manifest = json.loads((folder / "manifest.json").read_text())
-    planned = len(load_regions(cohort.dataset_json, data_root=cohort.root,
-                               split="training").regions)
+    planned = len(
+        load_regions(cohort.dataset_json, data_root=cohort.root, split="training").regions
+    )
     assert manifest["counts"] == {**expected["counts"], "planned": planned, "written": planned}
     assert manifest["shards"] == expected["shards"]
-    assert {p.name: sha256_file(p) for p in folder.glob("*.tar")} == \
-        {s["name"]: s["sha256"] for s in expected["shards"]}
+    assert {p.name: sha256_file(p) for p in folder.glob("*.tar")} == {
+        s["name"]: s["sha256"] for s in expected["shards"]
+    }
     # The shards finished before the kill were kept, not written again.
     assert {name: (folder / name).stat().st_mtime_ns for name in names[:2]} == survivors
     assert len(shard_samples(folder)) == planned
@@ -243,8 +320,20 @@ def test_preflight_lists_every_problem_and_writes_nothing(cohort, tmp_path):
     text = str(err.value)
     assert "training[1]" in text and "no_such_slide.tif" in text and "not found" in text
     assert "training[2]" in text and "not inside the slide" in text and "--outside" in text
-    res = CliRunner().invoke(app, ["extract", "--json", str(bad), "--data-root", str(cohort.root),
-                                   "--out", str(tmp_path / "o"), "--region-size", str(REGION)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--json",
+            str(bad),
+            "--data-root",
+            str(cohort.root),
+            "--out",
+            str(tmp_path / "o"),
+            "--region-size",
+            str(REGION),
+        ],
+    )
     assert res.exit_code != 0 and "training[1]" in res.output
     assert not (tmp_path / "o").exists()
     # skip and pad policies accept the outside region and count it
@@ -297,15 +386,16 @@ def test_a_region_that_fails_to_read_is_recorded_not_lost(cohort, tmp_path, monk
 def test_dask_backend_writes_the_same_shards_as_local(cohort, tmp_path):
     distributed = pytest.importorskip("dask.distributed")
     _, (local,) = run_extract(cohort, tmp_path / "local", workers=1)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster:
-        _, (viadask,) = run_extract(cohort, tmp_path / "dask", backend="dask",
-                                    scheduler=cluster.scheduler_address)
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        _, (viadask,) = run_extract(
+            cohort, tmp_path / "dask", backend="dask", scheduler=cluster.scheduler_address
+        )
     assert [s["sha256"] for s in viadask.shards] == [s["sha256"] for s in local.shards]
 
 
-def test_shard_mixing_with_few_open_part_files_gives_the_same_shards(cohort, tmp_path,
-                                                                    monkeypatch):
+def test_shard_mixing_with_few_open_part_files_gives_the_same_shards(cohort, tmp_path, monkeypatch):
     """Mixing reads from many part files; the LRU of open handles must not change a byte."""
     import etl.extract.shards as shards
 
@@ -318,9 +408,24 @@ def test_shard_mixing_with_few_open_part_files_gives_the_same_shards(cohort, tmp
 
 def test_cli_extracts_every_split_through_one_pool(cohort, tmp_path):
     out = tmp_path / "out"
-    args = ["extract", "--json", str(cohort.dataset_json), "--data-root", str(cohort.root),
-            "--out", str(out), "--region-size", str(REGION), "--part-size", "3",
-            "--shard-size", "5", "--workers", "2", "--no-progress"]
+    args = [
+        "extract",
+        "--json",
+        str(cohort.dataset_json),
+        "--data-root",
+        str(cohort.root),
+        "--out",
+        str(out),
+        "--region-size",
+        str(REGION),
+        "--part-size",
+        "3",
+        "--shard-size",
+        "5",
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     table = load_regions(cohort.dataset_json, data_root=cohort.root)
@@ -328,8 +433,9 @@ def test_cli_extracts_every_split_through_one_pool(cohort, tmp_path):
         folder = out / split
         assert verify_folder(folder) == []
         metas = [json.loads(s["json"]) for s in shard_samples(folder).values()]
-        assert {(m["slide"], m["x"], m["y"]) for m in metas} == \
-            {(r.image, r.x, r.y) for r in regions}
+        assert {(m["slide"], m["x"], m["y"]) for m in metas} == {
+            (r.image, r.x, r.y) for r in regions
+        }
         assert {m["split"] for m in metas} == {split}
     again = CliRunner().invoke(app, args)  # finished: a rerun writes nothing new
     assert again.exit_code == 0 and "0 part(s) resumed" not in again.output

@@ -1,4 +1,5 @@
 """Whole-slide inference: map geometry, dense vs patch, seams, NMS, outputs, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,7 @@ class ArraySlide:
         ih, iw = self.rgb.shape[:2]
         xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, iw), min(y0 + h, ih)
         if xa < xb and ya < yb:
-            out[ya - y0:yb - y0, xa - x0:xb - x0] = self.rgb[ya:yb, xa:xb]
+            out[ya - y0 : yb - y0, xa - x0 : xb - x0] = self.rgb[ya:yb, xa:xb]
         return out
 
     def close(self) -> None:
@@ -88,13 +89,14 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model()
     pred = Predictor(model, P, 32, CPU, channels_last=False)
-    ii, jj = np.mgrid[0:(H - P) // 32 + 1, 0:(W - P) // 32 + 1]
+    ii, jj = np.mgrid[0 : (H - P) // 32 + 1, 0 : (W - P) // 32 + 1]
     cx, cy = (jj * 32 + P // 2).ravel(), (ii * 32 + P // 2).ravel()
     tissue = np.flatnonzero(scene.tissue_distance(cx, cy) > 0)
     labels = points_in_polygons(np.c_[cx, cy], scene.polygons)[tissue]
     assert 20 < labels.sum() < len(labels) - 20, "the training slide needs tumor and normal"
-    patches = np.stack([img[cy[k] - P // 2:cy[k] + P // 2, cx[k] - P // 2:cx[k] + P // 2]
-                        for k in tissue])
+    patches = np.stack(
+        [img[cy[k] - P // 2 : cy[k] + P // 2, cx[k] - P // 2 : cx[k] + P // 2] for k in tissue]
+    )
     _calibrate_bn(model, pred, patches)
     padded = np.pad(img, ((margin, margin), (margin, margin), (0, 0)), constant_values=255)
     k = margin // 32
@@ -112,7 +114,7 @@ def trained(tmp_path_factory):
 
     def closure():
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(z @ w + b, y) + (w ** 2).mean()
+        loss = F.binary_cross_entropy_with_logits(z @ w + b, y) + (w**2).mean()
         loss.backward()
         return loss
 
@@ -121,8 +123,17 @@ def trained(tmp_path_factory):
         model.fc.weight.copy_((w / sd).view(1, 512, 1, 1))
         model.fc.bias.copy_(b - (w * mu / sd).sum())
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    torch.save({"format": 1, "model": model.state_dict(), "patch_size": P, "grid": 3,
-                "epoch": 1, "arch": "FCResNet18"}, path)
+    torch.save(
+        {
+            "format": 1,
+            "model": model.state_dict(),
+            "patch_size": P,
+            "grid": 3,
+            "epoch": 1,
+            "arch": "FCResNet18",
+        },
+        path,
+    )
     return path
 
 
@@ -130,9 +141,24 @@ def trained(tmp_path_factory):
 def dense_run(slide, trained, tmp_path_factory):
     """`patchetl infer` (dense, through the CLI) on the test slide."""
     out = tmp_path_factory.mktemp("dense")
-    res = CliRunner().invoke(app, ["infer", str(slide[0]), "--ckpt", str(trained), "--out",
-                                   str(out), "--no-progress", "--tile-size", "256",
-                                   "--nms-radius", "96", "--workers", "2"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(slide[0]),
+            "--ckpt",
+            str(trained),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--tile-size",
+            "256",
+            "--nms-radius",
+            "96",
+            "--workers",
+            "2",
+        ],
+    )
     assert res.exit_code == 0, res.output
     return out
 
@@ -140,14 +166,15 @@ def dense_run(slide, trained, tmp_path_factory):
 @pytest.fixture(scope="module")
 def patch_map(slide, trained):
     model, _ = load_model(trained)
-    cfg = InferConfig(checkpoint=str(trained), mode="patch", patch_size=P, workers=2,
-                      progress=False)
+    cfg = InferConfig(
+        checkpoint=str(trained), mode="patch", patch_size=P, workers=2, progress=False
+    )
     return infer_slide(slide[0], Predictor(model, P, 32, CPU), cfg).prob
 
 
 def truth_cells(scene, geometry: MapGeometry) -> np.ndarray:
     """Map pixels whose centre lies in a lesion."""
-    i, j = np.mgrid[0:geometry.rows, 0:geometry.cols]
+    i, j = np.mgrid[0 : geometry.rows, 0 : geometry.cols]
     x, y = geometry.centre(i, j)
     return points_in_polygons(np.c_[x.ravel(), y.ravel()], scene.polygons).reshape(i.shape)
 
@@ -194,9 +221,17 @@ def test_map_pixel_is_the_patch_centred_at_the_documented_point(stride, patch):
     rgb = np.stack([x, y, np.zeros_like(x)], -1).astype(np.uint8)
     g = MapGeometry.for_level((w, h), 0, 1.0, stride, patch)
     cells = np.ones(g.shape, bool)
-    prob = predict_map(lambda: ArraySlide(rgb), g, cells, PositionProbe(patch), mode="patch",
-                       tile_size=2 * stride, batch_size=3, workers=2)  # batches span tiles
-    i, j = np.mgrid[0:g.rows, 0:g.cols]
+    prob = predict_map(
+        lambda: ArraySlide(rgb),
+        g,
+        cells,
+        PositionProbe(patch),
+        mode="patch",
+        tile_size=2 * stride,
+        batch_size=3,
+        workers=2,
+    )  # batches span tiles
+    i, j = np.mgrid[0 : g.rows, 0 : g.cols]
     cx, cy = g.centre(i, j)
     inside = (cx < w) & (cy < h)  # centres past the edge read white
     assert inside.sum() >= 6 and not inside.all()
@@ -220,8 +255,16 @@ def test_trained_model_scores_tumor_above_normal(dense_run, slide, patch_map):
 def test_dense_without_context_is_exactly_patch_mode(slide, trained, patch_map):
     """One-patch tiles and no margin: the dense path computes what patch mode computes."""
     model, _ = load_model(trained)
-    cfg = InferConfig(checkpoint=str(trained), mode="dense", patch_size=P, tile_size=32,
-                      margin=0, tiles_per_batch=256, workers=2, progress=False)
+    cfg = InferConfig(
+        checkpoint=str(trained),
+        mode="dense",
+        patch_size=P,
+        tile_size=32,
+        margin=0,
+        tiles_per_batch=256,
+        workers=2,
+        progress=False,
+    )
     dense = infer_slide(slide[0], Predictor(model, P, 32, CPU), cfg).prob
     np.testing.assert_allclose(dense, patch_map, atol=1e-4)
 
@@ -243,8 +286,9 @@ def test_agreement_metrics_on_hand_made_maps():
     d = np.array([0.1, 0.2, 0.6, 0.9])
     a = Agreement.of(d, d * 0.5 + 0.1)  # a linear map of d: r = 1
     assert a.cells == 4 and a.pearson == pytest.approx(1.0)
-    assert a.max_abs == pytest.approx(0.35) and a.mean_abs == pytest.approx(np.mean(
-        np.abs(d - (d * 0.5 + 0.1))))
+    assert a.max_abs == pytest.approx(0.35) and a.mean_abs == pytest.approx(
+        np.mean(np.abs(d - (d * 0.5 + 0.1)))
+    )
     assert a.same_call == 0.75  # 0.6 -> 0.4 changes side
     assert (a.positive_dense, a.positive_patch) == (0.5, 0.25)
     assert Agreement.of(d, d[::-1]).pearson < -0.9
@@ -256,8 +300,18 @@ def test_agreement_metrics_on_hand_made_maps():
 def test_check_dense_command(slide, trained, tmp_path):
     """`patchetl check-dense`: both modes, the numbers in a report, exit 1 below --min-r."""
     report = tmp_path / "agreement.json"
-    args = ["check-dense", str(slide[0]), "--ckpt", str(trained), "--workers", "2",
-            "--tile-size", "256", "--report", str(report)]
+    args = [
+        "check-dense",
+        str(slide[0]),
+        "--ckpt",
+        str(trained),
+        "--workers",
+        "2",
+        "--tile-size",
+        "256",
+        "--report",
+        str(report),
+    ]
     res = CliRunner().invoke(app, [*args, "--min-r", "0.6"])
     assert res.exit_code == 0, res.output
     doc = json.loads(report.read_text())
@@ -267,8 +321,9 @@ def test_check_dense_command(slide, trained, tmp_path):
     assert "pooled" in res.output and f"{doc['pooled']['pearson']:.4f}" in res.output
     res = CliRunner().invoke(app, [*args, "--min-r", "0.9999"])
     assert res.exit_code == 1 and "below --min-r 0.9999" in res.output
-    res = CliRunner().invoke(app, ["check-dense", str(slide[0]), "--ckpt",
-                                   str(tmp_path / "missing.pt")])
+    res = CliRunner().invoke(
+        app, ["check-dense", str(slide[0]), "--ckpt", str(tmp_path / "missing.pt")]
+    )
     assert res.exit_code == 2 and "no such file" in res.output
 
 
@@ -283,8 +338,9 @@ def test_tile_margin_removes_seams(slide):
     cells = np.ones(g.shape, bool)
 
     def run(tile: int, margin: int) -> np.ndarray:
-        return predict_map(lambda: ArraySlide(rgb), g, cells, pred, tile_size=tile,
-                           margin=margin, workers=2)
+        return predict_map(
+            lambda: ArraySlide(rgb), g, cells, pred, tile_size=tile, margin=margin, workers=2
+        )
 
     whole = run(1024, 224)  # one tile
     assert whole.std() > 0.02 and 0.02 < np.median(whole) < 0.98  # not saturated
@@ -302,8 +358,11 @@ def test_nms_on_a_hand_made_map():
     prob[10, 2] = prob[10, 3] = 0.6  # a tie: the first in row-major order wins
     prob[2, 17] = 0.4  # below the threshold
     assert nms(prob, radius=3, threshold=0.5) == [
-        (pytest.approx(0.9), 5, 5), (pytest.approx(0.75), 8, 8), (pytest.approx(0.7), 15, 15),
-        (pytest.approx(0.6), 10, 2)]
+        (pytest.approx(0.9), 5, 5),
+        (pytest.approx(0.75), 8, 8),
+        (pytest.approx(0.7), 15, 15),
+        (pytest.approx(0.6), 10, 2),
+    ]
     g = MapGeometry.for_level((640, 640), 0, 1.0, 32, 224)
     cands = find_candidates(prob, g, radius=96, threshold=0.5)  # 96 level-0 px = 3 map px
     assert [(c.x, c.y) for c in cands] == [(176, 176), (272, 272), (496, 496), (80, 336)]
@@ -335,9 +394,17 @@ def test_candidates_csv_and_geojson(dense_run):
 # --------------------------------------------------------------------------- outputs
 def test_outputs_are_complete_heatmap_tiff_opens(dense_run):
     names = sorted(p.name for p in dense_run.iterdir())
-    assert names == sorted(f"tumor_test.{k}" for k in (
-        "prob.npy", "prob.json", "heatmap.png", "heatmap.tif", "candidates.csv",
-        "candidates.geojson"))  # and no temporary file left behind
+    assert names == sorted(
+        f"tumor_test.{k}"
+        for k in (
+            "prob.npy",
+            "prob.json",
+            "heatmap.png",
+            "heatmap.tif",
+            "candidates.csv",
+            "candidates.geojson",
+        )
+    )  # and no temporary file left behind
     prob = np.load(dense_run / "tumor_test.prob.npy")
     with tifffile.TiffFile(dense_run / "tumor_test.heatmap.tif") as tif:
         assert np.array_equal(tif.pages[0].asarray(), np.rint(prob * 255).astype(np.uint8))
@@ -370,8 +437,9 @@ def test_heatmap_tiff_pyramid_levels(tmp_path):
 def _blank_slide(path: Path) -> Path:
     rng = np.random.default_rng(0)
     glass = np.clip(np.array([243, 241, 245]) + rng.normal(0, 2, (512, 512, 3)), 0, 255)
-    tifffile.imwrite(path, glass.astype(np.uint8), tile=(256, 256), photometric="rgb",
-                     compression="zlib")
+    tifffile.imwrite(
+        path, glass.astype(np.uint8), tile=(256, 256), photometric="rgb", compression="zlib"
+    )
     return path
 
 
@@ -379,16 +447,28 @@ def test_slide_without_tissue_gives_an_empty_map_and_a_warning(trained, tmp_path
     folder = tmp_path / "slides"
     folder.mkdir()
     _blank_slide(folder / "blank.tif")
-    res = CliRunner().invoke(app, ["infer", str(folder), "--ckpt", str(trained), "--out",
-                                   str(tmp_path / "out"), "--no-progress"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(folder),
+            "--ckpt",
+            str(trained),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "warning" in res.output and "no tissue" in res.output
     assert not np.load(tmp_path / "out" / "blank.prob.npy").any()
     assert (tmp_path / "out" / "blank.candidates.csv").read_text() == "prob,x,y\n"
 
 
-@pytest.mark.parametrize("case", ["missing slide", "unreadable slide", "other checkpoint",
-                                  "missing checkpoint", "bad stride"])
+@pytest.mark.parametrize(
+    "case",
+    ["missing slide", "unreadable slide", "other checkpoint", "missing checkpoint", "bad stride"],
+)
 def test_bad_input_exits_with_a_message(case, trained, slide, tmp_path):
     args = [str(slide[0]), "--ckpt", str(trained)]
     if case == "missing slide":
@@ -411,8 +491,7 @@ def test_bad_input_exits_with_a_message(case, trained, slide, tmp_path):
     else:
         args += ["--stride", "48"]
         expect = (2, "multiple of 32")
-    res = CliRunner().invoke(app, ["infer", *args, "--out", str(tmp_path / "out"),
-                                   "--no-progress"])
+    res = CliRunner().invoke(app, ["infer", *args, "--out", str(tmp_path / "out"), "--no-progress"])
     assert (res.exit_code, expect[1] in res.output) == (expect[0], True), res.output
     assert "Traceback" not in res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)

@@ -1,4 +1,5 @@
 """FCResNet18: fully convolutional output sizes, pretrained loading, checkpoint safety."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,8 +26,9 @@ def model():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("size, expected", [(224, 1), (256, 2), (320, 4), (416, 7), (32, 1),
-                                            (64, 1), (96, 1)])
+@pytest.mark.parametrize(
+    "size, expected", [(224, 1), (256, 2), (320, 4), (416, 7), (32, 1), (64, 1), (96, 1)]
+)
 def test_output_is_one_logit_per_32px_step(model, size, expected):
     out = model(torch.zeros(1, 3, size, size))
     assert out.shape == (1, 1, expected, expected)
@@ -71,10 +73,14 @@ def test_forward_is_the_trunk_then_the_head_and_dense_inference_uses_both(model)
 
 def test_every_weight_file_problem_is_one_error_that_names_the_file(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
-    torch.save({"format": 1, "model": {"fc.weight": torch.zeros(2, 512, 1, 1)}},
-               tmp_path / "other.pt")
-    loaders = {"load_model": load_model, "load_checkpoint": load_checkpoint,
-               "load_pretrained": lambda p: load_pretrained(build_model(), p)}
+    torch.save(
+        {"format": 1, "model": {"fc.weight": torch.zeros(2, 512, 1, 1)}}, tmp_path / "other.pt"
+    )
+    loaders = {
+        "load_model": load_model,
+        "load_checkpoint": load_checkpoint,
+        "load_pretrained": lambda p: load_pretrained(build_model(), p),
+    }
     for name, load in loaders.items():
         with pytest.raises(CheckpointError, match=r"missing\.pt: no such file"):
             load(tmp_path / "missing.pt")

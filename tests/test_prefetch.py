@@ -3,6 +3,7 @@
 The CUDA side (side stream, events, record_stream) runs in `make test-gpu` through the
 trained-model test; here the thread mechanics run on the CPU.
 """
+
 from __future__ import annotations
 
 import threading
@@ -95,8 +96,9 @@ def test_select_and_indexed_dihedral_give_the_same_patches():
 def test_jitter_order_comes_from_the_order_generator_when_given():
     aug = Augment()
     base = draw_jitter(8, aug, torch.Generator().manual_seed(0))
-    other = draw_jitter(8, aug, torch.Generator().manual_seed(0),
-                        order_generator=torch.Generator().manual_seed(7))
+    other = draw_jitter(
+        8, aug, torch.Generator().manual_seed(0), order_generator=torch.Generator().manual_seed(7)
+    )
     expected = torch.randperm(4, generator=torch.Generator().manual_seed(7)).tolist()
     names = ["brightness", "contrast", "saturation", "hue"]
     assert [n for n, _ in other.steps] == [names[i] for i in expected]
@@ -105,14 +107,23 @@ def test_jitter_order_comes_from_the_order_generator_when_given():
 
 
 def test_make_patches_with_an_order_generator_is_reproducible():
-    regions = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8,
-                            generator=torch.Generator().manual_seed(1))
+    regions = torch.randint(
+        0, 256, (2, 3, 96, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
     labels = torch.zeros(2, 3, 3, dtype=torch.uint8)
 
     def run():
-        return make_patches(regions, labels, grid=3, patch=24, train=True, aug=Augment(),
-                            generator=torch.Generator().manual_seed(2), fused=False,
-                            order_generator=torch.Generator().manual_seed(5))[0]
+        return make_patches(
+            regions,
+            labels,
+            grid=3,
+            patch=24,
+            train=True,
+            aug=Augment(),
+            generator=torch.Generator().manual_seed(2),
+            fused=False,
+            order_generator=torch.Generator().manual_seed(5),
+        )[0]
 
     a, b = run(), run()
     assert torch.equal(a, b) and a.shape == (18, 3, 24, 24)

@@ -1,4 +1,5 @@
 """Tissue mask (Otsu on saturation) and `patchetl qc` thumbnails."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,16 @@ REGION = 384
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("cohort")
-    return synth_cohort(root, n_slides=2, width=W, height=H, mpp=MPP, region_size=REGION,
-                        regions_per_slide=6, seed=3)
+    return synth_cohort(
+        root,
+        n_slides=2,
+        width=W,
+        height=H,
+        mpp=MPP,
+        region_size=REGION,
+        regions_per_slide=6,
+        seed=3,
+    )
 
 
 class ArrayReader:
@@ -42,7 +51,7 @@ class ArrayReader:
         self.level_downsamples = (1.0,)
 
     def read_region(self, x0, y0, level, w, h):
-        return self.rgb[y0:y0 + h, x0:x0 + w]
+        return self.rgb[y0 : y0 + h, x0 : x0 + w]
 
 
 # --------------------------------------------------------------------------- tissue
@@ -66,7 +75,7 @@ def test_tissue_mask_matches_the_synthetic_ground_truth(cohort):
     with open_slide(slide.path) as reader:
         mask = tissue_mask(reader, downsample=16)
     assert mask.mask.shape == (H // 16, W // 16) and mask.downsample == (16.0, 16.0)
-    r, c = np.mgrid[0:H // 16, 0:W // 16]
+    r, c = np.mgrid[0 : H // 16, 0 : W // 16]
     truth = scene.tissue_distance((c + 0.5) * 16, (r + 0.5) * 16) > 0
     iou = (mask.mask & truth).sum() / (mask.mask | truth).sum()
     assert iou > 0.85, iou
@@ -112,23 +121,34 @@ def test_tissue_in_cells_is_exact():
 
 # --------------------------------------------------------------------------- qc
 def _region(x: int, y: int, labels) -> Region:
-    return Region(split="training", index=0, image="s.tif", slide=Path("s.tif"), x=x, y=y,
-                  labels=tuple(tuple(row) for row in labels))
+    return Region(
+        split="training",
+        index=0,
+        image="s.tif",
+        slide=Path("s.tif"),
+        x=x,
+        y=y,
+        labels=tuple(tuple(row) for row in labels),
+    )
 
 
 def test_draw_qc_colours_regions_cells_and_tissue():
     rgb = np.full((300, 400, 3), 255, np.uint8)
     tissue = np.zeros((30, 40), bool)
     tissue[20:28, 2:10] = True  # level-0 [20, 100) x [200, 280) at downsample 10
-    regions = [_region(80, 80, [[0] * 3] * 3), _region(250, 80, [[1] * 3] * 3),
-               _region(320, 220, [[0, 0, 0], [0, 1, 0], [0, 0, 0]]), _region(200, 230, [[1]])]
+    regions = [
+        _region(80, 80, [[0] * 3] * 3),
+        _region(250, 80, [[1] * 3] * 3),
+        _region(320, 220, [[0, 0, 0], [0, 1, 0], [0, 0, 0]]),
+        _region(200, 230, [[1]]),
+    ]
     img = np.asarray(draw_qc(rgb, (1.0, 1.0), regions, 96, tissue))
     assert img.shape == (300 + 18, 400, 3)
     for region, kind in zip(regions, ("normal", "tumor", "mixed", "tumor"), strict=True):
         x0, y0 = region.x - 48, region.y - 48
-        top, left = img[y0, x0:x0 + 96], img[y0:y0 + 96, x0]
+        top, left = img[y0, x0 : x0 + 96], img[y0 : y0 + 96, x0]
         assert (top == COLOURS[kind]).all() and (left == COLOURS[kind]).all(), kind
-        assert (img[y0 + 95, x0:x0 + 96] == COLOURS[kind]).all()  # last row inside the square
+        assert (img[y0 + 95, x0 : x0 + 96] == COLOURS[kind]).all()  # last row inside the square
     red_cell = img[220 - 5, 320 + 5]  # inside the tumor centre cell of the mixed region
     white_cell = img[220 - 5 - 32, 320 + 5 - 32]  # inside a normal cell
     assert red_cell[0] > red_cell[1] + 40 and (white_cell == 255).all()
@@ -158,9 +178,20 @@ def test_qc_table_writes_one_thumbnail_per_slide(cohort, tmp_path):
 
 def test_qc_cli_writes_pngs_and_reports_missing_slides(cohort, tmp_path):
     out = tmp_path / "qc"
-    res = CliRunner().invoke(app, ["qc", "--json", str(cohort.dataset_json), "--data-root",
-                                   str(cohort.root), "--out", str(out),
-                                   "--region-size", str(REGION)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "qc",
+            "--json",
+            str(cohort.dataset_json),
+            "--data-root",
+            str(cohort.root),
+            "--out",
+            str(out),
+            "--region-size",
+            str(REGION),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "tumor_001.qc.png: 6 region(s)" in res.output
     assert len(list(out.glob("*.qc.png"))) == 2 and not list(out.glob(".*"))
@@ -168,16 +199,30 @@ def test_qc_cli_writes_pngs_and_reports_missing_slides(cohort, tmp_path):
     data["training"][0]["image"] = "lost_slide.tif"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
-    res = CliRunner().invoke(app, ["qc", "--json", str(bad), "--data-root", str(cohort.root),
-                                   "--out", str(out), "--region-size", str(REGION)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "qc",
+            "--json",
+            str(bad),
+            "--data-root",
+            str(cohort.root),
+            "--out",
+            str(out),
+            "--region-size",
+            str(REGION),
+        ],
+    )
     assert res.exit_code == 1 and "lost_slide.tif" in res.output and "not found" in res.output
     assert "Traceback" not in res.output
 
 
 def test_qc_does_not_import_torch():
-    code = ("import sys; from typer.testing import CliRunner; from etl.cli import app; "
-            "import etl.qc, etl.wsi.tissue; r = CliRunner().invoke(app, ['qc', '--help']); "
-            "assert r.exit_code == 0; print('torch' in sys.modules)")
+    code = (
+        "import sys; from typer.testing import CliRunner; from etl.cli import app; "
+        "import etl.qc, etl.wsi.tissue; r = CliRunner().invoke(app, ['qc', '--help']); "
+        "assert r.exit_code == 0; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
 

@@ -4,6 +4,7 @@ Small pyramidal TIFFs (1500 x 1100 at level 0, 256 tiles, 3 levels, each its own
 top-level page) are written here with tifffile; every region read by the direct reader is
 compared with np.array_equal against OpenSlide's read_region composited over white.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -27,11 +28,14 @@ from etl.wsi.reader import (
 )
 
 W, H, TILE, LEVELS = 1500, 1100, 256, 3
-SVS_DESC = ("Aperio Image Library v12.0.0 \n1500x1100 [0,0 1500x1100] (256x256) JPEG Q=90"
-            "|AppMag = 40|MPP = 0.2430")
+SVS_DESC = (
+    "Aperio Image Library v12.0.0 \n1500x1100 [0,0 1500x1100] (256x256) JPEG Q=90"
+    "|AppMag = 40|MPP = 0.2430"
+)
 
 
 # --- writing test slides ---------------------------------------------------------------
+
 
 def _image(h: int = H, w: int = W, seed: int = 0) -> np.ndarray:
     """Smoothed colour noise plus fine grain: realistic enough for JPEG."""
@@ -52,8 +56,8 @@ def _tiles(img: np.ndarray) -> list[np.ndarray]:
     for y in range(0, img.shape[0], TILE):
         for x in range(0, img.shape[1], TILE):
             tile = np.zeros((TILE, TILE, 3), np.uint8)
-            part = img[y:y + TILE, x:x + TILE]
-            tile[:part.shape[0], :part.shape[1]] = part
+            part = img[y : y + TILE, x : x + TILE]
+            tile[: part.shape[0], : part.shape[1]] = part
             out.append(tile)
     return out
 
@@ -62,8 +66,8 @@ def _split_jpeg(stream: bytes) -> tuple[bytes, bytes]:
     """Full JPEG -> (tables-only stream, abbreviated stream), as libtiff and Aperio store them."""
     i, tables, rest = 2, b"", b""
     while stream[i + 1] != 0xDA:  # up to start of scan
-        n = struct.unpack(">H", stream[i + 2:i + 4])[0]
-        seg = stream[i:i + 2 + n]
+        n = struct.unpack(">H", stream[i + 2 : i + 4])[0]
+        seg = stream[i : i + 2 + n]
         if stream[i + 1] in (0xDB, 0xC4):  # DQT, DHT
             tables += seg
         elif not 0xE0 <= stream[i + 1] <= 0xEF:  # drop APPn (JFIF/Adobe) markers
@@ -80,24 +84,39 @@ def _write_tables_jpeg(tw: tifffile.TiffWriter, img: np.ndarray, tables: str, **
     that guesses from the stream would convert.
     """
     ycbcr_data = tables != "rgb"
-    streams = [imagecodecs.jpeg8_encode(t, level=90, colorspace="RGB",
-                                        outcolorspace="YCBCR" if ycbcr_data else "RGB",
-                                        subsampling="420" if tables == "ycbcr" else "444")
-               for t in _tiles(img)]
+    streams = [
+        imagecodecs.jpeg8_encode(
+            t,
+            level=90,
+            colorspace="RGB",
+            outcolorspace="YCBCR" if ycbcr_data else "RGB",
+            subsampling="420" if tables == "ycbcr" else "444",
+        )
+        for t in _tiles(img)
+    ]
     parts = [_split_jpeg(s) for s in streams]
     assert len({p[0] for p in parts}) == 1  # same quality -> same tables
-    tw.write(iter([p[1] for p in parts]), shape=img.shape, dtype=np.uint8, tile=(TILE, TILE),
-             compression="jpeg", photometric="rgb", jpegtables=parts[0][0],
-             subsampling=(2, 2) if tables == "ycbcr" else (1, 1),
-             compressionargs={"outcolorspace": "ycbcr" if tables == "ycbcr" else "rgb"},
-             metadata=None, **kw)
+    tw.write(
+        iter([p[1] for p in parts]),
+        shape=img.shape,
+        dtype=np.uint8,
+        tile=(TILE, TILE),
+        compression="jpeg",
+        photometric="rgb",
+        jpegtables=parts[0][0],
+        subsampling=(2, 2) if tables == "ycbcr" else (1, 1),
+        compressionargs={"outcolorspace": "ycbcr" if tables == "ycbcr" else "rgb"},
+        metadata=None,
+        **kw,
+    )
 
 
 # name -> writer options; every one must be read directly and identically
 DIRECT_KINDS: dict[str, dict] = {
     "jpeg_ycbcr": dict(compression="jpeg"),  # tifffile default: YCbCr 4:2:0, full streams
-    "jpeg_rgb": dict(compression="jpeg", subsampling=(1, 1),
-                     compressionargs={"outcolorspace": "rgb"}),
+    "jpeg_rgb": dict(
+        compression="jpeg", subsampling=(1, 1), compressionargs={"outcolorspace": "rgb"}
+    ),
     "jpeg_tables_ycbcr": dict(tables="ycbcr"),  # like libtiff-written Camelyon16 TIFFs
     "jpeg_tables_rgb": dict(tables="rgb"),
     "jpeg_rgb_tag_ycbcr_data": dict(tables="rgb_tag_ycbcr_data"),
@@ -111,13 +130,14 @@ DIRECT_KINDS: dict[str, dict] = {
 }
 
 
-def write_pyramid(path: Path, *, tables: str | None = None, svs: bool = False,
-                  levels: int = LEVELS, **kw) -> Path:
+def write_pyramid(
+    path: Path, *, tables: str | None = None, svs: bool = False, levels: int = LEVELS, **kw
+) -> Path:
     """Tiled pyramidal TIFF, each level its own top-level page (reduced-image flagged)."""
     img = _image()
     with tifffile.TiffWriter(path) as tw:
         for i in range(levels):
-            lv = img[::2 ** i, ::2 ** i]
+            lv = img[:: 2**i, :: 2**i]
             page_kw: dict = dict(subfiletype=0 if i == 0 or svs else 1)
             if i == 0 and svs:
                 page_kw["description"] = SVS_DESC
@@ -129,33 +149,55 @@ def write_pyramid(path: Path, *, tables: str | None = None, svs: bool = False,
             else:
                 tw.write(lv, tile=(TILE, TILE), photometric="rgb", metadata=None, **kw, **page_kw)
             if i == 0 and svs:  # real SVS: a stripped thumbnail right after level 0
-                tw.write(img[::8, ::8], photometric="rgb", metadata=None, rowsperstrip=16,
-                         compression="jpeg")
+                tw.write(
+                    img[::8, ::8],
+                    photometric="rgb",
+                    metadata=None,
+                    rowsperstrip=16,
+                    compression="jpeg",
+                )
         if svs:  # and a stripped label at the end
-            tw.write(img[:200, :300], photometric="rgb", metadata=None, rowsperstrip=64,
-                     description="Aperio Image Library v12.0.0\nlabel 300x200")
+            tw.write(
+                img[:200, :300],
+                photometric="rgb",
+                metadata=None,
+                rowsperstrip=64,
+                description="Aperio Image Library v12.0.0\nlabel 300x200",
+            )
     return path
 
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("slides")
-    return {name: write_pyramid(root / f"{name}.{'svs' if name == 'svs' else 'tif'}", **kw)
-            for name, kw in DIRECT_KINDS.items()}
+    return {
+        name: write_pyramid(root / f"{name}.{'svs' if name == 'svs' else 'tif'}", **kw)
+        for name, kw in DIRECT_KINDS.items()
+    }
 
 
 def _regions(level_w: int, level_h: int, ds: int, n_random: int, seed: int) -> list[tuple]:
     """(x0, y0, w, h) with x0, y0 at level 0 (multiples of ds): edges, borders, outside."""
     lw, lh = level_w, level_h
     fixed = [  # in level pixels
-        (0, 0, 256, 256), (0, 0, 1, 1), (255, 255, 2, 2),          # tile corner
-        (200, 100, 300, 200), (100, 240, 50, 40),                   # across tile borders
-        (lw - 300, lh - 200, 300, 200), (lw - 1, lh - 1, 1, 1),     # touching right/bottom
-        (lw - 100, 50, 250, 120), (30, lh - 60, 90, 150),           # beyond right / bottom
-        (-40, -30, 200, 100), (-5, 100, 10, 10), (10, -7, 64, 64),  # negative x0 / y0
-        (-300, -300, 100, 100), (lw + 10, 0, 50, 50), (0, lh, 40, 40),  # entirely outside
-        (-20, -20, lw + 40, lh + 40),                               # covers all, margins
-        (0, 0, 0, 5), (3, 3, 5, 0),                                 # empty
+        (0, 0, 256, 256),
+        (0, 0, 1, 1),
+        (255, 255, 2, 2),  # tile corner
+        (200, 100, 300, 200),
+        (100, 240, 50, 40),  # across tile borders
+        (lw - 300, lh - 200, 300, 200),
+        (lw - 1, lh - 1, 1, 1),  # touching right/bottom
+        (lw - 100, 50, 250, 120),
+        (30, lh - 60, 90, 150),  # beyond right / bottom
+        (-40, -30, 200, 100),
+        (-5, 100, 10, 10),
+        (10, -7, 64, 64),  # negative x0 / y0
+        (-300, -300, 100, 100),
+        (lw + 10, 0, 50, 50),
+        (0, lh, 40, 40),  # entirely outside
+        (-20, -20, lw + 40, lh + 40),  # covers all, margins
+        (0, 0, 0, 5),
+        (3, 3, 5, 0),  # empty
     ]
     rng = np.random.default_rng(seed)
     for _ in range(n_random):
@@ -178,6 +220,7 @@ def _assert_same_as_openslide(reader, path: Path, level: int, regions: list[tupl
 
 # --- the files are real pyramids to OpenSlide ------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(DIRECT_KINDS))
 def test_openslide_sees_a_pyramid(slides, name):
     with openslide.OpenSlide(str(slides[name])) as s:
@@ -187,6 +230,7 @@ def test_openslide_sees_a_pyramid(slides, name):
 
 
 # --- pixel identity --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(DIRECT_KINDS))
 def test_direct_reader_matches_openslide_level0(slides, name):
@@ -231,12 +275,29 @@ def test_generic_tiff_levels_are_reduced_pages_widest_first(tmp_path):
     path = tmp_path / "order.tif"
     with tifffile.TiffWriter(path) as tw:
         tw.write(img, tile=(TILE, TILE), photometric="rgb", metadata=None, compression="lzw")
-        tw.write(img[::4, ::4], tile=(TILE, TILE), photometric="rgb", metadata=None,
-                 subfiletype=1, compression="lzw")
-        tw.write(_image(300, 500, seed=6), tile=(TILE, TILE), photometric="rgb",
-                 metadata=None, compression="lzw")  # not reduced: ignored
-        tw.write(img[::2, ::2], tile=(TILE, TILE), photometric="rgb", metadata=None,
-                 subfiletype=1, compression="lzw")
+        tw.write(
+            img[::4, ::4],
+            tile=(TILE, TILE),
+            photometric="rgb",
+            metadata=None,
+            subfiletype=1,
+            compression="lzw",
+        )
+        tw.write(
+            _image(300, 500, seed=6),
+            tile=(TILE, TILE),
+            photometric="rgb",
+            metadata=None,
+            compression="lzw",
+        )  # not reduced: ignored
+        tw.write(
+            img[::2, ::2],
+            tile=(TILE, TILE),
+            photometric="rgb",
+            metadata=None,
+            subfiletype=1,
+            compression="lzw",
+        )
     with open_slide(path, backend="tiff") as r, openslide.OpenSlide(str(path)) as s:
         assert r.level_dimensions == s.level_dimensions == ((800, 600), (400, 300), (200, 150))
         assert [lv.page_index for lv in r._levels] == [0, 3, 1]
@@ -244,6 +305,7 @@ def test_generic_tiff_levels_are_reduced_pages_widest_first(tmp_path):
 
 
 # --- backend choice --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(DIRECT_KINDS))
 def test_auto_picks_the_direct_reader(slides, name):
@@ -259,14 +321,28 @@ def test_auto_falls_back_to_openslide_identically(tmp_path, kind):
         tifffile.imwrite(path, img[..., 1], tile=(TILE, TILE), compression="lzw", metadata=None)
     elif kind == "rgba":  # OpenSlide premultiplies alpha: not reproduced directly
         alpha = np.full(img.shape[:2], 200, np.uint8)
-        tifffile.imwrite(path, np.dstack([img, alpha]), tile=(TILE, TILE), photometric="rgb",
-                         extrasamples=["unassalpha"], metadata=None)
+        tifffile.imwrite(
+            path,
+            np.dstack([img, alpha]),
+            tile=(TILE, TILE),
+            photometric="rgb",
+            extrasamples=["unassalpha"],
+            metadata=None,
+        )
     else:  # Aperio with a zero-length tile (OpenSlide renders it transparent at level 0)
         data = [imagecodecs.jpeg8_encode(t, level=90) for t in _tiles(img)]
         data[4] = b""
-        tifffile.imwrite(path, iter(data), shape=img.shape, dtype=np.uint8, tile=(TILE, TILE),
-                         compression="jpeg", photometric="rgb", metadata=None,
-                         description=SVS_DESC.replace("1500x1100", "700x600"))
+        tifffile.imwrite(
+            path,
+            iter(data),
+            shape=img.shape,
+            dtype=np.uint8,
+            tile=(TILE, TILE),
+            compression="jpeg",
+            photometric="rgb",
+            metadata=None,
+            description=SVS_DESC.replace("1500x1100", "700x600"),
+        )
     with open_slide(path) as r:
         assert isinstance(r, OpenSlideReader) and r.backend == "openslide"
         _assert_same_as_openslide(r, path, 0, _regions(700, 600, 1, 4, seed=4))
@@ -292,6 +368,7 @@ def test_openslide_backend_is_forced(slides):
 
 # --- tile cache ------------------------------------------------------------------------
 
+
 def _tiles_touched(x0, y0, w, h, lw=W, lh=H):
     xs = range(max(x0, 0) // TILE, (min(x0 + w, lw) - 1) // TILE + 1)
     ys = range(max(y0, 0) // TILE, (min(y0 + h, lh) - 1) // TILE + 1)
@@ -299,8 +376,13 @@ def _tiles_touched(x0, y0, w, h, lw=W, lh=H):
 
 
 def test_cache_decodes_each_tile_once(slides):
-    regions = [(100, 100, 768, 768), (300, 200, 768, 768), (0, 0, 256, 256),
-               (700, 300, 768, 768), (-50, 900, 400, 400)]
+    regions = [
+        (100, 100, 768, 768),
+        (300, 200, 768, 768),
+        (0, 0, 256, 256),
+        (700, 300, 768, 768),
+        (-50, 900, 400, 400),
+    ]
     with open_slide(slides["jpeg_tables_ycbcr"], backend="tiff") as r:
         seen: set = set()
         for x0, y0, w, h in regions:
@@ -326,6 +408,7 @@ def test_small_cache_is_bounded_and_still_decodes_a_region_once(slides):
 
 
 # --- errors ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", ["auto", "openslide", "tiff"])
 def test_missing_file_raises_slide_error(tmp_path, backend):
@@ -363,6 +446,7 @@ def test_directory_and_bad_arguments(tmp_path, slides):
 
 
 # --- metadata --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["lzw", "jpeg_tables_ycbcr", "svs"])
 @pytest.mark.parametrize("backend", ["tiff", "openslide"])

@@ -1,4 +1,5 @@
 """Synthetic slides: OpenSlide opens them as pyramids, pixels, ground truth and coordinate files."""
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,17 @@ W, H, MPP, SEED = 2048, 1536, 0.243, 3
 def cohort(tmp_path_factory):
     """2 tumor slides + 1 normal, generic TIFF; validation gets one slide."""
     out = tmp_path_factory.mktemp("synth")
-    return synth_cohort(out, n_slides=3, width=W, height=H, tumor_fraction=0.67, seed=SEED,
-                        mpp=MPP, regions_per_slide=16, val_fraction=0.34)
+    return synth_cohort(
+        out,
+        n_slides=3,
+        width=W,
+        height=H,
+        tumor_fraction=0.67,
+        seed=SEED,
+        mpp=MPP,
+        regions_per_slide=16,
+        val_fraction=0.34,
+    )
 
 
 def _winding_inside(x: float, y: float, poly: np.ndarray) -> bool:
@@ -135,9 +145,16 @@ def test_labels_agree_with_the_xml_polygons(cohort):
         assert (e["image"], x, y) not in seen
         seen.add((e["image"], x, y))
         x0, y0 = x - rs // 2, y - rs // 2
-        want = [int(any(_winding_inside(x0 + (col + 0.5) * rs / g, y0 + (row + 0.5) * rs / g, p)
-                        for p in polys[e["image"]]))
-                for col in range(g) for row in range(g)]  # column by column: k = 3*col + row
+        want = [
+            int(
+                any(
+                    _winding_inside(x0 + (col + 0.5) * rs / g, y0 + (row + 0.5) * rs / g, p)
+                    for p in polys[e["image"]]
+                )
+            )
+            for col in range(g)
+            for row in range(g)
+        ]  # column by column: k = 3*col + row
         assert e["label"] == want, e
         kinds.add("mixed" if 0 < sum(want) < 9 else "tumor" if sum(want) == 9 else "normal")
         if not polys[e["image"]]:
@@ -220,8 +237,16 @@ def test_split_is_by_slide_and_synth_json(cohort):
 
 
 def test_same_seed_gives_identical_files(tmp_path):
-    opts = dict(n_slides=1, width=1024, height=768, tumor_fraction=1.0, mpp=1.0,
-                regions_per_slide=6, region_size=256, grid=2)
+    opts = dict(
+        n_slides=1,
+        width=1024,
+        height=768,
+        tumor_fraction=1.0,
+        mpp=1.0,
+        regions_per_slide=6,
+        region_size=256,
+        grid=2,
+    )
     a = synth_cohort(tmp_path / "a", seed=7, **opts)
     b = synth_cohort(tmp_path / "b", seed=7, **opts)
     files = sorted(p.relative_to(a.root) for p in a.root.rglob("*") if p.is_file())
@@ -248,9 +273,30 @@ def test_bad_options_raise_clear_errors(tmp_path):
 def test_cli_synth(tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli"
-    res = runner.invoke(app, ["synth", "--out", str(out), "--slides", "2", "--width", "512",
-                              "--height", "512", "--mpp", "2.0", "--region-size", "256",
-                              "--grid", "2", "--regions-per-slide", "3", "--vendor", "aperio"])
+    res = runner.invoke(
+        app,
+        [
+            "synth",
+            "--out",
+            str(out),
+            "--slides",
+            "2",
+            "--width",
+            "512",
+            "--height",
+            "512",
+            "--mpp",
+            "2.0",
+            "--region-size",
+            "256",
+            "--grid",
+            "2",
+            "--regions-per-slide",
+            "3",
+            "--vendor",
+            "aperio",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "dataset_0.json" in res.output
     data = json.loads((out / "dataset_0.json").read_text())
@@ -272,10 +318,14 @@ def test_asap_xml_roundtrip_and_points_in_polygons(tmp_path):
     pts = np.array([[5, 5], [15, 5], [25, 1], [25, 6], [21, 5], [-1, 5]])
     assert points_in_polygons(pts, back).tolist() == [True, False, True, False, True, False]
     # exclusion groups ("_2") are not tumor
-    path.write_text(text.replace('PartOfGroup="Tumor" Color="#F4FA58">\n\t\t\t<Coordinates>\n'
-                                 '\t\t\t\t<Coordinate Order="0" X="20.00"',
-                                 'PartOfGroup="_2" Color="#F4FA58">\n\t\t\t<Coordinates>\n'
-                                 '\t\t\t\t<Coordinate Order="0" X="20.00"'))
+    path.write_text(
+        text.replace(
+            'PartOfGroup="Tumor" Color="#F4FA58">\n\t\t\t<Coordinates>\n'
+            '\t\t\t\t<Coordinate Order="0" X="20.00"',
+            'PartOfGroup="_2" Color="#F4FA58">\n\t\t\t<Coordinates>\n'
+            '\t\t\t\t<Coordinate Order="0" X="20.00"',
+        )
+    )
     assert len(read_asap_xml(path)) == 1
     with pytest.raises(ValueError, match="not found"):
         read_asap_xml(tmp_path / "missing.xml")

@@ -1,4 +1,5 @@
 """The training loop: learning, checkpoints + exact resume after a kill, DDP, bad samples, CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,18 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWa
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny but real geometry: 96 px regions, 3x3 grid of 32 px cells, 28 px patches.
-TINY = dict(batch_size=36, patch_size=28, grid=3, optimizer="adamw", lr=2e-3, warmup_epochs=0,
-            workers=0, shuffle_buffer=8, progress=False, device="cpu")
+TINY = dict(
+    batch_size=36,
+    patch_size=28,
+    grid=3,
+    optimizer="adamw",
+    lr=2e-3,
+    warmup_epochs=0,
+    workers=0,
+    shuffle_buffer=8,
+    progress=False,
+    device="cpu",
+)
 
 
 # One thread per process: on a busy 2-core machine OpenMP threads that wait for each other
@@ -43,8 +54,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     write_region_shards(root / "training", 12, region=96, shard_size=5, seed=1)
-    write_region_shards(root / "validation", 6, region=96, shard_size=4, seed=2,
-                        split="validation")
+    write_region_shards(root / "validation", 6, region=96, shard_size=4, seed=2, split="validation")
     return root
 
 
@@ -56,8 +66,12 @@ def straight(shards, tmp_path_factory):
 
 
 def config(shards: Path, out: Path, **kw) -> TrainConfig:
-    return TrainConfig(train=str(shards / "training"), val=str(shards / "validation"),
-                       out=str(out), **{**TINY, **kw})
+    return TrainConfig(
+        train=str(shards / "training"),
+        val=str(shards / "validation"),
+        out=str(out),
+        **{**TINY, **kw},
+    )
 
 
 def quiet(message: str) -> None:
@@ -103,8 +117,9 @@ def test_on_a_cpu_the_workers_make_the_patches(shards, tmp_path):
     trainer = Trainer(config(shards, tmp_path / "run", epochs=1), log=quiet)
     assert trainer.data.train_stream(0).patches == PatchSpec(28, Augment(), channels_last=True)
     assert trainer.data.val_stream().patches == PatchSpec(28, Augment.off(), channels_last=True)
-    plain = Trainer(config(shards, tmp_path / "plain", epochs=1, augment=False,
-                           channels_last=False), log=quiet)
+    plain = Trainer(
+        config(shards, tmp_path / "plain", epochs=1, augment=False, channels_last=False), log=quiet
+    )
     assert plain.data.train_stream(0).patches == PatchSpec(28, Augment.off(), channels_last=False)
 
 
@@ -113,7 +128,8 @@ def test_resume_after_kill_continues_exactly_from_the_checkpoint(shards, straigh
     killed = tmp_path / "killed"
     # A forked child starts at once (no torch import); the kill is a real SIGKILL.
     proc = multiprocessing.get_context("fork").Process(
-        target=train, args=(config(shards, killed, epochs=2),), kwargs={"log": quiet})
+        target=train, args=(config(shards, killed, epochs=2),), kwargs={"log": quiet}
+    )
     proc.start()
     deadline = time.time() + 120
     while not (killed / "last.pt").exists() and proc.is_alive() and time.time() < deadline:
@@ -164,18 +180,46 @@ def test_ddp_two_gloo_processes_see_every_sample_once_with_equal_steps(tmp_path)
     data = tmp_path / "training"
     metas = write_region_shards(data, 12, region=96, shard_size=5, seed=4)  # shards of 5, 5, 2
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.cli", "train", "--train", str(data), "--out", str(out),
-           "--epochs", "2", "--batch-size", "18", "--patch-size", "28", "--workers", "2",
-           "--device", "cpu", "--no-progress", "--record-keys", "--warmup-epochs", "0"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=SUBPROCESS_ENV,
-                          timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training.cli",
+        "train",
+        "--train",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "18",
+        "--patch-size",
+        "28",
+        "--workers",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--record-keys",
+        "--warmup-epochs",
+        "0",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "different step counts" not in proc.stdout + proc.stderr
     everything = sorted(m["key"] for m in metas)
     for epoch in (1, 2):
-        per_rank = [(out / "keys" / f"train-epoch{epoch:03d}-rank{r}.txt").read_text().split()
-                    for r in (0, 1)]
+        per_rank = [
+            (out / "keys" / f"train-epoch{epoch:03d}-rank{r}.txt").read_text().split()
+            for r in (0, 1)
+        ]
         assert len(per_rank[0]) == len(per_rank[1]) == 6
         assert sorted(per_rank[0] + per_rank[1]) == everything
     rows = read_csv(out / "metrics.csv")
@@ -185,11 +229,14 @@ def test_ddp_two_gloo_processes_see_every_sample_once_with_equal_steps(tmp_path)
 
 
 def test_extract_help_does_not_import_torch_and_train_help_works():
-    code = ("import sys; from typer.testing import CliRunner; from training.cli import app; "
-            "r = CliRunner().invoke(app, ['extract', '--help']); assert r.exit_code == 0; "
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                         env=SUBPROCESS_ENV)
+    code = (
+        "import sys; from typer.testing import CliRunner; from training.cli import app; "
+        "r = CliRunner().invoke(app, ['extract', '--help']); assert r.exit_code == 0; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=SUBPROCESS_ENV
+    )
     assert out.stdout.strip() == "False", out.stderr
     from typer.testing import CliRunner
 

@@ -1,4 +1,5 @@
 """Trainer input pipeline: shards -> batches, grid split, augmentations, DDP/worker splitting."""
+
 from __future__ import annotations
 
 import io
@@ -47,7 +48,7 @@ def tissue_region(labels: np.ndarray, cell: int, rng: np.random.Generator) -> np
     for r in range(grid):
         for c in range(grid):
             colour = TUMOR if labels[r, c] else NORMAL
-            rgb[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = colour
+            rgb[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] = colour
     rgb += rng.normal(0, 12, rgb.shape)
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
@@ -58,9 +59,18 @@ def encode(rgb: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def write_region_shards(folder: Path, n: int, *, region: int = 96, grid: int = 3,
-                        shard_size: int = 8, seed: int = 0, fmt: str = "jpg",
-                        painter=None, split: str = "training") -> list[dict]:
+def write_region_shards(
+    folder: Path,
+    n: int,
+    *,
+    region: int = 96,
+    grid: int = 3,
+    shard_size: int = 8,
+    seed: int = 0,
+    fmt: str = "jpg",
+    painter=None,
+    split: str = "training",
+) -> list[dict]:
     """Shards + manifest.json in `patchetl extract`'s format; returns the samples' metadata.
 
     `painter(i, labels, rng) -> rgb` draws region i; by default tissue_region.
@@ -77,23 +87,51 @@ def write_region_shards(folder: Path, n: int, *, region: int = 96, grid: int = 3
             for i in range(first, min(n, first + shard_size)):
                 labels = rng.integers(0, 2, (grid, grid)).astype(np.uint8)
                 rgb = painter(i, labels, rng) if painter else tissue_region(labels, cell, rng)
-                meta = {"key": f"s{i:05d}", "slide": f"slide_{i % 3}", "x": 1000 + i, "y": 2000,
-                        "level": 0, "region_size": region, "grid": grid, "cell_size": cell,
-                        "labels": labels.tolist(), "mpp": None}
-                sink.write({"__key__": meta["key"], fmt: encode(rgb, fmt),
-                            "json": json.dumps(meta).encode()})
+                meta = {
+                    "key": f"s{i:05d}",
+                    "slide": f"slide_{i % 3}",
+                    "x": 1000 + i,
+                    "y": 2000,
+                    "level": 0,
+                    "region_size": region,
+                    "grid": grid,
+                    "cell_size": cell,
+                    "labels": labels.tolist(),
+                    "mpp": None,
+                }
+                sink.write(
+                    {
+                        "__key__": meta["key"],
+                        fmt: encode(rgb, fmt),
+                        "json": json.dumps(meta).encode(),
+                    }
+                )
                 metas.append(meta)
                 count += 1
         shards.append({"name": name, "count": count})
-    manifest = {"split": split, "params": {"region_size": region, "fmt": fmt},
-                "counts": {"written": n}, "shards": shards}
+    manifest = {
+        "split": split,
+        "params": {"region_size": region, "fmt": fmt},
+        "counts": {"written": n},
+        "shards": shards,
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return metas
 
 
 def epoch_keys(shards, *, rank=0, world=1, workers=0, epoch=0, train=True, batch=4, grid=3):
-    stream = RegionStream(shards, epoch=epoch, seed=7, train=train, regions_per_batch=batch,
-                          grid=grid, rank=rank, world=world, workers=workers, shuffle_buffer=5)
+    stream = RegionStream(
+        shards,
+        epoch=epoch,
+        seed=7,
+        train=train,
+        regions_per_batch=batch,
+        grid=grid,
+        rank=rank,
+        world=world,
+        workers=workers,
+        shuffle_buffer=5,
+    )
     batches = list(make_loader(stream))
     assert len(batches) == len(stream)
     return [k for b in batches for k in b["keys"]], batches
@@ -105,8 +143,13 @@ def device_batches(loader, device: torch.device, region_size: int) -> list[Regio
 
 
 # --------------------------------------------------------------------------- grid + labels
-def assert_patches_are_their_cells(x: torch.Tensor, y: torch.Tensor, keys: list[str],
-                                   by_key: dict[str, np.ndarray], colours: np.ndarray) -> None:
+def assert_patches_are_their_cells(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    keys: list[str],
+    by_key: dict[str, np.ndarray],
+    colours: np.ndarray,
+) -> None:
     """Patch k * g * g + r * g + c of a batch is cell (r, c) of region k: its label, and the
     cell's flat colour as the mean of the patch in [-1, 1] (row-major, g = colours' grid)."""
     grid = colours.shape[0]
@@ -123,8 +166,14 @@ def test_grid_split_gives_each_patch_its_cells_colour_and_row_major_label(tmp_pa
     """Every cell a distinct colour, an asymmetric label grid: patch i <-> cell (row, col)."""
     region, grid = 96, 3
     cell = region // grid
-    colours = np.array([[r * 80 + 20, c * 80 + 20, 60 + 10 * (3 * r + c)]
-                        for r in range(grid) for c in range(grid)], np.uint8)
+    colours = np.array(
+        [
+            [r * 80 + 20, c * 80 + 20, 60 + 10 * (3 * r + c)]
+            for r in range(grid)
+            for c in range(grid)
+        ],
+        np.uint8,
+    )
     colours = colours.reshape(grid, grid, 3)
     asym = np.array([[1, 1, 0], [0, 0, 0], [1, 0, 0]], np.uint8)  # not symmetric, not flip-safe
 
@@ -132,14 +181,22 @@ def test_grid_split_gives_each_patch_its_cells_colour_and_row_major_label(tmp_pa
         labels[:] = asym if i % 2 == 0 else asym.T
         return np.repeat(np.repeat(colours, cell, 0), cell, 1)
 
-    metas = write_region_shards(tmp_path / "s", 4, region=region, grid=grid, painter=painter,
-                                fmt="png")
+    metas = write_region_shards(
+        tmp_path / "s", 4, region=region, grid=grid, painter=painter, fmt="png"
+    )
     shards = open_shards(tmp_path / "s")
     stream = RegionStream(shards, epoch=0, seed=0, train=False, regions_per_batch=4, grid=grid)
     (batch,) = device_batches(make_loader(stream), torch.device("cpu"), region)
     for train in (False, True):
-        x, y = make_patches(batch.regions, batch.labels, grid=grid, patch=28, train=train,
-                            aug=Augment.off(), generator=torch.Generator().manual_seed(1))
+        x, y = make_patches(
+            batch.regions,
+            batch.labels,
+            grid=grid,
+            patch=28,
+            train=train,
+            aug=Augment.off(),
+            generator=torch.Generator().manual_seed(1),
+        )
         assert x.shape == (4 * 9, 3, 28, 28) and y.shape == (36,)
         by_key = {m["key"]: np.array(m["labels"]) for m in metas}
         assert_patches_are_their_cells(x, y, batch.keys, by_key, colours)
@@ -151,8 +208,9 @@ def test_eval_crops_are_cell_centres_and_train_crops_stay_inside_their_cell():
     centre = grid_patches(region, 3, 28)
     assert centre[0, 0, 0, 0] == 2 * 96 + 2  # offset (32 - 28) / 2 = 2 in cell (0, 0)
     assert centre[5, 0, 0, 0] == (32 + 2) * 96 + 64 + 2  # cell (1, 2)
-    rnd = grid_patches(region.expand(50, 1, 96, 96), 3, 28, random=True,
-                       generator=torch.Generator().manual_seed(0))
+    rnd = grid_patches(
+        region.expand(50, 1, 96, 96), 3, 28, random=True, generator=torch.Generator().manual_seed(0)
+    )
     rows, cols = rnd[:, 0, 0, 0] // 96, rnd[:, 0, 0, 0] % 96
     cell = torch.arange(9).repeat(50)
     assert torch.all(rows - (cell // 3) * 32 <= 4) and torch.all(rows >= (cell // 3) * 32)
@@ -205,18 +263,22 @@ def test_per_patch_colour_jitter_matches_torchvision():
     factors = torch.tensor([0.3, 1.0, 1.6, 0.25, 1.75, 0.9, 1.1, 0.0])
     hues = {  # small shifts (no wrap-around) and large ones (wrap-around), per image
         "small": torch.tensor([-0.04, 0.0, 0.03, 1 / 6, -1 / 6, 0.01, -0.02, 0.04]),
-        "large": torch.tensor([-0.5, 0.5, 0.3, -0.3, 0.45, -0.2, 0.25, 0.17])}
-    for name, tv, ours in (("brightness", TF.adjust_brightness, adjust_brightness(x, factors)),
-                           ("contrast", TF.adjust_contrast, adjust_contrast(x, factors)),
-                           ("saturation", TF.adjust_saturation, adjust_saturation(x, factors))):
+        "large": torch.tensor([-0.5, 0.5, 0.3, -0.3, 0.45, -0.2, 0.25, 0.17]),
+    }
+    for name, tv, ours in (
+        ("brightness", TF.adjust_brightness, adjust_brightness(x, factors)),
+        ("contrast", TF.adjust_contrast, adjust_contrast(x, factors)),
+        ("saturation", TF.adjust_saturation, adjust_saturation(x, factors)),
+    ):
         for i in range(8):
             torch.testing.assert_close(ours[i], tv(x[i], float(factors[i])), msg=name)
     for shifts in hues.values():
         ours = adjust_hue(x, shifts)
         assert ours.min() >= 0 and ours.max() <= 1
         for i in range(8):
-            torch.testing.assert_close(ours[i], TF.adjust_hue(x[i], float(shifts[i])),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                ours[i], TF.adjust_hue(x[i], float(shifts[i])), atol=1e-5, rtol=1e-5
+            )
     before = x.clone()
     adjust_hue(x, hues["small"])
     assert torch.equal(x, before)  # the public functions leave their input alone
@@ -225,12 +287,15 @@ def test_per_patch_colour_jitter_matches_torchvision():
 def hwc_regions(n: int, size: int, seed: int) -> list[torch.Tensor]:
     """(3, R, R) uint8 regions laid out in memory as decoders return them (HWC)."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (size, size, 3), generator=gen, dtype=torch.uint8)
-            .permute(2, 0, 1) for _ in range(n)]
+    return [
+        torch.randint(0, 256, (size, size, 3), generator=gen, dtype=torch.uint8).permute(2, 0, 1)
+        for _ in range(n)
+    ]
 
 
-@pytest.mark.parametrize("aug", [Augment(), Augment(0, 0, 0, 0, True),
-                                 Augment(0.3, 0.5, 0, 0.2, False)])
+@pytest.mark.parametrize(
+    "aug", [Augment(), Augment(0, 0, 0, 0, True), Augment(0.3, 0.5, 0, 0.2, False)]
+)
 def test_cpu_chunked_patches_equal_the_whole_batch_path(aug):
     """The fused CPU path (flips first on uint8, in-place jitter by chunks, straight into a
     channels-last output) gives the patches of the whole-batch (GPU) path for the same draws."""
@@ -239,21 +304,40 @@ def test_cpu_chunked_patches_equal_the_whole_batch_path(aug):
     for train in (True, False):
         out = {}
         for fused in (True, False):
-            out[fused] = make_patches(regions, labels, grid=3, patch=28, train=train, aug=aug,
-                                      generator=torch.Generator().manual_seed(9),
-                                      channels_last=True, fused=fused)
+            out[fused] = make_patches(
+                regions,
+                labels,
+                grid=3,
+                patch=28,
+                train=train,
+                aug=aug,
+                generator=torch.Generator().manual_seed(9),
+                channels_last=True,
+                fused=fused,
+            )
         (xf, yf), (xb, yb) = out[True], out[False]
         assert xf.shape == (27, 3, 28, 28) and xf.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(xf, xb, atol=1e-5, rtol=0)
         assert torch.equal(yf, yb) and torch.equal(yf, labels.reshape(-1).float())
         assert xf.min() >= -1 and xf.max() <= 1
-    layouts = [make_patches(regions, labels, grid=3, patch=28, train=True, aug=aug,
-                            generator=torch.Generator().manual_seed(9), channels_last=cl)[0]
-               for cl in (False, True)]
+    layouts = [
+        make_patches(
+            regions,
+            labels,
+            grid=3,
+            patch=28,
+            train=True,
+            aug=aug,
+            generator=torch.Generator().manual_seed(9),
+            channels_last=cl,
+        )[0]
+        for cl in (False, True)
+    ]
     assert layouts[0].is_contiguous() and torch.equal(layouts[0], layouts[1])
     with pytest.raises(ValueError, match="empty_patches"):
-        make_patches(regions, labels, grid=3, patch=28, train=True, aug=aug,
-                     out=empty_patches(26, 28))
+        make_patches(
+            regions, labels, grid=3, patch=28, train=True, aug=aug, out=empty_patches(26, 28)
+        )
 
 
 # --------------------------------------------------------------------------- splitting
@@ -316,10 +400,11 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path):
             sink.write({k: v for k, v in s.items() if k != "__url__"})
     # shard 1 cut in the middle of its third sample: 3 and more samples missing
     tail = folder / "training-000001.tar"
-    tail.write_bytes(tail.read_bytes()[:int(tail.stat().st_size * 0.4)])
+    tail.write_bytes(tail.read_bytes()[: int(tail.stat().st_size * 0.4)])
     shards = open_shards(folder)
-    stream = RegionStream(shards, epoch=0, seed=0, train=True, regions_per_batch=4, grid=3,
-                          workers=2)
+    stream = RegionStream(
+        shards, epoch=0, seed=0, train=True, regions_per_batch=4, grid=3, workers=2
+    )
     batches = list(device_batches(make_loader(stream), torch.device("cpu"), 48))
     assert len(batches) == len(stream)  # bad slots keep their place: step count unchanged
     valid = torch.cat([b.valid for b in batches])
@@ -343,8 +428,16 @@ def test_missing_manifest_and_pattern_sources(tmp_path):
         open_shards(str(folder / "training-{000000..000009}.tar"))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="nvJPEG needs CUDA"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs CUDA"),
+        ),
+    ],
+)
 def test_main_process_batch_decode_matches_worker_decode_and_flags_corrupt_jpeg(tmp_path, device):
     """The `--decode cuda` path (bytes to the main process, one batched decode_jpeg call) on
     the CPU and, where there is one, on the GPU (nvJPEG): the same pixels as worker decoding
@@ -360,8 +453,15 @@ def test_main_process_batch_decode_matches_worker_decode_and_flags_corrupt_jpeg(
     shards = open_shards(folder)
     out = {}
     for in_worker in (True, False):
-        stream = RegionStream(shards, epoch=0, seed=0, train=False, regions_per_batch=5, grid=3,
-                              decode_in_worker=in_worker)
+        stream = RegionStream(
+            shards,
+            epoch=0,
+            seed=0,
+            train=False,
+            regions_per_batch=5,
+            grid=3,
+            decode_in_worker=in_worker,
+        )
         raw = next(iter(make_loader(stream)))
         assert isinstance(raw["images"], torch.Tensor) == in_worker
         (out[in_worker],) = device_batches([raw], torch.device(device), 48)
@@ -375,7 +475,7 @@ def test_main_process_batch_decode_matches_worker_decode_and_flags_corrupt_jpeg(
         # nvJPEG upsamples chroma without libjpeg's "fancy" (triangular) filter, so colour
         # edges differ by up to a few tens of levels; the images are the same otherwise
         mse = (a.regions.float() - b.regions.float()).pow(2).mean().item()
-        assert 10 * np.log10(255 ** 2 / mse) >= 30, mse
+        assert 10 * np.log10(255**2 / mse) >= 30, mse
     assert len(b.bad) == 1 and b.bad[0].startswith("s00003:")
 
 
@@ -385,20 +485,36 @@ def test_workers_make_ready_patches_reproducibly_with_their_cells_labels(tmp_pat
     ready float32 channels-last patches (through shared memory), labelled by their cells."""
     region, grid = 96, 3
     cell = region // grid
-    colours = np.array([[r * 80 + 20, c * 80 + 20, 60 + 10 * (3 * r + c)]
-                        for r in range(grid) for c in range(grid)], np.uint8).reshape(3, 3, 3)
+    colours = np.array(
+        [
+            [r * 80 + 20, c * 80 + 20, 60 + 10 * (3 * r + c)]
+            for r in range(grid)
+            for c in range(grid)
+        ],
+        np.uint8,
+    ).reshape(3, 3, 3)
 
     def painter(i, labels, rng):
         return np.repeat(np.repeat(colours, cell, 0), cell, 1)
 
-    metas = write_region_shards(tmp_path / "s", 8, region=region, painter=painter, fmt="png",
-                                shard_size=3)
+    metas = write_region_shards(
+        tmp_path / "s", 8, region=region, painter=painter, fmt="png", shard_size=3
+    )
     by_key = {m["key"]: np.array(m["labels"]) for m in metas}
     shards = open_shards(tmp_path / "s")
 
     def batches(epoch: int, aug: Augment, train: bool = True) -> list[dict]:
-        stream = RegionStream(shards, epoch=epoch, seed=3, train=train, regions_per_batch=3,
-                              grid=grid, workers=2, shuffle_buffer=4, patches=PatchSpec(28, aug))
+        stream = RegionStream(
+            shards,
+            epoch=epoch,
+            seed=3,
+            train=train,
+            regions_per_batch=3,
+            grid=grid,
+            workers=2,
+            shuffle_buffer=4,
+            patches=PatchSpec(28, aug),
+        )
         return list(make_loader(stream))
 
     flips_only = batches(0, Augment(0, 0, 0, 0, True))
@@ -414,15 +530,25 @@ def test_workers_make_ready_patches_reproducibly_with_their_cells_labels(tmp_pat
     assert all(torch.equal(a["patches"], b["patches"]) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first[0]["patches"], other[0]["patches"])
     # evaluation: the workers' centre crops are make_patches on the regions, in this process
-    plain = RegionStream(shards, epoch=0, seed=3, train=False, regions_per_batch=3, grid=grid,
-                         workers=2)
+    plain = RegionStream(
+        shards, epoch=0, seed=3, train=False, regions_per_batch=3, grid=grid, workers=2
+    )
     regions = list(device_batches(make_loader(plain), torch.device("cpu"), region))
     ready = batches(0, Augment(), train=False)
     assert len(ready) == len(regions)
     for a, b in zip(ready, regions, strict=True):
-        x, _ = make_patches(b.regions, b.labels, grid=grid, patch=28, train=False,
-                            aug=Augment.off())
+        x, _ = make_patches(
+            b.regions, b.labels, grid=grid, patch=28, train=False, aug=Augment.off()
+        )
         assert a["keys"] == b.keys and torch.equal(a["patches"], x)
     with pytest.raises(ValueError, match="decode_in_worker"):
-        RegionStream(shards, epoch=0, seed=3, train=True, regions_per_batch=3, grid=grid,
-                     decode_in_worker=False, patches=PatchSpec(28, Augment()))
+        RegionStream(
+            shards,
+            epoch=0,
+            seed=3,
+            train=True,
+            regions_per_batch=3,
+            grid=grid,
+            decode_in_worker=False,
+            patches=PatchSpec(28, Augment()),
+        )

@@ -1,4 +1,5 @@
 """The torch-free WSI core: slide names, block means, the pyramid writer, masks, annotations."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,15 +16,18 @@ from etl.wsi.pyramid import PyramidWriter, pyramid_dims, pyramid_levels, write_p
 
 
 # --------------------------------------------------------------------------- names
-@pytest.mark.parametrize(("name", "stem", "key"), [
-    ("tumor_001.tif", "tumor_001", "tumor_001"),
-    ("dir/Case 7.SVS", "Case 7", "Case_7"),
-    ("a.b.ndpi", "a.b", "a_b"),
-    ("scan.vmu", "scan", "scan"),
-    ("big.btf", "big", "big"),
-    ("notes.txt", "notes.txt", "notes_txt"),
-    (".tif", "", "slide"),
-])
+@pytest.mark.parametrize(
+    ("name", "stem", "key"),
+    [
+        ("tumor_001.tif", "tumor_001", "tumor_001"),
+        ("dir/Case 7.SVS", "Case 7", "Case_7"),
+        ("a.b.ndpi", "a.b", "a_b"),
+        ("scan.vmu", "scan", "scan"),
+        ("big.btf", "big", "big"),
+        ("notes.txt", "notes.txt", "notes_txt"),
+        (".tif", "", "slide"),
+    ],
+)
 def test_slide_stem_drops_a_slide_suffix_and_key_stem_is_key_safe(name, stem, key):
     assert slide_stem(name) == stem
     assert key_stem(name) == key
@@ -37,7 +41,12 @@ def test_find_slides_takes_files_and_sorted_slides_of_folders(tmp_path):
     single = tmp_path / "x.dat"
     single.write_bytes(b"")
     assert [p.name for p in find_slides([single, folder])] == [
-        "x.dat", "a.tif", "b.svs", "c.TIFF", "d.vmu"]
+        "x.dat",
+        "a.tif",
+        "b.svs",
+        "c.TIFF",
+        "d.vmu",
+    ]
     assert all(s == s.lower() and s.startswith(".") for s in SLIDE_SUFFIXES)
 
 
@@ -67,8 +76,7 @@ def test_block_mean_white_edge_is_exact_for_large_factors():
 
 def test_pyramid_dims_and_levels_follow_the_edge_rule():
     assert pyramid_dims(5000, 3000, 2) == [(5000, 3000), (2500, 1500), (1250, 750), (625, 375)]
-    assert pyramid_dims(601, 3, 2, max_side=256, edge="replicate") == [(601, 3), (301, 2),
-                                                                       (151, 1)]
+    assert pyramid_dims(601, 3, 2, max_side=256, edge="replicate") == [(601, 3), (301, 2), (151, 1)]
     levels = pyramid_levels(np.zeros((3, 601), np.uint8), 2, max_side=256, edge="replicate")
     assert [lv.shape for lv in levels] == [(3, 601), (2, 301), (1, 151)]
 
@@ -79,8 +87,7 @@ def test_written_pyramid_opens_in_openslide_with_levels_and_mpp(tmp_path):
     base = rng.integers(0, 256, (700, 1100, 3), dtype=np.uint8)
     levels = pyramid_levels(base, 2, max_side=300)
     path = tmp_path / "p.tif"
-    dims = write_pyramid(path, levels, description="hello", compression="zlib",
-                         mpp=(0.5, 0.5))
+    dims = write_pyramid(path, levels, description="hello", compression="zlib", mpp=(0.5, 0.5))
     assert dims == [(1100, 700), (550, 350), (275, 175)]
     with tifffile.TiffFile(path) as tf:
         assert [p.subfiletype for p in tf.pages] == [0, 1, 1]
@@ -122,15 +129,23 @@ def test_tumor_mask_samples_pixel_centres_and_cuts_holes():
 
 def test_annotations_split_tumor_groups_from_camelyon_holes(tmp_path):
     def annotation(name: str, group: str, x0: int) -> str:
-        coords = "".join(f'<Coordinate Order="{k}" X="{x}" Y="{y}" />'
-                         for k, (x, y) in enumerate([(x0, 0), (x0 + 9, 0), (x0 + 9, 9)]))
-        return (f'<Annotation Name="{name}" Type="Polygon" PartOfGroup="{group}">'
-                f"<Coordinates>{coords}</Coordinates></Annotation>")
+        coords = "".join(
+            f'<Coordinate Order="{k}" X="{x}" Y="{y}" />'
+            for k, (x, y) in enumerate([(x0, 0), (x0 + 9, 0), (x0 + 9, 9)])
+        )
+        return (
+            f'<Annotation Name="{name}" Type="Polygon" PartOfGroup="{group}">'
+            f"<Coordinates>{coords}</Coordinates></Annotation>"
+        )
 
     path = tmp_path / "a.xml"
-    path.write_text("<ASAP_Annotations><Annotations>" + annotation("t0", "_0", 0)
-                    + annotation("t1", "_1", 20) + annotation("hole", "_2", 2)
-                    + "</Annotations></ASAP_Annotations>")
+    path.write_text(
+        "<ASAP_Annotations><Annotations>"
+        + annotation("t0", "_0", 0)
+        + annotation("t1", "_1", 20)
+        + annotation("hole", "_2", 2)
+        + "</Annotations></ASAP_Annotations>"
+    )
     ann = read_annotations(path)
     assert [p[0, 0] for p in ann.tumor] == [0, 20] and [p[0, 0] for p in ann.holes] == [2]
 
@@ -141,8 +156,12 @@ def test_described_and_pyramid_masks_read_back(tmp_path):
     back, ds = read_mask(tmp_path / "m.tif")
     assert ds == 16 and np.array_equal(back, mask)
     full = tumor_mask([square(100, 50, 300)], 1000, 600, 1) * 255
-    write_pyramid(tmp_path / "p.tif", pyramid_levels(full, 2, max_side=200),
-                  photometric="minisblack", compression="zlib")
+    write_pyramid(
+        tmp_path / "p.tif",
+        pyramid_levels(full, 2, max_side=200),
+        photometric="minisblack",
+        compression="zlib",
+    )
     level = read_mask_level(tmp_path / "p.tif", downsample=5)
     assert level.size0 == (1000, 600) and level.downsample == (4.0, 4.0)
     assert np.array_equal(level.sample(16) > 0, mask > 0)

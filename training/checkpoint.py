@@ -8,6 +8,7 @@ checkpoint is always complete, whatever kills the run; `best.pt` is an atomic co
 best epoch's `last.pt`. A resume restores everything, so it continues exactly as the
 uninterrupted run would; settings that change what the checkpoint means cannot change.
 """
+
 from __future__ import annotations
 
 import random
@@ -34,8 +35,11 @@ def rng_state() -> dict[str, Any]:
     """Global RNG states as tensors / plain values (loadable with weights_only=True)."""
     legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     name, keys, pos, has_gauss, cached = legacy
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -51,34 +55,60 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def run_state(cfg: TrainConfig, record: RunRecord, model: torch.nn.Module,
-              optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-              region_size: int) -> dict[str, Any]:
+def run_state(
+    cfg: TrainConfig,
+    record: RunRecord,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    region_size: int,
+) -> dict[str, Any]:
     """Everything a resume needs, and what inference reads (arch, grid, patch size)."""
-    return {"format": CHECKPOINT_FORMAT, "epoch": record.epoch, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rng_state(), "history": record.history, "best": record.best,
-            "bad_total": record.bad_total, "config": asdict(cfg), "arch": "FCResNet18",
-            "grid": cfg.grid, "patch_size": cfg.patch_size, "region_size": region_size}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": record.epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "history": record.history,
+        "best": record.best,
+        "bad_total": record.bad_total,
+        "config": asdict(cfg),
+        "arch": "FCResNet18",
+        "grid": cfg.grid,
+        "patch_size": cfg.patch_size,
+        "region_size": region_size,
+    }
 
 
-def restore_run(ckpt: dict[str, Any], path: Path, cfg: TrainConfig, model: torch.nn.Module,
-                optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler) -> RunRecord:
+def restore_run(
+    ckpt: dict[str, Any],
+    path: Path,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> RunRecord:
     """Load a run's state into the model, optimiser, scheduler and RNGs; its record."""
     old = ckpt.get("config", {})
     changed = [k for k in FIXED_ON_RESUME if k in old and old[k] != getattr(cfg, k)]
     if changed:
-        raise TrainError(f"{path}: --resume with changed "
-                         + ", ".join(f"--{k.replace('_', '-')} ({old[k]} -> "
-                                     f"{getattr(cfg, k)})" for k in changed)
-                         + "; use the checkpoint's values or a new --out")
+        raise TrainError(
+            f"{path}: --resume with changed "
+            + ", ".join(f"--{k.replace('_', '-')} ({old[k]} -> {getattr(cfg, k)})" for k in changed)
+            + "; use the checkpoint's values or a new --out"
+        )
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     set_rng_state(ckpt["rng"])
-    return RunRecord(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]),
-                     best=float(ckpt["best"]), bad_total=int(ckpt["bad_total"]))
+    return RunRecord(
+        epoch=int(ckpt["epoch"]),
+        history=list(ckpt["history"]),
+        best=float(ckpt["best"]),
+        bad_total=int(ckpt["bad_total"]),
+    )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -86,22 +116,29 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     fix = "use another --out or delete it"
     ckpt = read_weights(path, "--resume", fix)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a patchetl training checkpoint (format "
-                              f"{CHECKPOINT_FORMAT}); {fix}")
+        raise CheckpointError(
+            f"{path}: not a patchetl training checkpoint (format {CHECKPOINT_FORMAT}); {fix}"
+        )
     return ckpt
 
 
-def resume_run(cfg: TrainConfig, dd: Dist, model: torch.nn.Module,
-               optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-               log: Callable[[str], None]) -> RunRecord:
+def resume_run(
+    cfg: TrainConfig,
+    dd: Dist,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    log: Callable[[str], None],
+) -> RunRecord:
     """Prepare `--out`: continue the run in `<out>/last.pt` with --resume (a new record when
     there is none), refuse to clobber it without. Rank 0 creates the folder and removes what a
     run killed while writing left there."""
     out = Path(cfg.out)
     last = out / "last.pt"
     if last.exists() and not cfg.resume:
-        raise TrainError(f"{last} exists: pass --resume to continue that run, or choose "
-                         "another --out")
+        raise TrainError(
+            f"{last} exists: pass --resume to continue that run, or choose another --out"
+        )
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
         remove_temporaries(out)

@@ -3,6 +3,7 @@
 Options come from `training.config` (torch-free), so `patchetl extract --help` starts without
 loading torch; torch loads inside the training commands only.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,14 +48,20 @@ def evaluate(opts: EvaluateOptions, patch: PatchEvalOptions) -> None:
     from etl.evaluate.report import summary_lines, write_report
     from etl.evaluate.run import evaluate as run_evaluation
 
-    report = run_evaluation(opts.pred, opts.truth, slides=opts.slides, mpp=opts.mpp,
-                            method=cast("Method", opts.froc_method),
-                            mask_tumor_value=opts.mask_tumor_value)
+    report = run_evaluation(
+        opts.pred,
+        opts.truth,
+        slides=opts.slides,
+        mpp=opts.mpp,
+        method=cast("Method", opts.froc_method),
+        mask_tumor_value=opts.mask_tumor_value,
+    )
     if patch.checkpoint is not None and patch.shards is not None:
         from training.patch_eval import evaluate_patches
 
-        report.patch = evaluate_patches(patch.checkpoint, patch.shards, device=patch.device,
-                                        workers=patch.workers)
+        report.patch = evaluate_patches(
+            patch.checkpoint, patch.shards, device=patch.device, workers=patch.workers
+        )
     json_path, png_path = write_report(report, opts.out)
     for line in summary_lines(report) + [f"warning: {w}" for w in report.warnings]:
         typer.echo(line)
@@ -71,13 +78,25 @@ def infer(inputs: SlideInputs, cfg: InferConfig) -> None:
         fail(f"{len(failed)} slide(s) failed (listed above); {len(done)} done", code=1)
 
 
-DENSE_CHECK = only("checkpoint", "level", "stride", "patch_size", "tile_size", "margin",
-                   "batch_size", "workers", "device", "amp", "slide_backend")
+DENSE_CHECK = only(
+    "checkpoint",
+    "level",
+    "stride",
+    "patch_size",
+    "tile_size",
+    "margin",
+    "batch_size",
+    "workers",
+    "device",
+    "amp",
+    "slide_backend",
+)
 
 
 @command(app, "check-dense")
-def check_dense(inputs: SlideInputs, check: AgreementOptions,
-                cfg: Annotated[InferConfig, DENSE_CHECK]) -> None:
+def check_dense(
+    inputs: SlideInputs, check: AgreementOptions, cfg: Annotated[InferConfig, DENSE_CHECK]
+) -> None:
     """Check that dense maps agree with the patch-by-patch reference for a checkpoint.
 
     Runs both inference modes at the same stride on each slide and reports, inside tissue,
@@ -101,11 +120,14 @@ def check_dense(inputs: SlideInputs, check: AgreementOptions,
     if check.report is not None:
         typer.echo(f"report: {write_report(check.report, results, total, cfg, check.min_r)}")
     if not total.pearson >= check.min_r:  # also fails on an undefined r
-        fail(f"dense and patch maps agree with r = {total.pearson:.4f} inside tissue, below "
-             f"--min-r {check.min_r}: dense inference does not reproduce this checkpoint's "
-             "patch predictions here (a model trained on small patches leans on context that "
-             "a patch alone lacks); use --mode patch for this checkpoint, or train with "
-             "--patch-size 224", code=1)
+        fail(
+            f"dense and patch maps agree with r = {total.pearson:.4f} inside tissue, below "
+            f"--min-r {check.min_r}: dense inference does not reproduce this checkpoint's "
+            "patch predictions here (a model trained on small patches leans on context that "
+            "a patch alone lacks); use --mode patch for this checkpoint, or train with "
+            "--patch-size 224",
+            code=1,
+        )
     typer.echo(f"ok: pooled r = {total.pearson:.4f} >= {check.min_r}")
 
 

@@ -4,6 +4,7 @@ its default and help defined once, here (the CLI is derived from them; `etl.opti
 Defaults are the full-size (GPU) settings; `validate` names the option and the fix. Torch-free,
 so the CLI builds without loading torch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,12 +30,16 @@ Amp = Annotated[bool | None, opt("bf16 autocast (default: on CUDA).")]
 class TrainConfig:
     """Everything a run needs. Defaults are the full-size (GPU) settings."""
 
-    train: Annotated[str, opt(
-        "Training split folder (with manifest.json) or a brace pattern of shards.")] = (
-        "shards/training")
-    val: Annotated[str | None, opt(
-        "Validation split folder or pattern (e.g. shards/validation); none: no validation "
-        "metrics.")] = None
+    train: Annotated[
+        str, opt("Training split folder (with manifest.json) or a brace pattern of shards.")
+    ] = "shards/training"
+    val: Annotated[
+        str | None,
+        opt(
+            "Validation split folder or pattern (e.g. shards/validation); none: no validation "
+            "metrics."
+        ),
+    ] = None
     out: Annotated[str, opt("Checkpoints (last.pt, best.pt) and metrics.csv.")] = "runs/train"
     epochs: Annotated[int, opt("Epochs (the cosine schedule spans them all).")] = 10
     batch_size: Annotated[int, opt("Patches per step, rounded down to whole regions.")] = 512
@@ -44,31 +49,47 @@ class TrainConfig:
     lr: Annotated[float, opt("Peak learning rate.")] = 1e-3
     weight_decay: Annotated[float, opt("Weight decay.")] = 0.0
     warmup_epochs: Annotated[float, opt("Linear warm-up before the cosine decay.")] = 1.0
-    workers: Annotated[int | None, opt(
-        "DataLoader workers per rank (default min(8, CPUs per rank)); 0 reads in the training "
-        "process.")] = None
+    workers: Annotated[
+        int | None,
+        opt(
+            "DataLoader workers per rank (default min(8, CPUs per rank)); 0 reads in the training "
+            "process."
+        ),
+    ] = None
     shuffle_buffer: Annotated[int, opt("Sample shuffle buffer per worker (regions).")] = 1000
-    decode: Annotated[str, opt(
-        "Where JPEGs decode: cpu (workers), cuda (batched nvJPEG), auto (cuda when training on "
-        "CUDA).")] = "auto"
+    decode: Annotated[
+        str,
+        opt(
+            "Where JPEGs decode: cpu (workers), cuda (batched nvJPEG), auto (cuda when training on "
+            "CUDA)."
+        ),
+    ] = "auto"
     device: Device = "auto"
     amp: Amp = None
     channels_last: Annotated[bool, opt("channels_last memory format.")] = True
     compile: Annotated[bool, opt("torch.compile the model.", "--compile")] = False
-    prefetch: Annotated[bool, opt(
-        "CUDA: transfer, decode, crop and augment the next batch on a side stream while the "
-        "model runs.")] = True
+    prefetch: Annotated[
+        bool,
+        opt(
+            "CUDA: transfer, decode, crop and augment the next batch on a side stream while the "
+            "model runs."
+        ),
+    ] = True
     augment: Annotated[bool, opt("ColorJitter, flips, rot90 and random crops.")] = True
-    pretrained: Annotated[str | None, opt(
-        "Local torchvision resnet18 state dict (.pth).")] = None
-    resume: Annotated[bool, opt(
-        "Continue <out>/last.pt if it exists (epoch, optimiser, scheduler, RNG).")] = False
+    pretrained: Annotated[str | None, opt("Local torchvision resnet18 state dict (.pth).")] = None
+    resume: Annotated[
+        bool, opt("Continue <out>/last.pt if it exists (epoch, optimiser, scheduler, RNG).")
+    ] = False
     seed: Annotated[int, opt("Seed of every random draw.")] = 0
     max_bad: Annotated[int, opt("Stop when more corrupt samples than this were skipped.")] = 100
     progress: Progress = True
-    record_keys: Annotated[bool, opt(
-        "Write the keys each rank trained on per epoch to <out>/keys/ (audits the DDP/worker "
-        "splitting).")] = False
+    record_keys: Annotated[
+        bool,
+        opt(
+            "Write the keys each rank trained on per epoch to <out>/keys/ (audits the DDP/worker "
+            "splitting)."
+        ),
+    ] = False
 
     def validate(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
@@ -78,8 +99,10 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise TrainError(f"--device {self.device!r}: use auto, cpu or cuda")
         if self.batch_size < self.grid * self.grid:
-            raise TrainError(f"--batch-size {self.batch_size} is smaller than one region "
-                             f"({self.grid}x{self.grid} = {self.grid ** 2} patches)")
+            raise TrainError(
+                f"--batch-size {self.batch_size} is smaller than one region "
+                f"({self.grid}x{self.grid} = {self.grid**2} patches)"
+            )
         if self.epochs < 1 or self.patch_size < 16:
             raise TrainError("--epochs must be >= 1 and --patch-size >= 16")
 
@@ -92,40 +115,56 @@ class TrainConfig:
 class InferConfig:
     """Options of an inference run. Defaults are the full-size settings."""
 
-    checkpoint: Annotated[str, opt(
-        "Checkpoint written by `patchetl train`.", "--checkpoint", "--ckpt")] = (
-        "runs/train/best.pt")
-    out: Annotated[str, opt(
-        "Output folder; files are named after each slide (<name>.prob.npy, .prob.json, "
-        ".heatmap.png, .heatmap.tif, .candidates.csv, .candidates.geojson).")] = "runs/infer"
-    mode: Annotated[str, opt(
-        "dense (fully convolutional tiles) or patch (classic sliding window, the "
-        "reference).")] = "dense"
+    checkpoint: Annotated[
+        str, opt("Checkpoint written by `patchetl train`.", "--checkpoint", "--ckpt")
+    ] = "runs/train/best.pt"
+    out: Annotated[
+        str,
+        opt(
+            "Output folder; files are named after each slide (<name>.prob.npy, .prob.json, "
+            ".heatmap.png, .heatmap.tif, .candidates.csv, .candidates.geojson)."
+        ),
+    ] = "runs/infer"
+    mode: Annotated[
+        str,
+        opt("dense (fully convolutional tiles) or patch (classic sliding window, the reference)."),
+    ] = "dense"
     level: Annotated[int, opt("Pyramid level to run the model on.")] = 0
     stride: Annotated[int, opt("Level px per map pixel (a multiple of 32).")] = 32
-    patch_size: Annotated[int | None, opt(
-        "Patch side in level px (multiple of 32); default: the checkpoint's, else 224.")] = None
-    tile_size: Annotated[int, opt(
-        "Level px of map area per tile (rounded down to a multiple of --stride).")] = 2048
-    margin: Annotated[int, opt(
-        "Dense: context px around each tile (224 covers ResNet18's receptive field: no "
-        "seams).")] = 224
+    patch_size: Annotated[
+        int | None,
+        opt("Patch side in level px (multiple of 32); default: the checkpoint's, else 224."),
+    ] = None
+    tile_size: Annotated[
+        int, opt("Level px of map area per tile (rounded down to a multiple of --stride).")
+    ] = 2048
+    margin: Annotated[
+        int,
+        opt(
+            "Dense: context px around each tile (224 covers ResNet18's receptive field: no seams)."
+        ),
+    ] = 224
     batch_size: Annotated[int, opt("Patch mode: patches per forward pass.")] = 256
-    tiles_per_batch: Annotated[int | None, opt(
-        "Dense: tiles per forward pass (default 4 on CUDA, 1 on CPU).")] = None
+    tiles_per_batch: Annotated[
+        int | None, opt("Dense: tiles per forward pass (default 4 on CUDA, 1 on CPU).")
+    ] = None
     workers: Annotated[int, opt("Threads reading tiles ahead of the model.")] = 4
     prefetch: int | None = None  # tiles read ahead of the model; None: 2 * workers
     device: Device = "auto"
     amp: Amp = None
     channels_last: bool = True
-    tissue_downsample: Annotated[float, opt(
-        "Tissue mask resolution, level-0 px per mask pixel.")] = 32.0
-    tissue_threshold: Annotated[float | None, opt(
-        "Saturation threshold in [0, 1] (default: Otsu).")] = None
-    tissue_min_area: Annotated[float, opt(
-        "Drop tissue pieces smaller than this (level-0 px^2).")] = 65536.0
-    nms_radius: Annotated[float, opt(
-        "NMS radius in level-0 px (NCRF: 12 px at level 6 = 768).")] = 768.0
+    tissue_downsample: Annotated[
+        float, opt("Tissue mask resolution, level-0 px per mask pixel.")
+    ] = 32.0
+    tissue_threshold: Annotated[
+        float | None, opt("Saturation threshold in [0, 1] (default: Otsu).")
+    ] = None
+    tissue_min_area: Annotated[
+        float, opt("Drop tissue pieces smaller than this (level-0 px^2).")
+    ] = 65536.0
+    nms_radius: Annotated[
+        float, opt("NMS radius in level-0 px (NCRF: 12 px at level 6 = 768).")
+    ] = 768.0
     nms_threshold: Annotated[float, opt("Keep candidates with probability >= this.")] = 0.5
     thumbnail_side: int = 2048
     slide_backend: SlideBackend = "auto"
@@ -136,12 +175,16 @@ class InferConfig:
         if self.mode not in MODES:
             problems.append(f"--mode {self.mode!r}: use dense or patch")
         if self.stride < FEATURE_STRIDE or self.stride % FEATURE_STRIDE:
-            problems.append(f"--stride {self.stride}: use a multiple of {FEATURE_STRIDE} "
-                            "(the model's output step)")
-        if self.patch_size is not None and (self.patch_size < FEATURE_STRIDE
-                                            or self.patch_size % FEATURE_STRIDE):
-            problems.append(f"--patch-size {self.patch_size}: use a multiple of "
-                            f"{FEATURE_STRIDE} (e.g. 224)")
+            problems.append(
+                f"--stride {self.stride}: use a multiple of {FEATURE_STRIDE} "
+                "(the model's output step)"
+            )
+        if self.patch_size is not None and (
+            self.patch_size < FEATURE_STRIDE or self.patch_size % FEATURE_STRIDE
+        ):
+            problems.append(
+                f"--patch-size {self.patch_size}: use a multiple of {FEATURE_STRIDE} (e.g. 224)"
+            )
         if self.margin < 0 or self.margin % FEATURE_STRIDE:
             problems.append(f"--margin {self.margin}: use 0 or a multiple of {FEATURE_STRIDE}")
         if self.tile_size < self.stride:
@@ -171,8 +214,9 @@ class SlideInputs:
 class AgreementOptions:
     """What `check-dense` demands of the dense maps, and where it writes its numbers."""
 
-    min_r: Annotated[float, opt(
-        "Exit 1 when the pooled Pearson r inside tissue is below this.")] = 0.95
+    min_r: Annotated[
+        float, opt("Exit 1 when the pooled Pearson r inside tissue is below this.")
+    ] = 0.95
     report: Annotated[Path | None, opt("Also write the numbers to this JSON file.")] = None
 
 
@@ -180,15 +224,20 @@ class AgreementOptions:
 class PatchEvalOptions:
     """The patch-level AUC of `evaluate`: a checkpoint scored on a validation split."""
 
-    checkpoint: Annotated[str | None, opt(
-        "Checkpoint for the patch-level AUC (with --shards).")] = None
-    shards: Annotated[str | None, opt(
-        "Validation split folder or shard pattern for the patch-level AUC (with "
-        "--checkpoint).")] = None
+    checkpoint: Annotated[
+        str | None, opt("Checkpoint for the patch-level AUC (with --shards).")
+    ] = None
+    shards: Annotated[
+        str | None,
+        opt(
+            "Validation split folder or shard pattern for the patch-level AUC (with --checkpoint)."
+        ),
+    ] = None
     device: Annotated[str, opt("Patch-level evaluation device: auto, cpu or cuda.")] = "auto"
     workers: Annotated[int, opt("DataLoader workers for the patch-level evaluation.")] = 0
 
     def validate(self) -> None:
         if (self.checkpoint is None) != (self.shards is None):
-            raise OptionError("the patch-level evaluation needs both --checkpoint and --shards "
-                              "(or neither)")
+            raise OptionError(
+                "the patch-level evaluation needs both --checkpoint and --shards (or neither)"
+            )

@@ -6,6 +6,7 @@ training loop has no single-process branches. Collectives are per epoch, never p
 run equal step counts by construction (`training.data.stream`), and only the epoch's sums and
 validation predictions travel.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,7 +61,8 @@ class Dist:
         if not self.active:
             return model
         return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     def barrier(self) -> None:
         if self.active:
@@ -78,5 +80,9 @@ def init_distributed(cuda: bool) -> Dist:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return Dist(
+        dist.get_rank(),
+        dist.get_world_size(),
+        int(os.environ.get("LOCAL_RANK", "0")),
+        int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+    )

@@ -1,4 +1,5 @@
 """Errors of the training commands: problems the user must fix (exit 2, no traceback)."""
+
 from __future__ import annotations
 
 from etl.errors import PatchetlError

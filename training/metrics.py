@@ -9,6 +9,7 @@ augmentation). Each epoch is one row of `<out>/metrics.csv`, rewritten whole fro
 that a resumed run never duplicates rows, and of TensorBoard when it is installed. The best
 epoch has the highest validation AUC (the lowest validation loss while the AUC is undefined).
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,13 +29,27 @@ from etl.evaluate.auc import binary_auc
 from training.data.pipeline import PatchBatch
 
 T = TypeVar("T")
-CSV_FIELDS = ("epoch", "lr", "train_loss", "train_patches", "train_steps", "patches_per_s",
-              "data_wait", "startup_s", "val_loss", "val_acc", "val_auc", "val_patches",
-              "bad_samples", "seconds")
+CSV_FIELDS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_patches",
+    "train_steps",
+    "patches_per_s",
+    "data_wait",
+    "startup_s",
+    "val_loss",
+    "val_acc",
+    "val_auc",
+    "val_patches",
+    "bad_samples",
+    "seconds",
+)
 
 
-def masked_bce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_bce(
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-patch BCE; bad slots (weight 0) add nothing. Returns (mean loss, sum, count)."""
     losses = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
     total = (losses * weight).sum()
@@ -43,9 +58,13 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
 
 
 @torch.no_grad()
-def score_patches(model: torch.nn.Module, batches: Iterable[PatchBatch], *, amp: bool,
-                  on_batch: Callable[[PatchBatch], None] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, float]:
+def score_patches(
+    model: torch.nn.Module,
+    batches: Iterable[PatchBatch],
+    *,
+    amp: bool,
+    on_batch: Callable[[PatchBatch], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
     """(probabilities (float64), labels, BCE sum) over every valid patch of `batches`."""
     probs, labels = [], []
     loss_sum: torch.Tensor | float = 0.0
@@ -63,14 +82,18 @@ def score_patches(model: torch.nn.Module, batches: Iterable[PatchBatch], *, amp:
     return p, t, float(loss_sum)
 
 
-def patch_metrics(p: np.ndarray, t: np.ndarray, loss_sum: float, threshold: float = 0.5
-                  ) -> dict[str, Any]:
+def patch_metrics(
+    p: np.ndarray, t: np.ndarray, loss_sum: float, threshold: float = 0.5
+) -> dict[str, Any]:
     """Mean BCE loss, accuracy (prob >= `threshold` vs label >= 0.5), AUC and patch count;
     NaN where undefined (no patches; one class only for the AUC)."""
     n = len(p)
-    return {"loss": loss_sum / n if n else math.nan,
-            "accuracy": float(np.mean((p >= threshold) == (t >= 0.5))) if n else math.nan,
-            "auc": binary_auc(t, p), "patches": n}
+    return {
+        "loss": loss_sum / n if n else math.nan,
+        "accuracy": float(np.mean((p >= threshold) == (t >= 0.5))) if n else math.nan,
+        "auc": binary_auc(t, p),
+        "patches": n,
+    }
 
 
 class DataClock:
@@ -153,16 +176,20 @@ def write_keys(out: Path, epoch: int, rank: int, keys: list[str]) -> None:
     an audit of the sample splitting)."""
     (out / "keys").mkdir(exist_ok=True)
     (out / "keys" / f"train-epoch{epoch + 1:03d}-rank{rank}.txt").write_text(
-        "".join(f"{k}\n" for k in keys))
+        "".join(f"{k}\n" for k in keys)
+    )
 
 
 def epoch_line(row: dict, epochs: int, best: bool) -> str:
     """One epoch's log line."""
+
     def fmt(k: str, spec: str) -> str:
         return format(row[k], spec) if k in row else "-"
 
-    return (f"epoch {row['epoch']}/{epochs}: train loss {fmt('train_loss', '.4f')}"
-            f"  val loss {fmt('val_loss', '.4f')} acc {fmt('val_acc', '.3f')} "
-            f"auc {fmt('val_auc', '.3f')}  {row['patches_per_s']:.1f} patches/s  "
-            f"data wait {100 * row['data_wait']:.0f}%  bad {row['bad_samples']}"
-            + ("  (best)" if best else ""))
+    return (
+        f"epoch {row['epoch']}/{epochs}: train loss {fmt('train_loss', '.4f')}"
+        f"  val loss {fmt('val_loss', '.4f')} acc {fmt('val_acc', '.3f')} "
+        f"auc {fmt('val_auc', '.3f')}  {row['patches_per_s']:.1f} patches/s  "
+        f"data wait {100 * row['data_wait']:.0f}%  bad {row['bad_samples']}"
+        + ("  (best)" if best else "")
+    )

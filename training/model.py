@@ -16,6 +16,7 @@ plain values, never arbitrary pickles); every problem with one (missing, unreada
 weights of this model) is a `CheckpointError` naming the file and the fix. `resolve_device`
 is the one reading of `--device`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -83,9 +84,11 @@ def output_size(input_size: int) -> int:
 
 
 # --------------------------------------------------------------------------- weight files
-def read_weights(path: str | Path, option: str = "--checkpoint",
-                 fix: str = "train one with `patchetl train`, then pass <out>/best.pt or "
-                            "last.pt") -> Any:
+def read_weights(
+    path: str | Path,
+    option: str = "--checkpoint",
+    fix: str = "train one with `patchetl train`, then pass <out>/best.pt or last.pt",
+) -> Any:
     """The object in a weight file, loaded safely on the CPU (`weights_only=True`).
 
     `option` and `fix` name the file's role and what to do in the error.
@@ -96,8 +99,9 @@ def read_weights(path: str | Path, option: str = "--checkpoint",
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and format errors all mean "not a weight file"
-        raise CheckpointError(f"{option} {path}: not a readable torch checkpoint ({exc}); "
-                              f"{fix}") from None
+        raise CheckpointError(
+            f"{option} {path}: not a readable torch checkpoint ({exc}); {fix}"
+        ) from None
 
 
 def _state_dict(obj: Any) -> Any:
@@ -112,21 +116,32 @@ def _state_dict(obj: Any) -> Any:
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
 
 
-def _mismatch(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
-              optional: tuple[str, ...] = ()) -> str:
+def _mismatch(
+    state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], optional: tuple[str, ...] = ()
+) -> str:
     """What keeps `state` from loading into a model with state dict `own` ('' when nothing);
     keys starting with one of `optional` may be missing."""
-    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
-             if k in own and v.shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     missing = [k for k in own if k not in state and not k.startswith(optional)]
     unexpected = [k for k in state if k not in own]
-    return "; ".join(f"{name} {items[:3]}{' ...' if len(items) > 3 else ''}"
-                     for name, items in (("shape mismatch", wrong), ("missing", missing),
-                                         ("unexpected", unexpected)) if items)
+    return "; ".join(
+        f"{name} {items[:3]}{' ...' if len(items) > 3 else ''}"
+        for name, items in (
+            ("shape mismatch", wrong),
+            ("missing", missing),
+            ("unexpected", unexpected),
+        )
+        if items
+    )
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu"
-               ) -> tuple[FCResNet18, dict[str, Any]]:
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[FCResNet18, dict[str, Any]]:
     """The detector from a training checkpoint (or a bare state dict), in eval mode on `device`.
 
     Returns `(model, info)`; `info` holds the checkpoint's `patch_size`, `grid`, `epoch` and
@@ -135,17 +150,24 @@ def load_model(path: str | Path, device: torch.device | str = "cpu"
     ckpt = read_weights(path)
     state = _state_dict(ckpt)
     if state is None:
-        raise CheckpointError(f"--checkpoint {path}: expected a patchetl checkpoint or a state "
-                              f"dict, got {type(ckpt).__name__}")
+        raise CheckpointError(
+            f"--checkpoint {path}: expected a patchetl checkpoint or a state "
+            f"dict, got {type(ckpt).__name__}"
+        )
     model = build_model()
     problem = _mismatch(state, model.state_dict())
     if problem:
-        raise CheckpointError(f"--checkpoint {path}: not a checkpoint of this model "
-                              f"(FCResNet18, 1 output): {problem}. Use a checkpoint written by "
-                              "`patchetl train`")
+        raise CheckpointError(
+            f"--checkpoint {path}: not a checkpoint of this model "
+            f"(FCResNet18, 1 output): {problem}. Use a checkpoint written by "
+            "`patchetl train`"
+        )
     model.load_state_dict(state)
-    info = {k: ckpt[k] for k in ("patch_size", "grid", "epoch", "arch") if k in ckpt} \
-        if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else {}
+    info = (
+        {k: ckpt[k] for k in ("patch_size", "grid", "epoch", "arch") if k in ckpt}
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+        else {}
+    )
     return model.to(device).eval(), info
 
 
@@ -156,19 +178,20 @@ def load_pretrained(model: FCResNet18, path: str | Path) -> None:
     written by this trainer (a checkpoint or a bare state dict with the 1x1 head) loads whole.
     """
     fix = "use torchvision's resnet18 weights"
-    ckpt = read_weights(path, "--pretrained", "give a local torchvision resnet18 state dict; "
-                                              "nothing is downloaded")
+    ckpt = read_weights(
+        path, "--pretrained", "give a local torchvision resnet18 state dict; nothing is downloaded"
+    )
     state = _state_dict(ckpt)
     if state is None:
-        raise CheckpointError(f"--pretrained {path}: expected a state dict, got "
-                              f"{type(ckpt).__name__}; {fix}")
+        raise CheckpointError(
+            f"--pretrained {path}: expected a state dict, got {type(ckpt).__name__}; {fix}"
+        )
     own = model.state_dict()
     if any(k.startswith("fc.") and v.shape != own[k].shape for k, v in state.items() if k in own):
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # ImageNet head
     problem = _mismatch(state, own, optional=("fc.",))
     if problem:
-        raise CheckpointError(f"--pretrained {path}: not a ResNet18 state dict ({problem}); "
-                              f"{fix}")
+        raise CheckpointError(f"--pretrained {path}: not a ResNet18 state dict ({problem}); {fix}")
     model.load_state_dict(state, strict=False)
 
 

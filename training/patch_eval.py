@@ -6,6 +6,7 @@ shuffling), the same centre crops of each grid cell and the same input scaling
 BCE, rank AUC with ties averaged), the checkpoint's model. Grid and patch size default to the
 checkpoint's.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,10 +24,18 @@ from training.model import load_model, resolve_device
 
 
 @torch.no_grad()
-def evaluate_patches(checkpoint: str | Path, shards: str | Path, *, device: str = "auto",
-                     batch_regions: int = 32, workers: int = 0, grid: int | None = None,
-                     patch_size: int | None = None, amp: bool | None = None,
-                     threshold: float = 0.5) -> dict[str, Any]:
+def evaluate_patches(
+    checkpoint: str | Path,
+    shards: str | Path,
+    *,
+    device: str = "auto",
+    batch_regions: int = 32,
+    workers: int = 0,
+    grid: int | None = None,
+    patch_size: int | None = None,
+    amp: bool | None = None,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
     """Patch AUC, accuracy (prob >= ``threshold``), BCE loss and counts over every valid patch."""
     dev = resolve_device(device)
     model, info = load_model(checkpoint, dev)
@@ -34,26 +43,56 @@ def evaluate_patches(checkpoint: str | Path, shards: str | Path, *, device: str 
     patch = int(patch_size or info.get("patch_size", 224))
     data = open_shards(shards)
     if data.region_size // grid < patch:
-        raise TrainError(f"{shards}: regions of {data.region_size} px split {grid}x{grid} give "
-                         f"cells of {data.region_size // grid} px, smaller than the patch size "
-                         f"{patch} (pass --grid/--patch-size matching the checkpoint's training)")
+        raise TrainError(
+            f"{shards}: regions of {data.region_size} px split {grid}x{grid} give "
+            f"cells of {data.region_size // grid} px, smaller than the patch size "
+            f"{patch} (pass --grid/--patch-size matching the checkpoint's training)"
+        )
     cuda = dev.type == "cuda"
-    stream = RegionStream(data, epoch=0, seed=0, train=False, regions_per_batch=batch_regions,
-                          grid=grid, workers=workers, decode_in_worker=not cuda)
-    batches = patch_batches(make_loader(stream, pin_memory=cuda), dev, data.region_size,
-                            grid=grid, patch=patch, train=False, aug=Augment.off(),
-                            channels_last=False)
+    stream = RegionStream(
+        data,
+        epoch=0,
+        seed=0,
+        train=False,
+        regions_per_batch=batch_regions,
+        grid=grid,
+        workers=workers,
+        decode_in_worker=not cuda,
+    )
+    batches = patch_batches(
+        make_loader(stream, pin_memory=cuda),
+        dev,
+        data.region_size,
+        grid=grid,
+        patch=patch,
+        train=False,
+        aug=Augment.off(),
+        channels_last=False,
+    )
     bad: list[str] = []
-    p, t, loss = score_patches(model, batches, amp=cuda if amp is None else amp,
-                               on_batch=lambda batch: bad.extend(batch.regions.bad))
+    p, t, loss = score_patches(
+        model,
+        batches,
+        amp=cuda if amp is None else amp,
+        on_batch=lambda batch: bad.extend(batch.regions.bad),
+    )
     m = patch_metrics(p, t, loss, threshold)
 
     def num(v: float) -> float | None:
         return None if math.isnan(v) else v
 
-    return {"auc": num(m["auc"]), "accuracy": num(m["accuracy"]), "loss": num(m["loss"]),
-            "threshold": threshold, "patches": m["patches"],
-            "tumor_patches": int((t >= 0.5).sum()), "bad_samples": len(bad),
-            "grid": grid, "patch_size": patch, "checkpoint": str(checkpoint),
-            "checkpoint_epoch": int(info.get("epoch", 0)), "shards": str(shards),
-            "device": str(dev)}
+    return {
+        "auc": num(m["auc"]),
+        "accuracy": num(m["accuracy"]),
+        "loss": num(m["loss"]),
+        "threshold": threshold,
+        "patches": m["patches"],
+        "tumor_patches": int((t >= 0.5).sum()),
+        "bad_samples": len(bad),
+        "grid": grid,
+        "patch_size": patch,
+        "checkpoint": str(checkpoint),
+        "checkpoint_epoch": int(info.get("epoch", 0)),
+        "shards": str(shards),
+        "device": str(dev),
+    }

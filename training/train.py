@@ -11,6 +11,7 @@ Reproducibility: every random draw of an epoch (shard order, shuffle buffers, cr
 augmentations) is seeded from (seed, epoch, rank), so `--resume` from an epoch's checkpoint
 continues exactly as the uninterrupted run would.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print):
         cfg.validate()
         self.cfg, self.out = cfg, Path(cfg.out)
-        self.dd = init_distributed(cfg.device == "cuda" or (
-            cfg.device == "auto" and torch.cuda.is_available()))
+        self.dd = init_distributed(
+            cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        )
         self.log = log if self.dd.main else (lambda message: None)
         self.device = resolve_device(cfg.device, self.dd.local_rank)
         self.amp = self.device.type == "cuda" if cfg.amp is None else cfg.amp
@@ -78,7 +80,8 @@ class Trainer:
         steps = len(self.data.train_stream(0))
         warmup = min(round(cfg.warmup_epochs * steps), max(0, cfg.epochs * steps - 1))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, cosine_with_warmup(cfg.epochs * steps, warmup))
+            self.optimizer, cosine_with_warmup(cfg.epochs * steps, warmup)
+        )
         self.record = RunRecord()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -92,10 +95,12 @@ class Trainer:
         with open(self.out / f"bad-samples-rank{self.dd.rank}.txt", "a") as fh:
             fh.writelines(f"epoch {epoch + 1}\t{b}\n" for b in bad)
         if self.record.bad_total > self.cfg.max_bad:
-            raise TrainError(f"{self.record.bad_total} corrupt or unreadable samples so far "
-                             f"(limit --max-bad {self.cfg.max_bad}), e.g. {bad[0]}; all are "
-                             f"listed in {self.out}/bad-samples-rank*.txt. Check the shards "
-                             "with `patchetl verify FOLDER`, or raise --max-bad")
+            raise TrainError(
+                f"{self.record.bad_total} corrupt or unreadable samples so far "
+                f"(limit --max-bad {self.cfg.max_bad}), e.g. {bad[0]}; all are "
+                f"listed in {self.out}/bad-samples-rank*.txt. Check the shards "
+                "with `patchetl verify FOLDER`, or raise --max-bad"
+            )
 
     def fit(self) -> dict:
         """Run the remaining epochs; returns the last epoch's metrics and the output paths."""
@@ -106,29 +111,43 @@ class Trainer:
             model = torch.compile(model)  # type: ignore[assignment]
         metrics = MetricsLog(out) if dd.main else None
         if self.record.epoch >= cfg.epochs:
-            self.log(f"{out / 'last.pt'} already holds {self.record.epoch} epoch(s): "
-                     "nothing to do")
-        with progress_bar(unit="steps", enabled=cfg.progress and dd.main, info=True,
-                          transient=True) as bar:
+            self.log(f"{out / 'last.pt'} already holds {self.record.epoch} epoch(s): nothing to do")
+        with progress_bar(
+            unit="steps", enabled=cfg.progress and dd.main, info=True, transient=True
+        ) as bar:
             for epoch in range(self.record.epoch, cfg.epochs):
                 bad_before = self.record.bad_total
                 row = {"epoch": epoch + 1, **train_epoch(self, model, epoch, bar)}
                 row.update(evaluate(self, epoch, bar))
-                row["bad_samples"] = int(dd.all_sum([self.record.bad_total - bad_before],
-                                                    self.device)[0])
+                row["bad_samples"] = int(
+                    dd.all_sum([self.record.bad_total - bad_before], self.device)[0]
+                )
                 best = self.record.add(row)
                 if metrics is not None:  # rank 0: checkpoints, CSV, TensorBoard, the log
-                    save_epoch(run_state(cfg, self.record, self.net, self.optimizer,
-                                         self.scheduler, self.data.train.region_size), out, best)
+                    save_epoch(
+                        run_state(
+                            cfg,
+                            self.record,
+                            self.net,
+                            self.optimizer,
+                            self.scheduler,
+                            self.data.train.region_size,
+                        ),
+                        out,
+                        best,
+                    )
                     metrics.write(self.record.history)
                     self.log(epoch_line(row, cfg.epochs, best))
         if metrics is not None:
             metrics.close()
         dd.barrier()
         best_pt = out / "best.pt"
-        return {"history": self.record.history, "last": str(out / "last.pt"),
-                "best": str(best_pt) if best_pt.exists() else None,
-                "metrics": str(out / "metrics.csv")}
+        return {
+            "history": self.record.history,
+            "last": str(out / "last.pt"),
+            "best": str(best_pt) if best_pt.exists() else None,
+            "metrics": str(out / "metrics.csv"),
+        }
 
 
 def train_epoch(run: Trainer, model: torch.nn.Module, epoch: int, bar: Any) -> dict:
@@ -158,8 +177,11 @@ def train_epoch(run: Trainer, model: torch.nn.Module, epoch: int, bar: Any) -> d
             sums += torch.stack([total, n])
             steps += 1
             if cfg.record_keys:
-                keys += [k for k, ok in zip(batch.regions.keys,
-                                            batch.regions.valid.tolist(), strict=True) if ok]
+                keys += [
+                    k
+                    for k, ok in zip(batch.regions.keys, batch.regions.valid.tolist(), strict=True)
+                    if ok
+                ]
             if not bar.disable and (steps % 10 == 0 or steps == len(stream)):
                 bar.update(task, completed=steps, info=f"loss {float(loss.detach()):.4f}")
     finally:  # stops a prefetching thread when a step fails
@@ -174,11 +196,16 @@ def train_epoch(run: Trainer, model: torch.nn.Module, epoch: int, bar: Any) -> d
     least, most = run.dd.spread(steps, dev)
     if most != least:  # cannot happen by construction; say so loudly if it does
         run.log(f"warning: ranks ran different step counts ({least:.0f}..{most:.0f})")
-    return {"train_loss": loss_total / max(patches, 1.0), "train_patches": int(patches),
-            "train_steps": steps, "seconds": seconds,
-            "patches_per_s": patches / max(seconds, 1e-9),
-            "data_wait": clock.wait / max(seconds, 1e-9), "startup_s": clock.startup,
-            "lr": run.optimizer.param_groups[0]["lr"]}
+    return {
+        "train_loss": loss_total / max(patches, 1.0),
+        "train_patches": int(patches),
+        "train_steps": steps,
+        "seconds": seconds,
+        "patches_per_s": patches / max(seconds, 1e-9),
+        "data_wait": clock.wait / max(seconds, 1e-9),
+        "startup_s": clock.startup,
+        "lr": run.optimizer.param_groups[0]["lr"],
+    }
 
 
 def evaluate(run: Trainer, epoch: int, bar: Any) -> dict:
@@ -197,8 +224,12 @@ def evaluate(run: Trainer, epoch: int, bar: Any) -> dict:
     bar.remove_task(task)
     p, t = run.dd.gather_arrays((p, t))
     m = patch_metrics(p, t, run.dd.all_sum([loss], run.device)[0])
-    return {"val_loss": m["loss"], "val_acc": m["accuracy"], "val_auc": m["auc"],
-            "val_patches": m["patches"]}
+    return {
+        "val_loss": m["loss"],
+        "val_acc": m["accuracy"],
+        "val_auc": m["auc"],
+        "val_patches": m["patches"],
+    }
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:

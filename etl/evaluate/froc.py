@@ -24,6 +24,7 @@ Radboud version of the same script), on numpy / scipy only.
   ``compute_froc_score`` do (the numbers they publish); ``method="step"``: the later Radboud
   script's ``bisect_left`` lookup (the first curve point with at least that many FPs).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -37,8 +38,18 @@ from scipy import ndimage
 from etl.errors import PatchetlError
 
 __all__ = [
-    "DILATION_UM", "EVAL_LEVEL", "FP_RATES", "ITC_UM", "EvaluationError", "LesionMask", "Method",
-    "SlideScore", "evaluation_mask", "froc_curve", "froc_score", "major_axis_lengths",
+    "DILATION_UM",
+    "EVAL_LEVEL",
+    "FP_RATES",
+    "ITC_UM",
+    "EvaluationError",
+    "LesionMask",
+    "Method",
+    "SlideScore",
+    "evaluation_mask",
+    "froc_curve",
+    "froc_score",
+    "major_axis_lengths",
     "score_slide",
 ]
 
@@ -51,7 +62,6 @@ Method = Literal["interp", "step"]
 
 class EvaluationError(PatchetlError, ValueError):
     """Bad or missing evaluation input; the message names the file and the fix."""
-
 
 
 @dataclass
@@ -123,8 +133,9 @@ class SlideScore:
         return int((self.tp_probs > 0).sum())
 
 
-def score_slide(name: str, detections: np.ndarray, mask: LesionMask | None,
-                source: str = "") -> SlideScore:
+def score_slide(
+    name: str, detections: np.ndarray, mask: LesionMask | None, source: str = ""
+) -> SlideScore:
     """Split one slide's (prob, x, y) detections into hits, ignored (ITC) and false positives."""
     det = np.asarray(detections, np.float64).reshape(-1, 3)
     if mask is None:  # normal slide: every detection is a false positive
@@ -138,7 +149,8 @@ def score_slide(name: str, detections: np.ndarray, mask: LesionMask | None,
         raise EvaluationError(
             f"{source or name}: detection {i + 1} at (x={det[i, 1]:g}, y={det[i, 2]:g}) lies "
             f"outside the slide ({w5 * mask.downsample}x{h5 * mask.downsample} px at level 0 "
-            "rounded up to the evaluation level); check that the candidates belong to this slide")
+            "rounded up to the evaluation level); check that the candidates belong to this slide"
+        )
     hit = mask.labels[rows, cols]
     itc_label = np.r_[False, mask.itc][hit]
     best = np.zeros(mask.count + 1)
@@ -148,25 +160,41 @@ def score_slide(name: str, detections: np.ndarray, mask: LesionMask | None,
             best[hit[j]], best_at[hit[j]] = det[j, 0], j
     lesions: list[dict[str, Any]] = []
     size_um = mask.mpp * mask.downsample
-    centres = ndimage.center_of_mass(np.ones_like(mask.labels), mask.labels,
-                                     range(1, mask.count + 1)) if mask.count else []
+    centres = (
+        ndimage.center_of_mass(np.ones_like(mask.labels), mask.labels, range(1, mask.count + 1))
+        if mask.count
+        else []
+    )
     for k in range(1, mask.count + 1):
         r, c = centres[k - 1]
-        entry = {"label": k, "itc": bool(mask.itc[k - 1]),
-                 "major_axis_um": round(float(mask.major_axis_px[k - 1]) * size_um, 1),
-                 "centre_xy": [round((c + 0.5) * mask.downsample, 1),
-                               round((r + 0.5) * mask.downsample, 1)],
-                 "hit_prob": float(best[k]) if best_at[k] >= 0 else None}
+        entry = {
+            "label": k,
+            "itc": bool(mask.itc[k - 1]),
+            "major_axis_um": round(float(mask.major_axis_px[k - 1]) * size_um, 1),
+            "centre_xy": [
+                round((c + 0.5) * mask.downsample, 1),
+                round((r + 0.5) * mask.downsample, 1),
+            ],
+            "hit_prob": float(best[k]) if best_at[k] >= 0 else None,
+        }
         if best_at[k] >= 0:
             entry["hit_xy"] = det[best_at[k], 1:].tolist()
         lesions.append(entry)
-    return SlideScore(name, True, len(det), det[hit == 0, 0].copy(), best[1:][~mask.itc],
-                      itc=int(mask.itc.sum()), ignored=int(((hit > 0) & itc_label).sum()),
-                      lesions=lesions)
+    return SlideScore(
+        name,
+        True,
+        len(det),
+        det[hit == 0, 0].copy(),
+        best[1:][~mask.itc],
+        itc=int(mask.itc.sum()),
+        ignored=int(((hit > 0) & itc_label).sum()),
+        lesions=lesions,
+    )
 
 
-def froc_curve(fp_probs: np.ndarray, tp_probs: np.ndarray, n_lesions: int, n_slides: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def froc_curve(
+    fp_probs: np.ndarray, tp_probs: np.ndarray, n_lesions: int, n_slides: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(FPs per slide, sensitivity, thresholds) in increasing-threshold order, then (0, 0).
 
     ``tp_probs``: one entry per non-ITC lesion of every slide (its best hit, 0 if missed);
@@ -184,15 +212,17 @@ def froc_curve(fp_probs: np.ndarray, tp_probs: np.ndarray, n_lesions: int, n_sli
     return fps, sens, thresholds
 
 
-def froc_score(fps: np.ndarray, sens: np.ndarray, rates: Sequence[float] = FP_RATES,
-               method: Method = "interp") -> tuple[float, np.ndarray]:
+def froc_score(
+    fps: np.ndarray, sens: np.ndarray, rates: Sequence[float] = FP_RATES, method: Method = "interp"
+) -> tuple[float, np.ndarray]:
     """(mean sensitivity at ``rates`` FPs per slide, the sensitivities) from a ``froc_curve``."""
     fps_r, sens_r = np.asarray(fps, np.float64)[::-1], np.asarray(sens, np.float64)[::-1]
     if method == "interp":
         at = np.interp(rates, fps_r, sens_r)
     elif method == "step":
-        at = np.array([sens_r[min(bisect.bisect_left(fps_r.tolist(), r), len(sens_r) - 1)]
-                       for r in rates])
+        at = np.array(
+            [sens_r[min(bisect.bisect_left(fps_r.tolist(), r), len(sens_r) - 1)] for r in rates]
+        )
     else:
         raise EvaluationError(f"FROC method {method!r}: use 'interp' or 'step'")
     return float(np.mean(at)), at

@@ -7,6 +7,7 @@ at or above ``threshold`` in decreasing order (ties: row-major order, as ``argma
 kept unless it lies in the disc of one kept before. A kd-tree finds the discs, so a big map
 costs what its hot pixels cost. No torch here.
 """
+
 from __future__ import annotations
 
 import csv
@@ -73,10 +74,16 @@ def candidates_csv(cands: Sequence[Candidate]) -> str:
 
 def candidates_geojson(cands: Sequence[Candidate], name: str = "Tumor") -> str:
     """GeoJSON FeatureCollection of Point features at level-0 [x, y], as QuPath imports them."""
-    features = [{
-        "type": "Feature",
-        "geometry": {"type": "Point", "coordinates": [c.x, c.y]},
-        "properties": {"objectType": "annotation", "classification": {"name": name},
-                       "prob": round(c.prob, 5)},
-    } for c in cands]
+    features = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [c.x, c.y]},
+            "properties": {
+                "objectType": "annotation",
+                "classification": {"name": name},
+                "prob": round(c.prob, 5),
+            },
+        }
+        for c in cands
+    ]
     return json.dumps({"type": "FeatureCollection", "features": features}, indent=1) + "\n"

@@ -4,6 +4,7 @@ FPs per slide in [0, 8] against lesion sensitivity, with the sensitivities at th
 of the score marked in red; beyond the curve's last point the line is held (as ``np.interp``
 holds it). Written atomically.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,9 +28,16 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def plot_froc(fps: Sequence[float], sens: Sequence[float], path: str | PathLike[str], *,
-              rates: Sequence[float] = FP_RATES, at: Sequence[float] | None = None,
-              score: float | None = None, xmax: float = 8.0) -> Path:
+def plot_froc(
+    fps: Sequence[float],
+    sens: Sequence[float],
+    path: str | PathLike[str],
+    *,
+    rates: Sequence[float] = FP_RATES,
+    at: Sequence[float] | None = None,
+    score: float | None = None,
+    xmax: float = 8.0,
+) -> Path:
     """Draw the FROC curve (FPs per slide in [0, xmax] vs sensitivity) as a PNG with PIL."""
     w, h, left, right, top, bottom = 720, 520, 80, 30, 50, 70
     img = Image.new("RGB", (w, h), "white")
@@ -63,18 +71,31 @@ def plot_froc(fps: Sequence[float], sens: Sequence[float], path: str | PathLike[
             if s is not None and math.isfinite(s):
                 cx, cy = px(r, s)
                 d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=(200, 40, 40))
-    title = "FROC" + (f" = {score:.3f}" if score is not None and math.isfinite(score) else
-                      " (undefined: no lesion)")
-    d.text((left + pw / 2, top / 2), title + "  (red: sensitivity at 1/4, 1/2, 1, 2, 4, 8 FP)",
-           fill="black", font=big, anchor="mm")
-    d.text((left + pw / 2, h - 22), "average number of false positives per slide",
-           fill="black", font=big, anchor="mm")
+    title = "FROC" + (
+        f" = {score:.3f}"
+        if score is not None and math.isfinite(score)
+        else " (undefined: no lesion)"
+    )
+    d.text(
+        (left + pw / 2, top / 2),
+        title + "  (red: sensitivity at 1/4, 1/2, 1, 2, 4, 8 FP)",
+        fill="black",
+        font=big,
+        anchor="mm",
+    )
+    d.text(
+        (left + pw / 2, h - 22),
+        "average number of false positives per slide",
+        fill="black",
+        font=big,
+        anchor="mm",
+    )
     label = Image.new("RGB", (ph, 24), "white")
-    ImageDraw.Draw(label).text((ph / 2, 12), "lesion detection sensitivity", fill="black",
-                               font=big, anchor="mm")
+    ImageDraw.Draw(label).text(
+        (ph / 2, 12), "lesion detection sensitivity", fill="black", font=big, anchor="mm"
+    )
     img.paste(label.rotate(90, expand=True), (8, top))
     path = Path(path)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return path
-

@@ -8,6 +8,7 @@ slide path, level-0 size, mpp). The slides evaluated are those with a candidates
 A slide's level-0 size and mpp come from the slide itself (found in the slide folder by name,
 or at the path the sidecar records), else from the sidecar.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,8 +23,15 @@ import numpy as np
 from etl.evaluate.froc import EvaluationError
 from etl.wsi.formats import SlidePathError, find_slides, key_stem
 
-__all__ = ["CANDIDATES_SUFFIX", "SlideFacts", "candidate_files", "read_candidates",
-           "slide_facts", "slide_index", "slide_max_prob"]
+__all__ = [
+    "CANDIDATES_SUFFIX",
+    "SlideFacts",
+    "candidate_files",
+    "read_candidates",
+    "slide_facts",
+    "slide_index",
+    "slide_max_prob",
+]
 
 CANDIDATES_SUFFIX = ".candidates.csv"
 
@@ -32,8 +40,10 @@ def candidate_files(pred: Path) -> list[tuple[str, Path]]:
     """(slide name, candidates file) of every slide in the prediction folder, sorted."""
     files = sorted(pred.glob(f"*{CANDIDATES_SUFFIX}"))
     if not files:
-        raise EvaluationError(f"{pred}: no <name>{CANDIDATES_SUFFIX} files; run `patchetl infer` "
-                              "with --out pointing there first")
+        raise EvaluationError(
+            f"{pred}: no <name>{CANDIDATES_SUFFIX} files; run `patchetl infer` "
+            "with --out pointing there first"
+        )
     return [(path.name[: -len(CANDIDATES_SUFFIX)], path) for path in files]
 
 
@@ -47,8 +57,10 @@ def read_candidates(path: str | Path) -> np.ndarray:
         raise EvaluationError(f"{path}: cannot read the candidates file ({exc})") from None
     header = [c.strip().lower() for c in rows[0]] if rows else []
     if header[:3] != ["prob", "x", "y"]:
-        raise EvaluationError(f"{path}: expected the header 'prob,x,y' (as `patchetl infer` "
-                              f"writes), found {rows[0] if rows else 'an empty file'}")
+        raise EvaluationError(
+            f"{path}: expected the header 'prob,x,y' (as `patchetl infer` "
+            f"writes), found {rows[0] if rows else 'an empty file'}"
+        )
     values = []
     for line, row in enumerate(rows[1:], start=2):
         if not any(c.strip() for c in row):
@@ -58,11 +70,14 @@ def read_candidates(path: str | Path) -> np.ndarray:
                 raise ValueError
             v = [float(c) for c in row[:3]]
         except ValueError:
-            raise EvaluationError(f"{path}: line {line} {row} is not three numbers prob,x,y; "
-                                  "fix or remove that line") from None
+            raise EvaluationError(
+                f"{path}: line {line} {row} is not three numbers prob,x,y; fix or remove that line"
+            ) from None
         if not (0.0 <= v[0] <= 1.0 and v[1] >= 0 and v[2] >= 0 and np.isfinite(v).all()):
-            raise EvaluationError(f"{path}: line {line}: prob must be in [0, 1] and x, y >= 0 "
-                                  f"(level-0 pixels), got {row}")
+            raise EvaluationError(
+                f"{path}: line {line}: prob must be in [0, 1] and x, y >= 0 "
+                f"(level-0 pixels), got {row}"
+            )
         values.append(v)
     return np.array(values, np.float64).reshape(-1, 3)
 
@@ -139,8 +154,9 @@ def slide_facts(name: str, pred: Path, index: dict[str, list[Path]]) -> SlideFac
             except SlideError:
                 continue
     if meta:
-        return SlideFacts(_sidecar_dims(meta), _as_mpp(meta.get("mpp")),
-                          str(pred / f"{name}.prob.json"))
+        return SlideFacts(
+            _sidecar_dims(meta), _as_mpp(meta.get("mpp")), str(pred / f"{name}.prob.json")
+        )
     return SlideFacts(None, None, "unknown")
 
 

@@ -5,6 +5,7 @@
 undefined (NaN) are null. ``patch`` holds the patch-level metrics that the training side adds
 (``training.patch_eval``), or null.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,17 @@ from typing import Any
 from etl.atomic import atomic_file
 from etl.evaluate.plot import plot_froc
 
-__all__ = ["EvaluationReport", "FrocCurve", "FrocSummary", "Settings", "SlideAuc", "SlideRow",
-           "json_number", "summary_lines", "write_report"]
+__all__ = [
+    "EvaluationReport",
+    "FrocCurve",
+    "FrocSummary",
+    "Settings",
+    "SlideAuc",
+    "SlideRow",
+    "json_number",
+    "summary_lines",
+    "write_report",
+]
 
 
 def json_number(v: float | None) -> float | None:
@@ -124,9 +134,13 @@ def write_report(report: EvaluationReport, out: str | PathLike[str]) -> tuple[Pa
     def nan(v: float | None) -> float:
         return math.nan if v is None else v
 
-    png = plot_froc(froc.curve.fps_per_slide, [nan(v) for v in froc.curve.sensitivity],
-                    out / "froc.png", at=[nan(v) for v in froc.sensitivity_at.values()],
-                    score=nan(froc.score))
+    png = plot_froc(
+        froc.curve.fps_per_slide,
+        [nan(v) for v in froc.curve.sensitivity],
+        out / "froc.png",
+        at=[nan(v) for v in froc.sensitivity_at.values()],
+        score=nan(froc.score),
+    )
     path = out / "evaluation.json"
     with atomic_file(path, "w", encoding="utf-8") as fh:
         fh.write(json.dumps(report.to_dict(), indent=1) + "\n")
@@ -135,25 +149,36 @@ def write_report(report: EvaluationReport, out: str | PathLike[str]) -> tuple[Pa
 
 def summary_lines(report: EvaluationReport) -> list[str]:
     """A short plain-text table of the report (per slide, then the scores)."""
+
     def f(v: float | None) -> str:
         return "-" if v is None else format(v, ".3f")
 
-    lines = [f"{'slide':<24} {'truth':<7} {'lesions':>7} {'ITC':>4} {'hits':>5} {'FPs':>5} "
-             f"{'max prob':>8}"]
+    lines = [
+        f"{'slide':<24} {'truth':<7} {'lesions':>7} {'ITC':>4} {'hits':>5} {'FPs':>5} "
+        f"{'max prob':>8}"
+    ]
     for r in report.slides:
-        lines.append(f"{r.name[:24]:<24} {'tumor' if r.tumor else 'normal':<7} "
-                     f"{r.lesions:>7} {r.itc:>4} {r.hits:>5} {r.false_positives:>5} "
-                     f"{r.max_prob:>8.3f}")
+        lines.append(
+            f"{r.name[:24]:<24} {'tumor' if r.tumor else 'normal':<7} "
+            f"{r.lesions:>7} {r.itc:>4} {r.hits:>5} {r.false_positives:>5} "
+            f"{r.max_prob:>8.3f}"
+        )
     fr = report.froc
-    lines.append("sensitivity at " + ", ".join(f"{k} FP: {f(v)}"
-                                               for k, v in fr.sensitivity_at.items()))
-    lines.append(f"FROC {f(fr.score)}  ({fr.lesions} lesions, {fr.itc} ITC excluded, "
-                 f"{fr.slides} slides, method {report.settings.froc_method})")
+    lines.append(
+        "sensitivity at " + ", ".join(f"{k} FP: {f(v)}" for k, v in fr.sensitivity_at.items())
+    )
+    lines.append(
+        f"FROC {f(fr.score)}  ({fr.lesions} lesions, {fr.itc} ITC excluded, "
+        f"{fr.slides} slides, method {report.settings.froc_method})"
+    )
     sa = report.slide_auc
-    lines.append(f"slide AUC {f(sa.auc)}  ({sa.tumor_slides} tumor / "
-                 f"{sa.normal_slides} normal slides)")
+    lines.append(
+        f"slide AUC {f(sa.auc)}  ({sa.tumor_slides} tumor / {sa.normal_slides} normal slides)"
+    )
     if report.patch:
         p = report.patch
-        lines.append(f"patch AUC {f(p.get('auc'))}  accuracy {f(p.get('accuracy'))}  "
-                     f"({p.get('patches')} patches)")
+        lines.append(
+            f"patch AUC {f(p.get('auc'))}  accuracy {f(p.get('accuracy'))}  "
+            f"({p.get('patches')} patches)"
+        )
     return lines

@@ -7,6 +7,7 @@ slide AUC (the maximum of its probability map, else of its candidates). Then the
 curve and score, and the AUC of tumor vs normal slides. The result is an
 ``EvaluationReport`` (``etl.evaluate.report``). numpy / scipy / PIL only (no torch).
 """
+
 from __future__ import annotations
 
 import math
@@ -51,16 +52,21 @@ from etl.evaluate.truth import load_truth
 __all__ = ["evaluate"]
 
 
-def _check_inputs(pred: Path, folders: list[Path], slides: Path | None, mpp: float | None,
-                  method: str) -> None:
+def _check_inputs(
+    pred: Path, folders: list[Path], slides: Path | None, mpp: float | None, method: str
+) -> None:
     if not pred.is_dir():
-        raise EvaluationError(f"{pred}: prediction folder not found; run `patchetl infer --out "
-                              f"{pred} ...` first or pass --pred with the folder it wrote")
+        raise EvaluationError(
+            f"{pred}: prediction folder not found; run `patchetl infer --out "
+            f"{pred} ...` first or pass --pred with the folder it wrote"
+        )
     for folder in folders:
         if not folder.is_dir():
-            raise EvaluationError(f"{folder}: ground-truth folder not found (--truth takes a "
-                                  "folder of <name>.xml ASAP annotations or <name>_mask.tif "
-                                  "masks)")
+            raise EvaluationError(
+                f"{folder}: ground-truth folder not found (--truth takes a "
+                "folder of <name>.xml ASAP annotations or <name>_mask.tif "
+                "masks)"
+            )
     if slides is not None and not slides.is_dir():
         raise EvaluationError(f"{slides}: slide folder not found (--slides)")
     if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
@@ -69,21 +75,37 @@ def _check_inputs(pred: Path, folders: list[Path], slides: Path | None, mpp: flo
         raise EvaluationError(f"--froc-method {method!r}: use interp or step")
 
 
-def _score_one(name: str, path: Path, pred: Path, folders: list[Path],
-               index: dict[str, list[Path]], mpp: float | None, level: int,
-               mask_tumor_value: int | None, warnings: list[str]) -> tuple[SlideScore, SlideRow]:
+def _score_one(
+    name: str,
+    path: Path,
+    pred: Path,
+    folders: list[Path],
+    index: dict[str, list[Path]],
+    mpp: float | None,
+    level: int,
+    mask_tumor_value: int | None,
+    warnings: list[str],
+) -> tuple[SlideScore, SlideRow]:
     """One slide's FROC bookkeeping and report row."""
     det = read_candidates(path)
     facts = slide_facts(name, pred, index)
-    truth = load_truth(name, folders, facts.size0, 2**level, mask_tumor_value,
-                       hint=f"pass --slides with the slide folder, or keep {name}.prob.json "
-                            f"from `patchetl infer` in {pred}")
+    truth = load_truth(
+        name,
+        folders,
+        facts.size0,
+        2**level,
+        mask_tumor_value,
+        hint=f"pass --slides with the slide folder, or keep {name}.prob.json "
+        f"from `patchetl infer` in {pred}",
+    )
     use_mpp = mpp if mpp is not None else facts.mpp
     mask = None
     if truth.tumor is not None:
         if use_mpp is None:
-            raise EvaluationError(f"{name}: no mpp known (not in {facts.source}); pass --mpp "
-                                  "(e.g. --mpp 0.243 for Camelyon16 at 40x)")
+            raise EvaluationError(
+                f"{name}: no mpp known (not in {facts.source}); pass --mpp "
+                "(e.g. --mpp 0.243 for Camelyon16 at 40x)"
+            )
         mask = evaluation_mask(truth.tumor, use_mpp, level)
         if not truth.has_tumor:
             warnings.append(f"{name}: {truth.path} holds no tumor; scored as a normal slide")
@@ -92,18 +114,33 @@ def _score_one(name: str, path: Path, pred: Path, folders: list[Path],
         score.tumor = False
     max_prob, max_from = slide_max_prob(pred, name, det)
     row = SlideRow(
-        name=name, tumor=truth.has_tumor, truth=str(truth.path) if truth.path else None,
+        name=name,
+        tumor=truth.has_tumor,
+        truth=str(truth.path) if truth.path else None,
         note=None if truth.path else "no ground-truth file: normal slide",
-        dims=list(truth.size0) if truth.size0 else None, mpp=use_mpp,
+        dims=list(truth.size0) if truth.size0 else None,
+        mpp=use_mpp,
         mpp_source="--mpp" if mpp is not None else facts.source,
-        detections=score.detections, lesions=len(score.tp_probs), itc=score.itc,
-        hits=score.hits, false_positives=len(score.fp_probs), ignored_in_itc=score.ignored,
-        max_prob=max_prob, max_prob_from=max_from, lesion_table=score.lesions)
+        detections=score.detections,
+        lesions=len(score.tp_probs),
+        itc=score.itc,
+        hits=score.hits,
+        false_positives=len(score.fp_probs),
+        ignored_in_itc=score.ignored,
+        max_prob=max_prob,
+        max_prob_from=max_from,
+        lesion_table=score.lesions,
+    )
     return score, row
 
 
-def _froc(scores: list[SlideScore], tumor_slides: int, method: Method, folders: list[Path],
-          warnings: list[str]) -> FrocSummary:
+def _froc(
+    scores: list[SlideScore],
+    tumor_slides: int,
+    method: Method,
+    folders: list[Path],
+    warnings: list[str],
+) -> FrocSummary:
     """The cohort's FROC curve and score (undefined, with a warning, without lesions)."""
     fp = np.concatenate([s.fp_probs for s in scores])
     tp = np.concatenate([s.tp_probs for s in scores])
@@ -112,22 +149,38 @@ def _froc(scores: list[SlideScore], tumor_slides: int, method: Method, folders: 
         froc, at = froc_score(fps, sens, FP_RATES, method)
     else:
         froc, at = math.nan, np.full(len(FP_RATES), np.nan)
-        warnings.append("no (non-ITC) lesion on any evaluated slide: FROC is undefined; check "
-                        f"--truth ({', '.join(map(str, folders))})")
-    curve = FrocCurve(fps_per_slide=fps.tolist(), sensitivity=[json_number(v) for v in sens],
-                      threshold=[*thresholds.tolist(), None])
+        warnings.append(
+            "no (non-ITC) lesion on any evaluated slide: FROC is undefined; check "
+            f"--truth ({', '.join(map(str, folders))})"
+        )
+    curve = FrocCurve(
+        fps_per_slide=fps.tolist(),
+        sensitivity=[json_number(v) for v in sens],
+        threshold=[*thresholds.tolist(), None],
+    )
     return FrocSummary(
         score=json_number(froc),
         sensitivity_at={f"{r:g}": json_number(s) for r, s in zip(FP_RATES, at, strict=True)},
-        slides=len(scores), tumor_slides=tumor_slides, lesions=len(tp),
-        lesions_hit=int((tp > 0).sum()), itc=sum(s.itc for s in scores),
-        false_positives=len(fp), curve=curve)
+        slides=len(scores),
+        tumor_slides=tumor_slides,
+        lesions=len(tp),
+        lesions_hit=int((tp > 0).sum()),
+        itc=sum(s.itc for s in scores),
+        false_positives=len(fp),
+        curve=curve,
+    )
 
 
-def evaluate(pred: str | PathLike[str], truth: Sequence[str | PathLike[str]], *,
-             slides: str | PathLike[str] | None = None, mpp: float | None = None,
-             level: int = EVAL_LEVEL, method: Method = "interp",
-             mask_tumor_value: int | None = None) -> EvaluationReport:
+def evaluate(
+    pred: str | PathLike[str],
+    truth: Sequence[str | PathLike[str]],
+    *,
+    slides: str | PathLike[str] | None = None,
+    mpp: float | None = None,
+    level: int = EVAL_LEVEL,
+    method: Method = "interp",
+    mask_tumor_value: int | None = None,
+) -> EvaluationReport:
     """Score every slide of ``pred`` that has ``<name>.candidates.csv``.
 
     ``truth``: folders of ground truth; ``slides``: folder of the slides (level-0 size and
@@ -143,8 +196,9 @@ def evaluate(pred: str | PathLike[str], truth: Sequence[str | PathLike[str]], *,
     rows: list[SlideRow] = []
     warnings: list[str] = []
     for name, path in files:
-        score, row = _score_one(name, path, pred, folders, index, mpp, level,
-                                mask_tumor_value, warnings)
+        score, row = _score_one(
+            name, path, pred, folders, index, mpp, level, mask_tumor_value, warnings
+        )
         scores.append(score)
         rows.append(row)
     labels = np.array([r.tumor for r in rows], float)
@@ -154,12 +208,24 @@ def evaluate(pred: str | PathLike[str], truth: Sequence[str | PathLike[str]], *,
     if math.isnan(auc):
         warnings.append("slide AUC needs both tumor and normal slides")
     settings = Settings(
-        pred=str(pred), truth=[str(f) for f in folders],
-        slides=str(slides_dir) if slides_dir else None, mpp_override=mpp, level=level,
-        downsample=2**level, dilation_um=DILATION_UM, itc_major_axis_um=ITC_UM,
-        froc_method=method, fp_rates=list(FP_RATES))
+        pred=str(pred),
+        truth=[str(f) for f in folders],
+        slides=str(slides_dir) if slides_dir else None,
+        mpp_override=mpp,
+        level=level,
+        downsample=2**level,
+        dilation_um=DILATION_UM,
+        itc_major_axis_um=ITC_UM,
+        froc_method=method,
+        fp_rates=list(FP_RATES),
+    )
     return EvaluationReport(
-        settings=settings, froc=froc,
-        slide_auc=SlideAuc(auc=json_number(auc), tumor_slides=tumor_slides,
-                           normal_slides=len(rows) - tumor_slides),
-        patch=None, slides=rows, warnings=warnings)
+        settings=settings,
+        froc=froc,
+        slide_auc=SlideAuc(
+            auc=json_number(auc), tumor_slides=tumor_slides, normal_slides=len(rows) - tumor_slides
+        ),
+        patch=None,
+        slides=rows,
+        warnings=warnings,
+    )

@@ -6,6 +6,7 @@ tumor minus the ``_2`` holes, rasterised at the pixel centres) or a mask TIFF
 a slide without one is a normal slide. A mask's tumor value is 1 or 255 when that is its only
 non-zero value; label masks need it given.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -44,8 +45,9 @@ def _rasterize(ann: Annotations, width: int, height: int, downsample: int) -> np
     return mask
 
 
-def rasterize_polygons(path: str | PathLike[str], width: int, height: int,
-                       downsample: int = 2**EVAL_LEVEL) -> np.ndarray:
+def rasterize_polygons(
+    path: str | PathLike[str], width: int, height: int, downsample: int = 2**EVAL_LEVEL
+) -> np.ndarray:
     """Bool tumor mask of an ASAP XML at ``downsample``: pixel centres inside tumor polygons
     and outside the exclusion (``_2``) polygons. Shape ``(ceil(H/ds), ceil(W/ds))``."""
     return _rasterize(_annotations(path), width, height, downsample)
@@ -59,13 +61,16 @@ def _tumor_value(path: Path, values: np.ndarray, tumor_value: int | None) -> int
         return None
     if present <= {1} or present <= {255}:
         return int(present.pop())
-    raise EvaluationError(f"{path}: mask values {sorted(present | {0})}: cannot tell which one "
-                          "is tumor (0/1 and 0/255 masks are understood); pass "
-                          "--mask-tumor-value (e.g. 2 for label masks where 2 is tumor)")
+    raise EvaluationError(
+        f"{path}: mask values {sorted(present | {0})}: cannot tell which one "
+        "is tumor (0/1 and 0/255 masks are understood); pass "
+        "--mask-tumor-value (e.g. 2 for label masks where 2 is tumor)"
+    )
 
 
-def read_mask_tiff(path: str | PathLike[str], downsample: int = 2**EVAL_LEVEL,
-                   tumor_value: int | None = None) -> tuple[np.ndarray, tuple[int, int], bool]:
+def read_mask_tiff(
+    path: str | PathLike[str], downsample: int = 2**EVAL_LEVEL, tumor_value: int | None = None
+) -> tuple[np.ndarray, tuple[int, int], bool]:
     """A mask TIFF (``etl.wsi.masks``) sampled at the centres of the pixels of ``downsample``.
 
     Returns (bool mask, level-0 (width, height), whether any pixel at the resolution read is
@@ -94,8 +99,14 @@ class SlideTruth:
     size0: tuple[int, int] | None
 
 
-def load_truth(name: str, folders: Sequence[Path], size0: tuple[int, int] | None,
-               downsample: int, tumor_value: int | None, hint: str) -> SlideTruth:
+def load_truth(
+    name: str,
+    folders: Sequence[Path],
+    size0: tuple[int, int] | None,
+    downsample: int,
+    tumor_value: int | None,
+    hint: str,
+) -> SlideTruth:
     """The truth of slide ``name`` at ``downsample``; ``size0``: the slide's level-0 size if
     known (an XML needs it; ``hint`` says where it could come from)."""
     path = find_truth(name, folders)
@@ -105,7 +116,8 @@ def load_truth(name: str, folders: Sequence[Path], size0: tuple[int, int] | None
         if size0 is None:
             raise EvaluationError(
                 f"{name}: the level-0 size of the slide is unknown (needed to rasterise "
-                f"{path}); {hint}")
+                f"{path}); {hint}"
+            )
         ann = _annotations(path)
         return SlideTruth(path, _rasterize(ann, *size0, downsample), bool(ann.tumor), size0)
     tumor, mask_size0, has_tumor = read_mask_tiff(path, downsample, tumor_value)

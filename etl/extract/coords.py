@@ -20,6 +20,7 @@ field; :func:`load_regions` raises them together as :class:`CoordsError`. One re
 format yields raw entries (reporting structural problems); one validator checks the values of
 every format alike, and the table builder resolves slides and handles duplicates.
 """
+
 from __future__ import annotations
 
 import csv
@@ -153,8 +154,9 @@ def parse_coordinates(
     if fmt not in (None, "json", "csv"):
         raise ValueError(f"fmt must be 'json', 'csv' or None, not {fmt!r}")
     if location_order not in LOCATION_ORDERS:
-        raise OptionError(f"location_order must be one of {LOCATION_ORDERS}, "
-                          f"not {location_order!r}")
+        raise OptionError(
+            f"location_order must be one of {LOCATION_ORDERS}, not {location_order!r}"
+        )
     if anchor not in ANCHORS:
         raise OptionError(f"anchor must be one of {ANCHORS}, not {anchor!r}")
     if isinstance(region_size, bool) or not isinstance(region_size, int) or region_size <= 0:
@@ -165,14 +167,20 @@ def parse_coordinates(
     if is_csv and wanted is not None and len(wanted) != 1:
         raise OptionError(f"a CSV file holds one split; give one split name, not {wanted}")
     builder = _TableBuilder(
-        _Report(path), Path(data_root) if data_root is not None else default_data_root(),
+        _Report(path),
+        Path(data_root) if data_root is not None else default_data_root(),
         region_size // 2 if anchor == "corner" else 0,
     )
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from spreadsheet tools
     except (OSError, UnicodeDecodeError) as exc:
-        builder.report.error(None, None, None, f"cannot read the file: {exc}",
-                             "check the path and that it is a UTF-8 text file")
+        builder.report.error(
+            None,
+            None,
+            None,
+            f"cannot read the file: {exc}",
+            "check the path and that it is a UTF-8 text file",
+        )
         return builder.table()
     if is_csv:
         split_name = wanted[0] if wanted else infer_csv_split(path)
@@ -183,6 +191,7 @@ def parse_coordinates(
     for raw in entries:
         builder.add(raw)
     return builder.table()
+
 
 def load_regions(path: str | Path, **options: Any) -> RegionTable:
     """Like :func:`parse_coordinates`, but raise :class:`CoordsError` if there is any error."""
@@ -201,32 +210,51 @@ def infer_csv_split(path: Path) -> str:
 
 def inspect_report(table: RegionTable) -> str:
     """Human-readable summary: counts per split, slide and label, then errors and warnings."""
-    lines = [f"coordinates: {table.source}", f"regions: {len(table.regions)}"
-             + (f" ({table.duplicates} duplicate(s) dropped)" if table.duplicates else "")]
+    lines = [
+        f"coordinates: {table.source}",
+        f"regions: {len(table.regions)}"
+        + (f" ({table.duplicates} duplicate(s) dropped)" if table.duplicates else ""),
+    ]
     splits = table.splits()
     if splits:
         lines += ["", "per split:", _row("split", "regions", "slides", "tumor", "normal")]
         for name, regions in splits.items():
             tumor = sum(r.tumor for r in regions)
-            lines.append(_row(name, len(regions), len({r.slide for r in regions}),
-                              tumor, len(regions) - tumor))
+            lines.append(
+                _row(
+                    name, len(regions), len({r.slide for r in regions}), tumor, len(regions) - tumor
+                )
+            )
         by_slide: dict[Path, list[Region]] = {}
         for region in table.regions:
             by_slide.setdefault(region.slide, []).append(region)
-        lines += ["", f"per slide ({len(by_slide)}):",
-                  _row("slide", "regions", "tumor", "normal", "exists", first=40)]
+        lines += [
+            "",
+            f"per slide ({len(by_slide)}):",
+            _row("slide", "regions", "tumor", "normal", "exists", first=40),
+        ]
         for regions in by_slide.values():
             tumor = sum(r.tumor for r in regions)
-            lines.append(_row(regions[0].image, len(regions), tumor, len(regions) - tumor,
-                              "yes" if regions[0].exists else "MISSING", first=40))
+            lines.append(
+                _row(
+                    regions[0].image,
+                    len(regions),
+                    tumor,
+                    len(regions) - tumor,
+                    "yes" if regions[0].exists else "MISSING",
+                    first=40,
+                )
+            )
         cells = Counter(v for r in table.regions for row in r.labels for v in row)
         grids = Counter(f"{r.grid}x{r.grid}" for r in table.regions)
         tumor = sum(r.tumor for r in table.regions)
-        lines += ["", "labels:",
-                  f"  regions: {tumor} with tumor (any cell 1), "
-                  f"{len(table.regions) - tumor} all normal",
-                  f"  cells: {cells[1]} tumor (1), {cells[0]} normal (0)",
-                  "  grids: " + ", ".join(f"{g}: {n}" for g, n in sorted(grids.items()))]
+        lines += [
+            "",
+            "labels:",
+            f"  regions: {tumor} with tumor (any cell 1), {len(table.regions) - tumor} all normal",
+            f"  cells: {cells[1]} tumor (1), {cells[0]} normal (0)",
+            "  grids: " + ", ".join(f"{g}: {n}" for g, n in sorted(grids.items())),
+        ]
     missing = table.slides_missing()
     if missing:
         lines += ["", f"missing slides ({len(missing)}):"]
@@ -266,8 +294,10 @@ class _Invalid(Exception):
 
 _LOC_HINT = "locations are level-0 pixel integers >= 0"
 _LABEL_HINT = "labels are 0 (normal) or 1 (tumor)"
-_SHAPE_HINT = ("give 1 value for the whole region, n*n values column by column (e.g. 9 for 3x3), "
-               "or n rows of n values")
+_SHAPE_HINT = (
+    "give 1 value for the whole region, n*n values column by column (e.g. 9 for 3x3), "
+    "or n rows of n values"
+)
 
 
 def _integer(value: Any, name: str, from_text: bool = False) -> int:
@@ -315,14 +345,16 @@ def _labels(value: Any, from_text: bool = False) -> tuple[tuple[int, ...], ...]:
     if nested:
         if not all(isinstance(row, list) and len(row) == n for row in value):
             shape = [len(r) if isinstance(r, list) else "scalar" for r in value]
-            raise _Invalid(f"nested label must be {n} rows of {n} values, got row lengths {shape}",
-                           _SHAPE_HINT)
+            raise _Invalid(
+                f"nested label must be {n} rows of {n} values, got row lengths {shape}", _SHAPE_HINT
+            )
         flat = [v for row in value for v in row]
     else:
         flat, n = value, math.isqrt(n)
         if n * n != len(flat):
-            raise _Invalid(f"label has {len(flat)} values, not 1 or a square (4, 9, 16, ...)",
-                           _SHAPE_HINT)
+            raise _Invalid(
+                f"label has {len(flat)} values, not 1 or a square (4, 9, 16, ...)", _SHAPE_HINT
+            )
     values, bad = [], []
     for k, v in enumerate(flat):
         if type(v) is int and (v == 0 or v == 1):  # fast paths for the common cases
@@ -339,7 +371,7 @@ def _labels(value: Any, from_text: bool = False) -> tuple[tuple[int, ...], ...]:
     if bad:
         raise _Invalid("; ".join(bad), _LABEL_HINT)
     if nested:
-        return tuple(tuple(values[r * n:(r + 1) * n]) for r in range(n))
+        return tuple(tuple(values[r * n : (r + 1) * n]) for r in range(n))
     # flat input lists the grid column by column: k = n*col + row
     return tuple(tuple(values[n * c + r] for c in range(n)) for r in range(n))
 
@@ -352,12 +384,26 @@ class _Report:
     errors: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
 
-    def error(self, split: str | None, index: int | None, fld: str | None, message: str,
-              hint: str = "", line: int | None = None) -> None:
+    def error(
+        self,
+        split: str | None,
+        index: int | None,
+        fld: str | None,
+        message: str,
+        hint: str = "",
+        line: int | None = None,
+    ) -> None:
         self.errors.append(Problem(self.path, split, index, fld, message, hint, line))
 
-    def warn(self, split: str | None, index: int | None, fld: str | None, message: str,
-             hint: str = "", line: int | None = None) -> None:
+    def warn(
+        self,
+        split: str | None,
+        index: int | None,
+        fld: str | None,
+        message: str,
+        hint: str = "",
+        line: int | None = None,
+    ) -> None:
         self.warnings.append(Problem(self.path, split, index, fld, message, hint, line))
 
 
@@ -383,38 +429,68 @@ class _RawEntry:
         return self.line is not None
 
 
-def _read_json(text: str, wanted: list[str] | None, order: str, known_suffix: bool,
-               report: _Report) -> Iterator[_RawEntry]:
+def _read_json(
+    text: str, wanted: list[str] | None, order: str, known_suffix: bool, report: _Report
+) -> Iterator[_RawEntry]:
     """Entries of a MONAI datalist, split by split; structural problems go to ``report``."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        hint = ("fix the JSON syntax there" if known_suffix else
-                "coordinate files are .json (MONAI datalist) or .csv (name,x,y,labels); "
-                "rename the file if it is a CSV")
-        report.error(None, None, None,
-                     f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", hint)
+        hint = (
+            "fix the JSON syntax there"
+            if known_suffix
+            else "coordinate files are .json (MONAI datalist) or .csv (name,x,y,labels); "
+            "rename the file if it is a CSV"
+        )
+        report.error(
+            None,
+            None,
+            None,
+            f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+            hint,
+        )
         return
     if not isinstance(data, dict):
-        report.error(None, None, None, f"top level is {_kind(data)}, not an object",
-                     'write {"training": [...], "validation": [...]} with one list per split')
+        report.error(
+            None,
+            None,
+            None,
+            f"top level is {_kind(data)}, not an object",
+            'write {"training": [...], "validation": [...]} with one list per split',
+        )
         return
     if not data:
-        report.error(None, None, None, "no splits at all (empty object)",
-                     'add e.g. "training": [{"image": ..., "location": [y, x], "label": [...]}]')
+        report.error(
+            None,
+            None,
+            None,
+            "no splits at all (empty object)",
+            'add e.g. "training": [{"image": ..., "location": [y, x], "label": [...]}]',
+        )
         return
     for name in _json_splits(data, wanted, report):
         if name not in data:
-            report.error(None, None, None, f"split '{name}' not in the file",
-                         f"splits present: {', '.join(map(repr, data))}")
+            report.error(
+                None,
+                None,
+                None,
+                f"split '{name}' not in the file",
+                f"splits present: {', '.join(map(repr, data))}",
+            )
             continue
         entries = data[name]
         if not isinstance(entries, list):
-            report.error(name, None, None, f"split '{name}' is {_kind(entries)}, not a list",
-                         "each top-level key is a split holding a list of entries")
+            report.error(
+                name,
+                None,
+                None,
+                f"split '{name}' is {_kind(entries)}, not a list",
+                "each top-level key is a split holding a list of entries",
+            )
         elif not entries:
-            report.error(name, None, None, f"split '{name}' is empty",
-                         "add entries or remove the split")
+            report.error(
+                name, None, None, f"split '{name}' is empty", "add entries or remove the split"
+            )
         for index, entry in enumerate(entries if isinstance(entries, list) else ()):
             raw = _json_entry(name, index, entry, order, report)
             if raw is not None:
@@ -435,40 +511,71 @@ def _json_splits(data: dict[str, Any], wanted: list[str] | None, report: _Report
         if isinstance(value, list) or name.lower() in _SPLIT_NAMES:
             names.append(name)
         else:
-            report.warn(None, None, None,
-                        f"top-level key '{name}' ({_kind(value)}) is not a list of entries: "
-                        "skipped as metadata", "name it with --split to have it checked")
+            report.warn(
+                None,
+                None,
+                None,
+                f"top-level key '{name}' ({_kind(value)}) is not a list of entries: "
+                "skipped as metadata",
+                "name it with --split to have it checked",
+            )
     if not names:
-        report.error(None, None, None, "no splits: no top-level key holds a list of "
-                     f"entries (keys: {', '.join(map(repr, data))})",
-                     'add e.g. "training": [{"image": ..., "location": [y, x], "label": [...]}]')
+        report.error(
+            None,
+            None,
+            None,
+            "no splits: no top-level key holds a list of "
+            f"entries (keys: {', '.join(map(repr, data))})",
+            'add e.g. "training": [{"image": ..., "location": [y, x], "label": [...]}]',
+        )
     return names
 
 
-def _json_entry(split: str, index: int, entry: Any, order: str,
-                report: _Report) -> _RawEntry | None:
+def _json_entry(
+    split: str, index: int, entry: Any, order: str, report: _Report
+) -> _RawEntry | None:
     """One datalist entry; None when it is not an object or lacks a key (both reported)."""
     if not isinstance(entry, dict):
-        report.error(split, index, None, f"entry is {_kind(entry)}, not an object",
-                     'write {"image": ..., "location": [y, x], "label": [...]}')
+        report.error(
+            split,
+            index,
+            None,
+            f"entry is {_kind(entry)}, not an object",
+            'write {"image": ..., "location": [y, x], "label": [...]}',
+        )
         return None
     missing = [k for k in _REQUIRED_KEYS if k not in entry]
     for key in missing:
-        report.error(split, index, key, f"missing key '{key}'",
-                     'each entry needs "image", "location" ([y, x] centre) and "label"')
+        report.error(
+            split,
+            index,
+            key,
+            f"missing key '{key}'",
+            'each entry needs "image", "location" ([y, x] centre) and "label"',
+        )
     if missing:
         return None
     image = entry["image"]
     if not isinstance(image, str) or not image.strip():
-        report.error(split, index, "image", f"not a non-empty string: {image!r}",
-                     "give the slide file name, e.g. tumor_001.tif")
+        report.error(
+            split,
+            index,
+            "image",
+            f"not a non-empty string: {image!r}",
+            "give the slide file name, e.g. tumor_001.tif",
+        )
         image = None
     loc = entry["location"]
     xy = None
     if not isinstance(loc, list) or len(loc) != 2:
         got = f"{len(loc)} values" if isinstance(loc, list) else _kind(loc)
-        report.error(split, index, "location", f"must be a list of 2 numbers, got {got}",
-                     f"write [{order[0]}, {order[1]}] (level-0 pixels)")
+        report.error(
+            split,
+            index,
+            "location",
+            f"must be a list of 2 numbers, got {got}",
+            f"write [{order[0]}, {order[1]}] (level-0 pixels)",
+        )
     else:
         axes = dict(zip(order, loc, strict=True))
         xy = (axes["x"], axes["y"])
@@ -477,38 +584,60 @@ def _json_entry(split: str, index: int, entry: Any, order: str,
 
 def _read_csv(text: str, split: str, default_ext: str, report: _Report) -> Iterator[_RawEntry]:
     """Rows ``name,x,y,l0..`` of a CSV file (one split; optional header line)."""
-    rows = [(n, row) for n, row in enumerate(csv.reader(text.splitlines()), start=1)
-            if any(cell.strip() for cell in row)]
+    rows = [
+        (n, row)
+        for n, row in enumerate(csv.reader(text.splitlines()), start=1)
+        if any(cell.strip() for cell in row)
+    ]
     if rows and _is_header(rows[0][1]):
         header = [c.strip().lower() for c in rows[0][1]]
         if header[1:3] == ["y", "x"]:
-            report.error(None, None, None, "header names columns 'y,x'", "CSV columns are "
-                         "name,x,y,labels (x first); swap the columns", line=rows[0][0])
+            report.error(
+                None,
+                None,
+                None,
+                "header names columns 'y,x'",
+                "CSV columns are name,x,y,labels (x first); swap the columns",
+                line=rows[0][0],
+            )
         rows = rows[1:]
     if not rows:
-        report.error(split, None, None, f"split '{split}' is empty (no data rows)",
-                     "add rows name,x,y,l0..l8")
+        report.error(
+            split,
+            None,
+            None,
+            f"split '{split}' is empty (no data rows)",
+            "add rows name,x,y,l0..l8",
+        )
         return
     suffix = default_ext if default_ext.startswith(".") else f".{default_ext}"
     for index, (line, cells) in enumerate(rows):
         row = [c.strip() for c in cells]
         if len(row) < 4:
-            report.error(split, index, "label", f"{len(row)} column(s); no labels",
-                         "rows are name,x,y,l0..l8 (labels column by column); "
-                         "coordinate-only NCRF files need labels added", line=line)
+            report.error(
+                split,
+                index,
+                "label",
+                f"{len(row)} column(s); no labels",
+                "rows are name,x,y,l0..l8 (labels column by column); "
+                "coordinate-only NCRF files need labels added",
+                line=line,
+            )
             continue
         name: str | None = row[0]
         if not name:
-            report.error(split, index, "name", "empty slide name", "first column is the slide",
-                         line=line)
+            report.error(
+                split, index, "name", "empty slide name", "first column is the slide", line=line
+            )
             name = None
         elif not Path(name).suffix and default_ext:
             name += suffix
         yield _RawEntry(split, index, name, (row[1], row[2]), row[3:], line=line)
 
 
-def _validate(raw: _RawEntry, shift: int, report: _Report
-              ) -> tuple[str, int, int, tuple[tuple[int, ...], ...]] | None:
+def _validate(
+    raw: _RawEntry, shift: int, report: _Report
+) -> tuple[str, int, int, tuple[tuple[int, ...], ...]] | None:
     """Check an entry's values: (image, centre x, centre y, row-major labels), or None after
     reporting every bad value."""
     centre: list[int] = []
@@ -516,8 +645,9 @@ def _validate(raw: _RawEntry, shift: int, report: _Report
         try:
             centre.append(_integer(value, axis, raw.from_text) + shift)
         except _Invalid as exc:
-            report.error(raw.split, raw.index, raw.xy_field or axis, exc.message, exc.hint,
-                         raw.line)
+            report.error(
+                raw.split, raw.index, raw.xy_field or axis, exc.message, exc.hint, raw.line
+            )
     try:
         labels = _labels(raw.label, raw.from_text)
     except _Invalid as exc:
@@ -540,8 +670,13 @@ class _TableBuilder:
         self._first: dict[tuple[Path, int, int], tuple[Region, int | None]] = {}
 
     def table(self) -> RegionTable:
-        return RegionTable(self.report.path, self.regions, self.report.errors,
-                           self.report.warnings, self.duplicates)
+        return RegionTable(
+            self.report.path,
+            self.regions,
+            self.report.errors,
+            self.report.warnings,
+            self.duplicates,
+        )
 
     def add(self, raw: _RawEntry) -> None:
         valid = _validate(raw, self.shift, self.report)
@@ -554,18 +689,22 @@ class _TableBuilder:
         if first[0] is region:
             self.regions.append(region)
             return
-        ref = (f"line {first[1]}" if raw.line is not None
-               else f"{first[0].split}[{first[0].index}]")
+        ref = f"line {first[1]}" if raw.line is not None else f"{first[0].split}[{first[0].index}]"
         same = f"same slide {image} and centre x={x}, y={y} as {ref}"
         if first[0].labels == labels:
             self.duplicates += 1
-            self.report.warn(raw.split, raw.index, None, f"duplicate: {same}; kept the first",
-                             line=raw.line)
+            self.report.warn(
+                raw.split, raw.index, None, f"duplicate: {same}; kept the first", line=raw.line
+            )
         else:
-            self.report.error(raw.split, raw.index, "label",
-                              f"conflicting duplicate: {same} but different labels {labels} vs "
-                              f"{first[0].labels}", "keep one entry with the right labels",
-                              raw.line)
+            self.report.error(
+                raw.split,
+                raw.index,
+                "label",
+                f"conflicting duplicate: {same} but different labels {labels} vs {first[0].labels}",
+                "keep one entry with the right labels",
+                raw.line,
+            )
 
 
 def _slide_resolver(data_root: Path) -> Callable[[str], tuple[Path, bool]]:
@@ -575,26 +714,37 @@ def _slide_resolver(data_root: Path) -> Callable[[str], tuple[Path, bool]]:
     @functools.cache
     def resolve(image: str) -> tuple[Path, bool]:
         p = Path(image)
-        candidates = [p] if p.is_absolute() else [
-            data_root / p, data_root / "training" / "images" / p]
+        candidates = (
+            [p] if p.is_absolute() else [data_root / p, data_root / "training" / "images" / p]
+        )
         found = next((c for c in candidates if c.exists()), None)
         return (found, True) if found else (candidates[0], False)
 
     return resolve
 
+
 def _is_header(row: list[str]) -> bool:
     """A first row whose fields after the name are all non-numbers (e.g. name,x,y,l0..l8)."""
+
     def numeric(cell: str) -> bool:
         try:
             float(cell)
             return True
         except ValueError:
             return False
+
     rest = [c.strip() for c in row[1:]]
     return bool(rest) and all(c and not numeric(c) for c in rest)
 
 
 def _kind(value: Any) -> str:
     """JSON type name with its article, for messages: "an object", "a list", "null"."""
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)

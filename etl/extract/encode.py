@@ -3,6 +3,7 @@
 JPEG goes through imagecodecs (libjpeg-turbo, the same library Pillow uses, slightly less
 overhead); PNG through Pillow. Decoding uses Pillow so that a check does not trust the encoder.
 """
+
 from __future__ import annotations
 
 import io

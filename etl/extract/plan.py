@@ -3,9 +3,11 @@ reads into per-slide parts ordered for locality.
 
 Nothing here reads pixels; preflight only opens each slide once to learn its size.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +16,7 @@ from etl.errors import OptionError
 from etl.extract.coords import Region
 from etl.options import opt
 from etl.wsi.formats import key_stem
+from etl.wsi.reader import SlideReader
 
 OUTSIDE_POLICIES = ("error", "skip", "pad")
 
@@ -43,8 +46,7 @@ class ExtractParams:
         if self.shard_size < 1 or self.part_size < 1:
             raise OptionError("--shard-size and --part-size must be >= 1")
         if self.outside not in OUTSIDE_POLICIES:
-            raise OptionError(f"--outside must be one of {OUTSIDE_POLICIES}, "
-                              f"got {self.outside!r}")
+            raise OptionError(f"--outside must be one of {OUTSIDE_POLICIES}, got {self.outside!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +58,7 @@ def region_box(x: int, y: int, size: int, downsample: float = 1.0) -> tuple[int,
     At level 0 this is OpenSlide's `read_region((x - size // 2, y - size // 2), 0, (size, size))`,
     the seed's read. At level L the region stays centred: it spans size * downsample level-0 px.
     """
-    extent = int(round(size * downsample))
+    extent = round(size * downsample)
     return x - extent // 2, y - extent // 2, extent
 
 
@@ -111,7 +113,9 @@ class PreflightProblem:
 class SplitPlan:
     split: str
     parts: list[Part]
-    skipped: list[dict] = field(default_factory=list)  # regions left out by the outside policy
+    skipped: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # regions left out by the outside policy
     problems: list[PreflightProblem] = field(default_factory=list)
 
     @property
@@ -119,18 +123,22 @@ class SplitPlan:
         return sum(len(p.regions) for p in self.parts)
 
 
-def inspect_slides(paths, open_slide) -> dict[Path, SlideInfo]:
+def inspect_slides(
+    paths: Iterable[Path], open_slide: Callable[[Path], SlideReader]
+) -> dict[Path, SlideInfo]:
     """Open every slide once (preflight); failures become SlideInfo.error, never exceptions."""
     infos: dict[Path, SlideInfo] = {}
     for path in sorted(set(paths)):
         if not Path(path).exists():
-            infos[path] = SlideInfo(path, error="file not found (check --data-root or the image name)")
+            infos[path] = SlideInfo(
+                path, error="file not found (check --data-root or the image name)"
+            )
             continue
         try:
             with open_slide(path) as reader:
                 infos[path] = SlideInfo(
                     path,
-                    dimensions=tuple(reader.dimensions),
+                    dimensions=reader.dimensions,
                     level_count=reader.level_count,
                     level_downsamples=tuple(float(d) for d in reader.level_downsamples),
                     mpp=reader.mpp,
@@ -141,7 +149,10 @@ def inspect_slides(paths, open_slide) -> dict[Path, SlideInfo]:
 
 
 def plan_split(
-    split: str, regions: list[Region], source: Path, params: ExtractParams,
+    split: str,
+    regions: list[Region],
+    source: Path,
+    params: ExtractParams,
     slides: dict[Path, SlideInfo],
 ) -> SplitPlan:
     """Check every region against its slide and group the reads into parts.
@@ -160,8 +171,10 @@ def plan_split(
         elif params.level >= info.level_count:
             problem = f"has {info.level_count} levels, --level {params.level} does not exist"
         elif params.region_size % r.grid:
-            problem = (f"label grid {r.grid}x{r.grid} does not divide --region-size "
-                       f"{params.region_size} (use a multiple of {r.grid})")
+            problem = (
+                f"label grid {r.grid}x{r.grid} does not divide --region-size "
+                f"{params.region_size} (use a multiple of {r.grid})"
+            )
         if problem:
             plan.problems.append(PreflightProblem(source, split, r.index, r.image, problem))
             continue
@@ -169,21 +182,39 @@ def plan_split(
         if stems.setdefault(stem, r.image) != r.image:
             # Two different images would give the same keys: make this one's stem unique.
             stem = f"{stem}-{hashlib.sha1(r.image.encode()).hexdigest()[:8]}"
-        x0, y0, extent = region_box(r.x, r.y, params.region_size,
-                                    info.level_downsamples[params.level])
+        x0, y0, extent = region_box(
+            r.x, r.y, params.region_size, info.level_downsamples[params.level]
+        )
+        assert info.dimensions is not None  # set whenever info.error is not
         width, height = info.dimensions
         outside = x0 < 0 or y0 < 0 or x0 + extent > width or y0 + extent > height
         if outside:
-            reason = (f"region [{x0}, {x0 + extent}) x [{y0}, {y0 + extent}) around centre "
-                      f"(x={r.x}, y={r.y}) is not inside the slide ({width} x {height})")
+            reason = (
+                f"region [{x0}, {x0 + extent}) x [{y0}, {y0 + extent}) around centre "
+                f"(x={r.x}, y={r.y}) is not inside the slide ({width} x {height})"
+            )
             if params.outside == "error":
-                plan.problems.append(PreflightProblem(
-                    source, split, r.index, r.image,
-                    reason + "; use --outside skip or --outside pad to accept such regions"))
+                plan.problems.append(
+                    PreflightProblem(
+                        source,
+                        split,
+                        r.index,
+                        r.image,
+                        reason + "; use --outside skip or --outside pad to accept such regions",
+                    )
+                )
                 continue
             if params.outside == "skip":
-                plan.skipped.append({"split": split, "index": r.index, "image": r.image,
-                                     "x": r.x, "y": r.y, "reason": reason})
+                plan.skipped.append(
+                    {
+                        "split": split,
+                        "index": r.index,
+                        "image": r.image,
+                        "x": r.x,
+                        "y": r.y,
+                        "reason": reason,
+                    }
+                )
                 continue
         key = sample_key(stem, r.x, r.y)
         by_slide.setdefault(r.slide, (stem, []))[1].append(PlannedRegion(key, r, x0, y0, outside))
@@ -192,14 +223,15 @@ def plan_split(
         stem, todo = by_slide[slide]
         # Locality: sweep the slide in bands one region high, left to right, so that
         # neighbouring reads share source tiles while they are still in the cache.
-        band = region_box(0, 0, params.region_size,
-                          slides[slide].level_downsamples[params.level])[2]
+        band = region_box(0, 0, params.region_size, slides[slide].level_downsamples[params.level])[
+            2
+        ]
         todo.sort(key=lambda p: (p.y0 // band, p.x0, p.y0))
         # Equal-sized parts of at most part_size (100 regions -> 4 x 25, not 32 + 32 + 32 + 4),
         # so that workers finish together.
         n_parts = -(-len(todo) // params.part_size)
         bounds = [round(k * len(todo) / n_parts) for k in range(n_parts + 1)]
         for k in range(n_parts):
-            chunk = tuple(todo[bounds[k]:bounds[k + 1]])
+            chunk = tuple(todo[bounds[k] : bounds[k + 1]])
             plan.parts.append(Part(f"{stem}-{k:05d}", slide, chunk[0].region.image, chunk))
     return plan

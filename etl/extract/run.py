@@ -4,6 +4,7 @@ manifest. Owns locking, parameter checks and resumption; the pieces live in plan
 Output per split: `<out>/<split>/<split>-000000.tar ...` and `<out>/<split>/manifest.json`.
 Work in progress lives in `<out>/<split>/.parts/` and is removed once the manifest is written.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -61,8 +62,9 @@ class PreflightError(ExtractError):
         self.problems = problems
         shown = "\n".join(f"  - {p}" for p in problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        super().__init__(f"preflight found {len(problems)} problem(s); nothing was extracted:\n"
-                         f"{shown}{more}")
+        super().__init__(
+            f"preflight found {len(problems)} problem(s); nothing was extracted:\n{shown}{more}"
+        )
 
 
 class Fingerprint(TypedDict):
@@ -123,16 +125,19 @@ def folder_lock(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ExtractError(f"{folder} is in use by another `patchetl extract` run; wait for "
-                               "it to finish (or use another --out)") from None
+            raise ExtractError(
+                f"{folder} is in use by another `patchetl extract` run; wait for "
+                "it to finish (or use another --out)"
+            ) from None
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def fingerprint(table: RegionTable, split: str, params: ExtractParams,
-                parse_options: dict[str, str]) -> Fingerprint:
+def fingerprint(
+    table: RegionTable, split: str, params: ExtractParams, parse_options: dict[str, str]
+) -> Fingerprint:
     """What a rerun in the same folder must match to resume instead of refusing."""
     return {
         "coordinates_sha256": sha256_file(table.source),
@@ -152,8 +157,10 @@ def prepare_folder(folder: Path, expected: Fingerprint, overwrite: bool) -> None
         previous = json.loads(params_path.read_text()) if params_path.exists() else None
         if previous != expected:
             why = _why_different(previous, expected)
-            raise ExtractError(f"refusing to write into {folder}: {why}. Use another --out, or "
-                               "--overwrite to delete it and start again.")
+            raise ExtractError(
+                f"refusing to write into {folder}: {why}. Use another --out, or "
+                "--overwrite to delete it and start again."
+            )
     if overwrite:
         for p in existing:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -168,8 +175,9 @@ def _why_different(previous: dict[str, Any] | None, expected: Mapping[str, Any])
     diffs = [k for k in expected if previous.get(k) != expected[k]]
     if "params" in diffs:
         before, now = previous.get("params", {}), expected["params"]
-        diffs += [f"params.{k}" for k in sorted(set(before) | set(now))
-                  if before.get(k) != now.get(k)]
+        diffs += [
+            f"params.{k}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)
+        ]
     return "it holds an extraction made with different " + ", ".join(diffs)
 
 
@@ -196,11 +204,17 @@ def executor(backend: str, workers: int, scheduler: str | None) -> Iterator[Runn
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:
-        raise ExtractError("--backend dask needs dask.distributed: pip install "
-                           "'patchetl[dask]'") from None
-    client = (Client(scheduler) if scheduler else  # type: ignore[no-untyped-call, unused-ignore]
-              Client(LocalCluster(  # type: ignore[no-untyped-call, unused-ignore]
-                  n_workers=workers, threads_per_worker=1, processes=True)))
+        raise ExtractError(
+            "--backend dask needs dask.distributed: pip install 'patchetl[dask]'"
+        ) from None
+    # dask's Client and LocalCluster are not annotated
+    if scheduler:
+        client = Client(scheduler)  # type: ignore[no-untyped-call, unused-ignore]
+    else:
+        cluster = LocalCluster(  # type: ignore[no-untyped-call, unused-ignore]
+            n_workers=workers, threads_per_worker=1, processes=True
+        )
+        client = Client(cluster)  # type: ignore[no-untyped-call, unused-ignore]
     with client, joblib.parallel_config(backend="dask"):
         yield _runner(joblib.Parallel(n_jobs=-1, return_as="generator_unordered"))
 
@@ -234,15 +248,25 @@ class _SplitRun:
         self.on_progress(len(index["samples"]) + len(index["failures"]))
 
 
-def part_calls(st: _SplitRun, params: ExtractParams, slide_backend: str,
-               tile_cache_bytes: int) -> list[Call[PartIndex]]:
+def part_calls(
+    st: _SplitRun, params: ExtractParams, slide_backend: str, tile_cache_bytes: int
+) -> list[Call[PartIndex]]:
     """Collect the finished parts of a split (resume) and the calls for the others."""
     calls = []
     for part in st.plan.parts:
         index = load_part_index(st.parts_dir, part.part_id)
         if index is None:
-            calls.append(delayed(extract_part, part, st.plan.split, params, st.parts_dir,
-                                 slide_backend, tile_cache_bytes))
+            calls.append(
+                delayed(
+                    extract_part,
+                    part,
+                    st.plan.split,
+                    params,
+                    st.parts_dir,
+                    slide_backend,
+                    tile_cache_bytes,
+                )
+            )
         else:
             st.add_part(index)
             st.resumed += 1
@@ -264,8 +288,13 @@ def shard_calls(st: _SplitRun, params: ExtractParams) -> list[Call[ShardRecord]]
     return calls
 
 
-def finish_split(st: _SplitRun, table: RegionTable, params: ExtractParams,
-                 parse_options: dict[str, str], seconds: float) -> SplitResult:
+def finish_split(
+    st: _SplitRun,
+    table: RegionTable,
+    params: ExtractParams,
+    parse_options: dict[str, str],
+    seconds: float,
+) -> SplitResult:
     """Write the manifest (last), remove the work folder, and summarise."""
     plan, indexes = st.plan, st.indexes
     shards = [st.records[name] for name in sorted(st.records)]
@@ -286,8 +315,12 @@ def finish_split(st: _SplitRun, table: RegionTable, params: ExtractParams,
         "coordinates": {"path": str(table.source), "sha256": st.expected["coordinates_sha256"]},
         "params": params.as_dict(),
         "parse": parse_options,
-        "counts": {"planned": plan.n_regions + len(plan.skipped), "written": written,
-                   "skipped": len(plan.skipped), "failed": len(failed)},
+        "counts": {
+            "planned": plan.n_regions + len(plan.skipped),
+            "written": written,
+            "skipped": len(plan.skipped),
+            "failed": len(failed),
+        },
         "shards": shards,
         "slides": dict(sorted(slides.items())),
         "skipped": plan.skipped,
@@ -295,26 +328,51 @@ def finish_split(st: _SplitRun, table: RegionTable, params: ExtractParams,
     }
     write_json_atomic(st.folder / "manifest.json", manifest)
     shutil.rmtree(st.parts_dir, ignore_errors=True)
-    return SplitResult(plan.split, st.folder, manifest["counts"]["planned"], written,
-                       plan.skipped, failed, shards, seconds, resumed_parts=st.resumed,
-                       timing=timing,
-                       peak_rss_mb=max((i.get("peak_rss_mb", 0) for i in indexes), default=0))
+    return SplitResult(
+        plan.split,
+        st.folder,
+        manifest["counts"]["planned"],
+        written,
+        plan.skipped,
+        failed,
+        shards,
+        seconds,
+        resumed_parts=st.resumed,
+        timing=timing,
+        peak_rss_mb=max((i.get("peak_rss_mb", 0) for i in indexes), default=0),
+    )
 
 
 def finished_split(plan: SplitPlan, folder: Path, seconds: float) -> SplitResult:
     """The result of a split whose manifest was written by an earlier run (nothing to redo)."""
     manifest: Manifest = json.loads((folder / "manifest.json").read_text())
     shutil.rmtree(folder / ".parts", ignore_errors=True)
-    return SplitResult(plan.split, folder, manifest["counts"]["planned"],
-                       manifest["counts"]["written"], manifest["skipped"], manifest["failed"],
-                       manifest["shards"], seconds, resumed_parts=len(plan.parts))
+    return SplitResult(
+        plan.split,
+        folder,
+        manifest["counts"]["planned"],
+        manifest["counts"]["written"],
+        manifest["skipped"],
+        manifest["failed"],
+        manifest["shards"],
+        seconds,
+        resumed_parts=len(plan.parts),
+    )
 
 
-def extract_splits(table: RegionTable, jobs: Sequence[tuple[SplitPlan, Path, Progress]],
-                   params: ExtractParams, parse_options: dict[str, str], *, workers: int = 1,
-                   backend: str = "loky", scheduler: str | None = None,
-                   overwrite: bool = False, slide_backend: str = "auto",
-                   tile_cache_bytes: int = 256 << 20) -> list[SplitResult]:
+def extract_splits(
+    table: RegionTable,
+    jobs: Sequence[tuple[SplitPlan, Path, Progress]],
+    params: ExtractParams,
+    parse_options: dict[str, str],
+    *,
+    workers: int = 1,
+    backend: str = "loky",
+    scheduler: str | None = None,
+    overwrite: bool = False,
+    slide_backend: str = "auto",
+    tile_cache_bytes: int = 256 << 20,
+) -> list[SplitResult]:
     """Extract several splits, each `(plan, output folder, progress callback)`, resuming a
     previous run of the same command. The parts of all splits go through one pool, then the
     shards of all splits, so no worker idles at the end of a split."""
@@ -336,8 +394,11 @@ def extract_splits(table: RegionTable, jobs: Sequence[tuple[SplitPlan, Path, Pro
         if runs:
             by_split = {st.plan.split: st for st in runs}
             with executor(backend, workers, scheduler) as run:
-                part_work = [c for st in runs
-                             for c in part_calls(st, params, slide_backend, tile_cache_bytes)]
+                part_work = [
+                    c
+                    for st in runs
+                    for c in part_calls(st, params, slide_backend, tile_cache_bytes)
+                ]
                 for index in run(part_work):
                     by_split[index["split"]].add_part(index)
                 shard_work = [c for st in runs for c in shard_calls(st, params)]
@@ -345,23 +406,36 @@ def extract_splits(table: RegionTable, jobs: Sequence[tuple[SplitPlan, Path, Pro
                 for record in run(shard_work):
                     owner[record["name"].rsplit("-", 1)[0]].records[record["name"]] = record
             for st in runs:
-                results[st.plan.split] = finish_split(st, table, params, parse_options,
-                                                      time.perf_counter() - start)
+                results[st.plan.split] = finish_split(
+                    st, table, params, parse_options, time.perf_counter() - start
+                )
     return [results[plan.split] for plan, _, _ in jobs]
 
 
-def extract_split(table: RegionTable, plan: SplitPlan, out: Path, params: ExtractParams,
-                  parse_options: dict[str, str], *, on_progress: Progress = lambda n: None,
-                  **options: Unpack[RunOptions]) -> SplitResult:
+def extract_split(
+    table: RegionTable,
+    plan: SplitPlan,
+    out: Path,
+    params: ExtractParams,
+    parse_options: dict[str, str],
+    *,
+    on_progress: Progress = lambda n: None,
+    **options: Unpack[RunOptions],
+) -> SplitResult:
     """Extract one split into `out` (see `extract_splits` for the options)."""
-    return extract_splits(table, [(plan, out, on_progress)], params, parse_options,
-                          **options)[0]
+    return extract_splits(table, [(plan, out, on_progress)], params, parse_options, **options)[0]
 
 
-def plan_extraction(coords: Path, params: ExtractParams, *, data_root: str | Path | None = None,
-                    location_order: str = "yx", anchor: str = "center",
-                    splits: list[str] | None = None, slide_backend: str = "auto"
-                    ) -> tuple[RegionTable, list[SplitPlan]]:
+def plan_extraction(
+    coords: Path,
+    params: ExtractParams,
+    *,
+    data_root: str | Path | None = None,
+    location_order: str = "yx",
+    anchor: str = "center",
+    splits: list[str] | None = None,
+    slide_backend: str = "auto",
+) -> tuple[RegionTable, list[SplitPlan]]:
     """Parse the coordinate file and run the preflight for every split, before any work."""
     from etl.wsi.reader import open_slide
 
@@ -369,14 +443,23 @@ def plan_extraction(coords: Path, params: ExtractParams, *, data_root: str | Pat
     if anchor == "corner" and params.level > 0:
         # The corner -> centre shift is region_size // 2 level-0 pixels; at level > 0 a region
         # spans region_size * downsample level-0 pixels, which is known only per slide.
-        raise ExtractError("--anchor corner is only supported with --level 0; convert the "
-                           "locations to centres (or read at level 0)")
-    table = load_regions(coords, data_root=data_root, location_order=location_order,
-                         anchor=anchor, region_size=params.region_size, split=splits)
+        raise ExtractError(
+            "--anchor corner is only supported with --level 0; convert the "
+            "locations to centres (or read at level 0)"
+        )
+    table = load_regions(
+        coords,
+        data_root=data_root,
+        location_order=location_order,
+        anchor=anchor,
+        region_size=params.region_size,
+        split=splits,
+    )
     by_split = table.splits()
     backend = cast("Backend", slide_backend)  # open_slide rejects an unknown name (a problem)
-    slides = inspect_slides([r.slide for r in table.regions],
-                            lambda p: open_slide(p, backend=backend))
+    slides = inspect_slides(
+        [r.slide for r in table.regions], lambda p: open_slide(p, backend=backend)
+    )
     plans = [plan_split(s, regs, table.source, params, slides) for s, regs in by_split.items()]
     problems = [p for plan in plans for p in plan.problems]
     if problems:

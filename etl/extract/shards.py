@@ -5,6 +5,7 @@ Atomicity: every file is written under a temporary name, flushed to disk, then r
 visible `.tar` is always complete. Parts are the unit of resumption for reading; final shards
 are the unit of resumption for mixing; `manifest.json` is written last.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -141,7 +142,8 @@ class SampleTarWriter:
     def __init__(self, fileobj: IO[bytes] | _HashingWriter) -> None:
         # closed by close(), which callers call once the sample stream ends
         self.tar = tarfile.open(  # noqa: SIM115
-            fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
+            fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT
+        )
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         for ext in sorted(members):
@@ -176,8 +178,13 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def sample_metadata(planned: PlannedRegion, split: str, params: ExtractParams,
-                    mpp: tuple[float, float] | None, downsample: float) -> SampleMeta:
+def sample_metadata(
+    planned: PlannedRegion,
+    split: str,
+    params: ExtractParams,
+    mpp: tuple[float, float] | None,
+    downsample: float,
+) -> SampleMeta:
     r = planned.region
     return {
         "key": planned.key,
@@ -220,8 +227,9 @@ def worker_reader(path: Path, backend: str, tile_cache_bytes: int) -> SlideReade
             old.close()
         _OPEN_READER.clear()
         # open_slide rejects an unknown backend name (a preflight problem before any work)
-        reader = _OPEN_READER[key] = open_slide(path, backend=cast("Backend", backend),
-                                                tile_cache_bytes=tile_cache_bytes)
+        reader = _OPEN_READER[key] = open_slide(
+            path, backend=cast("Backend", backend), tile_cache_bytes=tile_cache_bytes
+        )
     return reader
 
 
@@ -229,8 +237,14 @@ def part_paths(parts_dir: Path, part_id: str) -> tuple[Path, Path]:
     return parts_dir / f"{part_id}.tar", parts_dir / f"{part_id}.json"
 
 
-def extract_part(part: Part, split: str, params: ExtractParams, parts_dir: Path,
-                 slide_backend: str = "auto", tile_cache_bytes: int = 256 << 20) -> PartIndex:
+def extract_part(
+    part: Part,
+    split: str,
+    params: ExtractParams,
+    parts_dir: Path,
+    slide_backend: str = "auto",
+    tile_cache_bytes: int = 256 << 20,
+) -> PartIndex:
     """Read, encode and write one part; return its index (also written as `<part>.json`).
 
     A region that fails to read or encode is recorded as a failure with its reason, never
@@ -247,19 +261,29 @@ def extract_part(part: Part, split: str, params: ExtractParams, parts_dir: Path,
         for planned in part.regions:
             try:
                 t0 = time.perf_counter()
-                rgb = reader.read_region(planned.x0, planned.y0, params.level,
-                                         params.region_size, params.region_size)
+                rgb = reader.read_region(
+                    planned.x0, planned.y0, params.level, params.region_size, params.region_size
+                )
                 t1 = time.perf_counter()
                 image = encode_region(rgb, params.fmt, params.quality)
                 t2 = time.perf_counter()
             except Exception as exc:  # recorded in the manifest, and the run exits non-zero
-                failures.append({"key": planned.key, "split": split, "index": planned.region.index,
-                                 "image": planned.region.image, "x": planned.region.x,
-                                 "y": planned.region.y, "reason": f"{type(exc).__name__}: {exc}"})
+                failures.append(
+                    {
+                        "key": planned.key,
+                        "split": split,
+                        "index": planned.region.index,
+                        "image": planned.region.image,
+                        "x": planned.region.x,
+                        "y": planned.region.y,
+                        "reason": f"{type(exc).__name__}: {exc}",
+                    }
+                )
                 continue
             meta = sample_metadata(planned, split, params, reader.mpp, downsample)
-            writer.write(planned.key, {params.fmt: image,
-                                       "json": json.dumps(meta, sort_keys=True).encode()})
+            writer.write(
+                planned.key, {params.fmt: image, "json": json.dumps(meta, sort_keys=True).encode()}
+            )
             timing["read"] += t1 - t0
             timing["encode"] += t2 - t1
             timing["write"] += time.perf_counter() - t2
@@ -309,12 +333,13 @@ def load_part_index(parts_dir: Path, part_id: str) -> PartIndex | None:
 
 
 # --------------------------------------------------------------------------- mixing
-def plan_shards(part_indexes: Iterable[PartIndex], shard_size: int,
-                seed: int) -> list[list[tuple[str, str]]]:
+def plan_shards(
+    part_indexes: Iterable[PartIndex], shard_size: int, seed: int
+) -> list[list[tuple[str, str]]]:
     """Seeded global shuffle of all (key, part_id), cut into shards of `shard_size`."""
     entries = sorted((s["key"], idx["part_id"]) for idx in part_indexes for s in idx["samples"])
     random.Random(seed).shuffle(entries)
-    return [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)]
+    return [entries[i : i + shard_size] for i in range(0, len(entries), shard_size)]
 
 
 def shard_name(split: str, i: int) -> str:
@@ -346,8 +371,9 @@ class _HashingWriter(io.RawIOBase):
         return self.fh.write(data)
 
 
-def write_shard(path: Path, entries: Iterable[tuple[str, str, PartSample]],
-                parts_dir: Path) -> ShardRecord:
+def write_shard(
+    path: Path, entries: Iterable[tuple[str, str, PartSample]], parts_dir: Path
+) -> ShardRecord:
     """Copy the members of `entries` ((key, part_id, catalog entry), in shard order) from
     their part tars into a new shard (no re-encoding); return its manifest record (count,
     bytes, sha256, label histogram). Runs in a worker: shards are mixed in parallel."""
@@ -375,8 +401,13 @@ def write_shard(path: Path, entries: Iterable[tuple[str, str, PartSample]],
     finally:
         for src in handles.values():
             src.close()
-    return {"name": path.name, "count": len(grids), "bytes": out.bytes,
-            "sha256": out.sha.hexdigest(), "labels": label_histogram(grids)}
+    return {
+        "name": path.name,
+        "count": len(grids),
+        "bytes": out.bytes,
+        "sha256": out.sha.hexdigest(),
+        "labels": label_histogram(grids),
+    }
 
 
 def label_histogram(grids: Iterable[Sequence[Sequence[int]]]) -> LabelHistogram:
@@ -423,8 +454,9 @@ def check_shard(path: Path, decode: bool = True) -> ShardCheck:
         keys.append(key)
         image_ext = next((e for e in ("jpg", "png") if e in sample), None)
         if image_ext is None or "json" not in sample:
-            problems.append(f"{path.name}: sample {key}: members {sorted(sample)} lack an image "
-                            "or json")
+            problems.append(
+                f"{path.name}: sample {key}: members {sorted(sample)} lack an image or json"
+            )
             continue
         try:
             meta = json.loads(sample["json"])
@@ -458,8 +490,10 @@ def verify_folder(folder: Path, decode: bool = True) -> list[str]:
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
     if not manifest_path.exists():
-        return [f"{manifest_path}: missing (the extraction did not finish; rerun the same "
-                "`patchetl extract` command to complete it)"]
+        return [
+            f"{manifest_path}: missing (the extraction did not finish; rerun the same "
+            "`patchetl extract` command to complete it)"
+        ]
     manifest: Manifest = json.loads(manifest_path.read_text())
     problems: list[str] = []
     listed = {s["name"] for s in manifest["shards"]}
@@ -476,8 +510,9 @@ def verify_folder(folder: Path, decode: bool = True) -> list[str]:
         seen.update(check.keys)
         for name in _CHECKED_FIELDS:
             if check.record[name] != expected[name]:
-                problems.append(f"{path}: {name} is {check.record[name]}, manifest says "
-                                f"{expected[name]}")
+                problems.append(
+                    f"{path}: {name} is {check.record[name]}, manifest says {expected[name]}"
+                )
     dupes = [k for k, n in seen.items() if n > 1]
     if dupes:
         problems.append(f"{len(dupes)} keys occur more than once, e.g. {dupes[:3]}")

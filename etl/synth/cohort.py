@@ -14,6 +14,7 @@ slide i (0-based, synth.json order) uses the seed ``(seed, i)`` and its regions
 ``(seed, i, 1)``; the same options give byte-identical files. Synthetic data is for tests and
 demos: production code never imports ``etl.synth``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -64,21 +65,36 @@ class SynthCohort:
     csv_paths: dict[str, Path]
 
 
-def _validate(n_slides: int, width: int, height: int, tumor_fraction: float, mpp: float,
-              downsample: int, vendor: str, jpeg_quality: int, regions_per_slide: int,
-              region_size: int, grid: int, val_fraction: float) -> None:
+def _validate(
+    n_slides: int,
+    width: int,
+    height: int,
+    tumor_fraction: float,
+    mpp: float,
+    downsample: int,
+    vendor: str,
+    jpeg_quality: int,
+    regions_per_slide: int,
+    region_size: int,
+    grid: int,
+    val_fraction: float,
+) -> None:
     problems = []
     if n_slides < 1:
         problems.append(f"n_slides={n_slides}: need at least 1 slide")
     if grid < 1:
         problems.append(f"grid={grid}: use a grid of at least 1")
     elif region_size < grid or region_size % grid:
-        problems.append(f"region_size={region_size} is not a positive multiple of grid={grid}: "
-                        f"use e.g. region_size={max(grid, region_size - region_size % grid)}")
+        problems.append(
+            f"region_size={region_size} is not a positive multiple of grid={grid}: "
+            f"use e.g. region_size={max(grid, region_size - region_size % grid)}"
+        )
     if min(width, height) < max(region_size, TILE):
-        problems.append(f"slide {width}x{height} is smaller than region_size={region_size} "
-                        f"(or the {TILE} px tile): use a width and height >= "
-                        f"{max(region_size, TILE)} or a smaller region size")
+        problems.append(
+            f"slide {width}x{height} is smaller than region_size={region_size} "
+            f"(or the {TILE} px tile): use a width and height >= "
+            f"{max(region_size, TILE)} or a smaller region size"
+        )
     if not 0.0 <= tumor_fraction <= 1.0:
         problems.append(f"tumor_fraction={tumor_fraction}: use a value in [0, 1]")
     if not 0.02 <= mpp <= 50:
@@ -107,7 +123,7 @@ def _validation_slides(n_slides: int, n_tumor: int, val_fraction: float) -> set[
     normal_idx = list(range(n_tumor, n_slides))[::-1]
     tail = [idx.pop() for idx in (normal_idx, tumor_idx) if idx]  # normal_001, tumor_001
     order = [i for pair in zip(tumor_idx, normal_idx, strict=False) for i in pair]
-    order += tumor_idx[len(normal_idx):] + normal_idx[len(tumor_idx):] + tail
+    order += tumor_idx[len(normal_idx) :] + normal_idx[len(tumor_idx) :] + tail
     return set(order[:n_val])
 
 
@@ -120,8 +136,9 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], n_labels: int) -> None:
             w.writerow([r["image"], x, y, *r["label"]])
 
 
-def _write_coordinates(root: Path, entries: dict[str, list[dict[str, Any]]],
-                       n_labels: int) -> tuple[Path, dict[str, Path]]:
+def _write_coordinates(
+    root: Path, entries: dict[str, list[dict[str, Any]]], n_labels: int
+) -> tuple[Path, dict[str, Path]]:
     """dataset_0.json (one entry per line) and the CSVs; an empty split is left out (the
     coordinate parser rightly rejects empty splits)."""
     dataset_json = root / "dataset_0.json"
@@ -131,54 +148,104 @@ def _write_coordinates(root: Path, entries: dict[str, list[dict[str, Any]]],
         body = ",\n".join("  " + json.dumps(e) for e in entries[split])
         parts.append(f' "{split}": [\n{body}\n ]')
     dataset_json.write_text("{\n" + ",\n".join(parts) + "\n}\n", encoding="utf-8")
-    csv_paths = {"all": root / "dataset_0.csv",
-                 **{split: root / f"dataset_0_{split}.csv" for split in splits}}
+    csv_paths = {
+        "all": root / "dataset_0.csv",
+        **{split: root / f"dataset_0_{split}.csv" for split in splits},
+    }
     _write_csv(csv_paths["all"], entries["training"] + entries["validation"], n_labels)
     for split in splits:
         _write_csv(csv_paths[split], entries[split], n_labels)
     return dataset_json, csv_paths
 
 
-def _write_facts(root: Path, params: dict[str, Any], facts: list[dict[str, Any]],
-                 dataset_json: Path, csv_paths: dict[str, Path]) -> None:
+def _write_facts(
+    root: Path,
+    params: dict[str, Any],
+    facts: list[dict[str, Any]],
+    dataset_json: Path,
+    csv_paths: dict[str, Path],
+) -> None:
     """synth.json: the parameters, then one line per slide."""
-    meta = {"generator": "patchetl.etl.synth", "params": params,
-            "mask_downsample": MASK_DOWNSAMPLE,
-            "label_order": "column-by-column (k = grid*col + row)",
-            "dataset_json": dataset_json.name,
-            "csv": {k: v.name for k, v in csv_paths.items()}}
+    meta = {
+        "generator": "patchetl.etl.synth",
+        "params": params,
+        "mask_downsample": MASK_DOWNSAMPLE,
+        "label_order": "column-by-column (k = grid*col + row)",
+        "dataset_json": dataset_json.name,
+        "csv": {k: v.name for k, v in csv_paths.items()},
+    }
     head = json.dumps(meta, indent=1)[: -len("\n}")]  # one line per slide below
     slide_lines = ",\n".join("  " + json.dumps(f) for f in facts)
-    (root / "synth.json").write_text(f'{head},\n "slides": [\n{slide_lines}\n ]\n}}\n',
-                                     encoding="utf-8")
+    (root / "synth.json").write_text(
+        f'{head},\n "slides": [\n{slide_lines}\n ]\n}}\n', encoding="utf-8"
+    )
 
 
-def _slide_facts(slide: SynthSlide, scene: SlideScene, root: Path, split: str,
-                 dims: list[tuple[int, int]], seed: list[int], centres: np.ndarray,
-                 labels: np.ndarray) -> dict[str, Any]:
+def _slide_facts(
+    slide: SynthSlide,
+    scene: SlideScene,
+    root: Path,
+    split: str,
+    dims: list[tuple[int, int]],
+    seed: list[int],
+    centres: np.ndarray,
+    labels: np.ndarray,
+) -> dict[str, Any]:
     return {
-        "name": slide.name, "image": slide.path.relative_to(root).as_posix(), "split": split,
-        "width": slide.width, "height": slide.height, "mpp": slide.mpp,
-        "has_tumor": slide.has_tumor, "levels": [list(d) for d in dims], "seed": seed,
+        "name": slide.name,
+        "image": slide.path.relative_to(root).as_posix(),
+        "split": split,
+        "width": slide.width,
+        "height": slide.height,
+        "mpp": slide.mpp,
+        "has_tumor": slide.has_tumor,
+        "levels": [list(d) for d in dims],
+        "seed": seed,
         "polygons": len(scene.polygons),
-        "lesion_diameters_um": [round(2 * math.sqrt(polygon_area(p) / math.pi) * slide.mpp, 1)
-                                for p in scene.polygons],
+        "lesion_diameters_um": [
+            round(2 * math.sqrt(polygon_area(p) / math.pi) * slide.mpp, 1) for p in scene.polygons
+        ],
         "xml": slide.xml.relative_to(root).as_posix() if slide.xml else None,
         "mask": slide.mask.relative_to(root).as_posix() if slide.mask else None,
-        "regions": len(centres), "tumor_regions": int((labels.max(axis=1) > 0).sum()),
+        "regions": len(centres),
+        "tumor_regions": int((labels.max(axis=1) > 0).sum()),
     }
 
 
-def synth_cohort(out: Path, *, n_slides: int = 4, width: int = 4000, height: int = 3000,
-                 tumor_fraction: float = 0.5, seed: int = 0, mpp: float = 0.243,
-                 downsample: int = 2, vendor: str = "generic", jpeg_quality: int = 90,
-                 regions_per_slide: int = 32, region_size: int = 768, grid: int = 3,
-                 val_fraction: float = 0.25,
-                 progress: Callable[[SynthSlide], None] | None = None) -> SynthCohort:
+def synth_cohort(
+    out: Path,
+    *,
+    n_slides: int = 4,
+    width: int = 4000,
+    height: int = 3000,
+    tumor_fraction: float = 0.5,
+    seed: int = 0,
+    mpp: float = 0.243,
+    downsample: int = 2,
+    vendor: str = "generic",
+    jpeg_quality: int = 90,
+    regions_per_slide: int = 32,
+    region_size: int = 768,
+    grid: int = 3,
+    val_fraction: float = 0.25,
+    progress: Callable[[SynthSlide], None] | None = None,
+) -> SynthCohort:
     """Write ``n_slides`` synthetic slides, their ground truth and coordinate files under
     ``out``; ``progress`` is called with each slide once it is written."""
-    _validate(n_slides, width, height, tumor_fraction, mpp, downsample, vendor, jpeg_quality,
-              regions_per_slide, region_size, grid, val_fraction)
+    _validate(
+        n_slides,
+        width,
+        height,
+        tumor_fraction,
+        mpp,
+        downsample,
+        vendor,
+        jpeg_quality,
+        regions_per_slide,
+        region_size,
+        grid,
+        val_fraction,
+    )
     root = Path(out)
     images, annots, masks = (root / "training" / d for d in ("images", "annotations", "masks"))
     for d in (images, annots, masks):
@@ -197,32 +264,59 @@ def synth_cohort(out: Path, *, n_slides: int = 4, width: int = 4000, height: int
         has_tumor = kind == "tumor"
         scene = make_scene(width, height, mpp=mpp, has_tumor=has_tumor, seed=(seed, i))
         path = images / f"{name}{ext}"
-        dims = write_slide(path, scene, downsample=downsample, vendor=vendor,
-                           jpeg_quality=jpeg_quality)
+        dims = write_slide(
+            path, scene, downsample=downsample, vendor=vendor, jpeg_quality=jpeg_quality
+        )
         xml = mask = None
         if has_tumor:
             xml, mask = annots / f"{name}.xml", masks / f"{name}_mask.tif"
             write_asap_xml(xml, scene.polygons)
-            write_mask(mask, tumor_mask(scene.polygons, width, height, MASK_DOWNSAMPLE),
-                       downsample=MASK_DOWNSAMPLE, width=width, height=height)
-        centres = sample_regions(scene, regions_per_slide, region_size,
-                                 np.random.default_rng((seed, i, 1)))
+            write_mask(
+                mask,
+                tumor_mask(scene.polygons, width, height, MASK_DOWNSAMPLE),
+                downsample=MASK_DOWNSAMPLE,
+                width=width,
+                height=height,
+            )
+        centres = sample_regions(
+            scene, regions_per_slide, region_size, np.random.default_rng((seed, i, 1))
+        )
         labels = region_labels(centres, scene.polygons, region_size, grid)
         split = "validation" if i in val_set else "training"
-        entries[split] += [{"image": path.name, "location": [int(y), int(x)],
-                            "label": [int(v) for v in lab]}
-                           for (x, y), lab in zip(centres, labels, strict=True)]
-        slide = SynthSlide(name=name, path=path, width=width, height=height, mpp=mpp,
-                           has_tumor=has_tumor, xml=xml, mask=mask)
+        entries[split] += [
+            {"image": path.name, "location": [int(y), int(x)], "label": [int(v) for v in lab]}
+            for (x, y), lab in zip(centres, labels, strict=True)
+        ]
+        slide = SynthSlide(
+            name=name,
+            path=path,
+            width=width,
+            height=height,
+            mpp=mpp,
+            has_tumor=has_tumor,
+            xml=xml,
+            mask=mask,
+        )
         slides.append(slide)
         facts.append(_slide_facts(slide, scene, root, split, dims, [seed, i], centres, labels))
         if progress is not None:
             progress(slide)
 
     dataset_json, csv_paths = _write_coordinates(root, entries, grid * grid)
-    params = dict(n_slides=n_slides, width=width, height=height, tumor_fraction=tumor_fraction,
-                  seed=seed, mpp=mpp, downsample=downsample, vendor=vendor,
-                  jpeg_quality=jpeg_quality, regions_per_slide=regions_per_slide,
-                  region_size=region_size, grid=grid, val_fraction=val_fraction)
+    params = dict(
+        n_slides=n_slides,
+        width=width,
+        height=height,
+        tumor_fraction=tumor_fraction,
+        seed=seed,
+        mpp=mpp,
+        downsample=downsample,
+        vendor=vendor,
+        jpeg_quality=jpeg_quality,
+        regions_per_slide=regions_per_slide,
+        region_size=region_size,
+        grid=grid,
+        val_fraction=val_fraction,
+    )
     _write_facts(root, params, facts, dataset_json, csv_paths)
     return SynthCohort(root=root, slides=slides, dataset_json=dataset_json, csv_paths=csv_paths)

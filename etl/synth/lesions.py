@@ -5,6 +5,7 @@ sometimes a small isolated-tumor-cell cluster, as in Camelyon16. Coordinates are
 decimals (the ASAP XML precision), so the XML reproduces the polygons exactly and labels
 decided on them agree with the file.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,13 @@ def polygon_area(poly: np.ndarray) -> float:
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
-def _lesion(rng: np.random.Generator, scene: SlideScene, centre: np.ndarray, radius: float,
-            n_vertices: int = 48) -> np.ndarray:
+def _lesion(
+    rng: np.random.Generator,
+    scene: SlideScene,
+    centre: np.ndarray,
+    radius: float,
+    n_vertices: int = 48,
+) -> np.ndarray:
     """Irregular star-shaped polygon around ``centre``, clipped to tissue and the slide."""
     theta = np.sort(rng.uniform(0, 2 * np.pi, n_vertices))
     wobble = np.zeros(n_vertices)
@@ -38,8 +44,13 @@ def _lesion(rng: np.random.Generator, scene: SlideScene, centre: np.ndarray, rad
     steps = np.linspace(0.0, 1.0, 65)[None, :] * target[:, None]
     xs = centre[0] + steps * np.cos(theta)[:, None]
     ys = centre[1] + steps * np.sin(theta)[:, None]
-    ok = ((scene.tissue_distance(xs, ys) > 10.0 / scene.mpp)
-          & (xs >= 1) & (xs <= scene.width - 1) & (ys >= 1) & (ys <= scene.height - 1))
+    ok = (
+        (scene.tissue_distance(xs, ys) > 10.0 / scene.mpp)
+        & (xs >= 1)
+        & (xs <= scene.width - 1)
+        & (ys >= 1)
+        & (ys <= scene.height - 1)
+    )
     first_bad = np.where(ok.all(axis=1), steps.shape[1], np.argmin(ok, axis=1))
     reach = steps[np.arange(n_vertices), np.maximum(first_bad - 1, 0)]
     r = np.maximum(reach, 0.1 * target)

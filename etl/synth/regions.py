@@ -6,6 +6,7 @@ slide; labels list the ``grid x grid`` cells column by column (k = grid * col + 
 being tumor when its centre is inside a tumor polygon (``points_in_polygons``). On tumor slides
 half the centres are in or at the border of lesions.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -18,8 +19,9 @@ from etl.wsi.annotations import points_in_polygons
 __all__ = ["region_labels", "sample_regions"]
 
 
-def region_labels(centres_xy: np.ndarray, polygons: Sequence[np.ndarray], region_size: int,
-                  grid: int) -> np.ndarray:
+def region_labels(
+    centres_xy: np.ndarray, polygons: Sequence[np.ndarray], region_size: int, grid: int
+) -> np.ndarray:
     """(n, grid*grid) uint8 labels of regions centred at (x, y), listed column by column.
 
     A cell is 1 when its centre is inside a tumor polygon; the region's top-left is
@@ -38,8 +40,9 @@ def region_labels(centres_xy: np.ndarray, polygons: Sequence[np.ndarray], region
     return labels  # k = grid*col + row
 
 
-def sample_regions(scene: SlideScene, n: int, region_size: int,
-                   rng: np.random.Generator) -> np.ndarray:
+def sample_regions(
+    scene: SlideScene, n: int, region_size: int, rng: np.random.Generator
+) -> np.ndarray:
     """(n, 2) int (x, y) region centres: on tissue, regions inside the slide, no duplicates.
 
     On tumor slides about half are tumor centred (half of those at lesion borders, so that

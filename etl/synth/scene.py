@@ -8,6 +8,7 @@ without holding level 0 in memory, and ``render_slide`` gives the exact level-0 
 JPEG-compressed (for tests). Slide i of a cohort uses the seed ``(seed, i)``: the same seed
 gives the same scene.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,8 +73,9 @@ class SlideScene:
         i, j = v.astype(int), u.astype(int)
         fy, fx = v - i, u - j
         s = self.fields[0]
-        val = ((s[i, j] * (1 - fx) + s[i, j + 1] * fx) * (1 - fy)
-               + (s[i + 1, j] * (1 - fx) + s[i + 1, j + 1] * fx) * fy)
+        val = (s[i, j] * (1 - fx) + s[i, j + 1] * fx) * (1 - fy) + (
+            s[i + 1, j] * (1 - fx) + s[i + 1, j + 1] * fx
+        ) * fy
         dist: np.ndarray = (val - self.threshold) / self.score_per_px
         return dist
 
@@ -111,11 +113,11 @@ class SlideScene:
             alpha = np.clip(dist / self._soft_px + 0.5, 0.0, 1.0) * (1.0 - vacuole)
             fib, fine, patchy = b[2], b[3], a[2]
             eos = NORMAL.eosin * np.maximum(0.45 + 0.55 * fib + 0.15 * patchy + 0.08 * fine, 0.05)
-            hema, tumor_share, base = _nuclei(self.polygons, tex, self.offset, x0, y0, h, w,
-                                              a, b)
+            hema, tumor_share, base = _nuclei(self.polygons, tex, self.offset, x0, y0, h, w, a, b)
             if tumor_share is not None:
-                eos_t = TUMOR.eosin * np.maximum(0.70 + 0.30 * fib + 0.10 * patchy + 0.08 * fine,
-                                                  0.05)
+                eos_t = TUMOR.eosin * np.maximum(
+                    0.70 + 0.30 * fib + 0.10 * patchy + 0.08 * fine, 0.05
+                )
                 eos = eos + tumor_share * (eos_t - eos)
             hema = alpha * (hema * (0.85 + 0.15 * grain) + base) * f[1]
             eos = alpha * eos * f[2]
@@ -132,8 +134,9 @@ class SlideScene:
         return out
 
 
-def _lesion_raster(polygons: list[np.ndarray], x0: int, y0: int, h: int,
-                   w: int) -> Image.Image | None:
+def _lesion_raster(
+    polygons: list[np.ndarray], x0: int, y0: int, h: int, w: int
+) -> Image.Image | None:
     """Lesion pixels (255) of the window at (x0, y0), size (h, w), or None if it has none.
 
     PIL rasterisation, for looks only: labels and masks use the exact polygon test.
@@ -150,9 +153,17 @@ def _lesion_raster(polygons: list[np.ndarray], x0: int, y0: int, h: int,
     return img
 
 
-def _nuclei(polygons: list[np.ndarray], tex: Textures, offset: tuple[int, int], x0: int,
-            y0: int, h: int, w: int, a: np.ndarray, b: np.ndarray,
-            ) -> tuple[np.ndarray, np.ndarray | float | None, np.ndarray | float]:
+def _nuclei(
+    polygons: list[np.ndarray],
+    tex: Textures,
+    offset: tuple[int, int],
+    x0: int,
+    y0: int,
+    h: int,
+    w: int,
+    a: np.ndarray,
+    b: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray | float | None, np.ndarray | float]:
     """Nuclei of the (h, w) window at (x0, y0): (hematoxylin density, share of tumor stroma
     (None: no lesion near), base density). ``offset``: the scene's texture offset (y, x);
     ``a``, ``b``: the window's texture slices."""
@@ -176,12 +187,14 @@ def _nuclei(polygons: list[np.ndarray], tex: Textures, offset: tuple[int, int], 
         inside: np.ndarray = lesion[yy + off[0], xx + off[1]]
         return inside
 
-    hema = np.maximum.reduce([
-        np.where(centre_in(a_off[0:2]), 0.0, a[0]),
-        np.where(centre_in(b_off[0:2]), 0.0, b[0]),
-        np.where(centre_in(a_off[2:4]), a[1], 0.0),
-        np.where(centre_in(b_off[2:4]), b[1], 0.0),
-    ])
+    hema = np.maximum.reduce(
+        [
+            np.where(centre_in(a_off[0:2]), 0.0, a[0]),
+            np.where(centre_in(b_off[0:2]), 0.0, b[0]),
+            np.where(centre_in(a_off[2:4]), a[1], 0.0),
+            np.where(centre_in(b_off[2:4]), b[1], 0.0),
+        ]
+    )
     # Stroma changes over about a nucleus' width at the lesion border.
     assert raster is not None  # a lesion pixel came from it
     near = np.asarray(raster.filter(ImageFilter.BoxBlur(m)), np.float32)
@@ -201,8 +214,9 @@ def _transmitted(od: list[np.ndarray], h: int, w: int) -> np.ndarray:
     return out
 
 
-def tissue_fields(rng: np.random.Generator, width: int, height: int
-                   ) -> tuple[float, np.ndarray, float, float]:
+def tissue_fields(
+    rng: np.random.Generator, width: int, height: int
+) -> tuple[float, np.ndarray, float, float]:
     """Low-resolution tissue score, stain gains, threshold and score slope per pixel."""
     cell = max(width, height) / FIELD_CELLS
     gh, gw = math.ceil(height / cell) + 2, math.ceil(width / cell) + 2
@@ -232,15 +246,24 @@ def tissue_fields(rng: np.random.Generator, width: int, height: int
     slope = np.hypot(gy, gx) / cell
     near = np.abs(score - threshold) < 0.1 * score[inside].std()
     score_per_px = float(np.median(slope[near])) if near.any() else float(np.median(slope))
-    gains = 1.0 + 0.10 * np.stack([smooth_noise(rng, (gh, gw), 0.05 * FIELD_CELLS),
-                                   smooth_noise(rng, (gh, gw), 0.05 * FIELD_CELLS)])
+    gains = 1.0 + 0.10 * np.stack(
+        [
+            smooth_noise(rng, (gh, gw), 0.05 * FIELD_CELLS),
+            smooth_noise(rng, (gh, gw), 0.05 * FIELD_CELLS),
+        ]
+    )
     fields = np.concatenate([score[None], gains]).astype(np.float32)
     return cell, fields, threshold, max(score_per_px, 1e-9)
 
 
-
-def make_scene(width: int, height: int, *, mpp: float = 0.243, has_tumor: bool = True,
-               seed: int | Sequence[int] = 0) -> SlideScene:
+def make_scene(
+    width: int,
+    height: int,
+    *,
+    mpp: float = 0.243,
+    has_tumor: bool = True,
+    seed: int | Sequence[int] = 0,
+) -> SlideScene:
     """Draw a slide's tissue, stain and lesions (cheap; pixels are rendered per tile later)."""
     rng = np.random.default_rng(seed)
     textures = make_textures(rng, mpp)
@@ -251,8 +274,15 @@ def make_scene(width: int, height: int, *, mpp: float = 0.243, has_tumor: bool =
     h_vec = _H_VEC + rng.normal(0, 0.03, 3)
     e_vec = _E_VEC + rng.normal(0, 0.03, 3)
     scene = SlideScene(
-        width=width, height=height, mpp=mpp, cell=cell, fields=fields, threshold=threshold,
-        score_per_px=slope, polygons=[], textures=textures,
+        width=width,
+        height=height,
+        mpp=mpp,
+        cell=cell,
+        fields=fields,
+        threshold=threshold,
+        score_per_px=slope,
+        polygons=[],
+        textures=textures,
         offset=(int(rng.integers(0, 1 << 20)), int(rng.integers(0, 1 << 20))),
         h_vec=(1.5 * h_vec / np.linalg.norm(h_vec)).astype(np.float32),
         e_vec=(e_vec / np.linalg.norm(e_vec)).astype(np.float32),
@@ -263,8 +293,14 @@ def make_scene(width: int, height: int, *, mpp: float = 0.243, has_tumor: bool =
     return scene
 
 
-def render_slide(width: int, height: int, *, mpp: float = 0.243, has_tumor: bool = True,
-                 seed: int | Sequence[int] = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+def render_slide(
+    width: int,
+    height: int,
+    *,
+    mpp: float = 0.243,
+    has_tumor: bool = True,
+    seed: int | Sequence[int] = 0,
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Level-0 RGB array (height, width, 3) and tumor polygons of the slide ``write_slide``
     writes."""
     scene = make_scene(width, height, mpp=mpp, has_tumor=has_tumor, seed=seed)

@@ -9,6 +9,7 @@ Aperio SVS layout instead: ImageDescriptions starting with "Aperio Image Library
 ``|AppMag = ..|MPP = ..|``, and a stripped thumbnail as the second page (tifffile's SVS reader
 expects it there; OpenSlide lists it as the associated image "thumbnail").
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ def _app_mag(mpp: float) -> float:
     return min(mags, key=lambda m: abs(math.log(m * mpp / 10.0)))
 
 
-def _level0_tiles(scene: SlideScene, downsample: int,
-                  level1: np.ndarray | None) -> Iterator[np.ndarray]:
+def _level0_tiles(
+    scene: SlideScene, downsample: int, level1: np.ndarray | None
+) -> Iterator[np.ndarray]:
     """The scene's tiles in raster order; fills ``level1`` on the way from the exact pixels."""
     width, height = scene.width, scene.height
     for y0 in range(0, height, TILE):
@@ -60,8 +62,14 @@ def _thumbnail(image: np.ndarray, side: int = 768) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
 
 
-def write_slide(path: str | PathLike[str], scene: SlideScene, *, downsample: int = 2,
-                vendor: str = "generic", jpeg_quality: int = 90) -> list[tuple[int, int]]:
+def write_slide(
+    path: str | PathLike[str],
+    scene: SlideScene,
+    *,
+    downsample: int = 2,
+    vendor: str = "generic",
+    jpeg_quality: int = 90,
+) -> list[tuple[int, int]]:
     """Write the scene as a tiled JPEG pyramidal TIFF (or Aperio SVS); return level dims."""
     if downsample not in DOWNSAMPLES:
         raise OptionError(f"downsample={downsample}: use 2 or 4")
@@ -74,19 +82,40 @@ def write_slide(path: str | PathLike[str], scene: SlideScene, *, downsample: int
     aperio = vendor == "aperio"
     tags = f"|AppMag = {_app_mag(scene.mpp):g}|MPP = {scene.mpp:.4f}"
     whole = f"{_APERIO_HEAD}{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE})"
-    with PyramidWriter(path, width, height, quality=jpeg_quality, tile=TILE,
-                       mpp=(scene.mpp, scene.mpp), reduced=0 if aperio else 1) as writer:
-        desc = (f"{whole} JPEG/RGB Q={jpeg_quality}{tags}|Filename = {path.stem}"
-                f"|Title = patchetl synthetic") if aperio else None
-        writer.level(_level0_tiles(scene, downsample, level1), size=(width, height),
-                     description=desc)
+    with PyramidWriter(
+        path,
+        width,
+        height,
+        quality=jpeg_quality,
+        tile=TILE,
+        mpp=(scene.mpp, scene.mpp),
+        reduced=0 if aperio else 1,
+    ) as writer:
+        desc = (
+            (
+                f"{whole} JPEG/RGB Q={jpeg_quality}{tags}|Filename = {path.stem}"
+                f"|Title = patchetl synthetic"
+            )
+            if aperio
+            else None
+        )
+        writer.level(
+            _level0_tiles(scene, downsample, level1), size=(width, height), description=desc
+        )
         if aperio:  # real SVS: stripped thumbnail as the second page
             thumb = _thumbnail(level1 if level1 is not None else scene.render())
-            writer.page(thumb, description=f"{_APERIO_HEAD}{width}x{height} -> "
-                                           f"{thumb.shape[1]}x{thumb.shape[0]} - {tags}")
+            writer.page(
+                thumb,
+                description=f"{_APERIO_HEAD}{width}x{height} -> "
+                f"{thumb.shape[1]}x{thumb.shape[0]} - {tags}",
+            )
         if level1 is not None:
             for level in pyramid_levels(level1, downsample, max_side=MAX_TOP_SIDE):
                 h, w = level.shape[:2]
-                writer.level(level, description=(
-                    f"{whole} -> {w}x{h} JPEG/RGB Q={jpeg_quality}" if aperio else None))
+                writer.level(
+                    level,
+                    description=(
+                        f"{whole} -> {w}x{h} JPEG/RGB Q={jpeg_quality}" if aperio else None
+                    ),
+                )
     return dims

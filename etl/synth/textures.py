@@ -6,6 +6,7 @@ wrap-padded by one render tile, so that any tile of any slide is a plain slice o
 nucleus also records, per pixel, the offset to its centre, so that a renderer can decide per
 nucleus (at its centre) whether it lies in a lesion.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["NORMAL", "TEXTURE_PERIODS", "TILE", "TUMOR", "NucleiStyle", "Textures",
-           "fft_noise", "make_textures", "smooth_noise"]
+__all__ = [
+    "NORMAL",
+    "TEXTURE_PERIODS",
+    "TILE",
+    "TUMOR",
+    "NucleiStyle",
+    "Textures",
+    "fft_noise",
+    "make_textures",
+    "smooth_noise",
+]
 
 TILE = 256  # render tile side: textures are padded by it
 TEXTURE_PERIODS = (1024, 1152)  # two nuclei layers with these periods repeat only every 9216 px
@@ -55,8 +65,9 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float)
     return out
 
 
-def _nuclei_layer(rng: np.random.Generator, period: int, style: NucleiStyle, mpp: float,
-                  share: float) -> tuple[np.ndarray, np.ndarray]:
+def _nuclei_layer(
+    rng: np.random.Generator, period: int, style: NucleiStyle, mpp: float, share: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Periodic hematoxylin density of ``share`` of a class's nuclei, and per-pixel offsets.
 
     Returns ``(density (T, T) float32, offsets (T, T, 2) int16)``: the offset (dy, dx) from
@@ -86,8 +97,9 @@ def _nuclei_layer(rng: np.random.Generator, period: int, style: NucleiStyle, mpp
         u = dx * math.cos(theta) + dy * math.sin(theta)
         v = -dx * math.sin(theta) + dy * math.cos(theta)
         phi = np.arctan2(v, u)
-        outline = 1.0 + sum(rng.normal(0, 0.06) * np.cos(k * phi + rng.uniform(0, 6.3))
-                            for k in (2, 3, 5))  # irregular, pleomorphic border
+        outline = 1.0 + sum(
+            rng.normal(0, 0.06) * np.cos(k * phi + rng.uniform(0, 6.3)) for k in (2, 3, 5)
+        )  # irregular, pleomorphic border
         dist = np.sqrt((u / a) ** 2 + (v / b) ** 2) / outline  # 1 on the nuclear border
         prof = np.clip((1.0 - dist) * b / soft + 0.5, 0.0, 1.0)
         clumps = fft_noise(rng, dist.shape, max(0.8, 0.5 / mpp))  # chromatin texture
@@ -99,11 +111,11 @@ def _nuclei_layer(rng: np.random.Generator, period: int, style: NucleiStyle, mpp
         if sel.size == 0:
             continue
         cy, cx = centres[sel, 0], centres[sel, 1]
-        flats.append((((cy[:, None] + dy) % period) * period
-                      + (cx[:, None] + dx) % period).ravel())
+        flats.append((((cy[:, None] + dy) % period) * period + (cx[:, None] + dx) % period).ravel())
         vals.append((stain[sel, None] * prof).ravel())
-        offs.append(np.broadcast_to(np.stack([-dy, -dx], -1),
-                                    (sel.size, dy.size, 2)).reshape(-1, 2))
+        offs.append(
+            np.broadcast_to(np.stack([-dy, -dx], -1), (sel.size, dy.size, 2)).reshape(-1, 2)
+        )
     flat, val, off = np.concatenate(flats), np.concatenate(vals), np.concatenate(offs)
     field = np.zeros(period * period, np.float32)
     np.maximum.at(field, flat, val)  # the darkest nucleus wins each pixel

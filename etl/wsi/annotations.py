@@ -7,6 +7,7 @@ rule decides. Camelyon16's groups: ``_0`` and ``_1`` (and any other group, e.g. 
 are tumor, ``_2`` (``Exclusion`` in some exports) are non-tumor holes inside lesions (the
 challenge's own mask conversion paints ``_2`` last with 0).
 """
+
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
@@ -19,8 +20,15 @@ import numpy as np
 
 from etl.errors import PatchetlError
 
-__all__ = ["EXCLUSION_GROUPS", "AnnotationError", "Annotations", "points_in_polygons",
-           "read_annotations", "read_asap_xml", "write_asap_xml"]
+__all__ = [
+    "EXCLUSION_GROUPS",
+    "AnnotationError",
+    "Annotations",
+    "points_in_polygons",
+    "read_annotations",
+    "read_asap_xml",
+    "write_asap_xml",
+]
 
 # Camelyon16: groups "_2" (and "Exclusion" in some exports) mark non-tumor holes inside lesions.
 EXCLUSION_GROUPS = ("_2", "Exclusion")
@@ -45,16 +53,22 @@ def _read_groups(path: Path) -> list[tuple[str, np.ndarray]]:
     except FileNotFoundError:
         raise AnnotationError(f"{path}: annotation file not found") from None
     except ET.ParseError as exc:
-        raise AnnotationError(f"{path}: not a valid XML file ({exc}); expected ASAP "
-                              "annotations") from None
+        raise AnnotationError(
+            f"{path}: not a valid XML file ({exc}); expected ASAP annotations"
+        ) from None
     polygons: list[tuple[str, np.ndarray]] = []
     for i, ann in enumerate(root.iter("Annotation")):
         name = ann.get("Name", f"#{i}")
         points: list[tuple[float, float, float]] = []
         for coord in ann.iter("Coordinate"):
             try:
-                points.append((float(coord.get("Order", len(points))),
-                               float(coord.attrib["X"]), float(coord.attrib["Y"])))
+                points.append(
+                    (
+                        float(coord.get("Order", len(points))),
+                        float(coord.attrib["X"]),
+                        float(coord.attrib["Y"]),
+                    )
+                )
             except (KeyError, ValueError):
                 raise AnnotationError(
                     f"{path}: annotation {name!r} has a Coordinate without numeric X/Y "
@@ -66,8 +80,9 @@ def _read_groups(path: Path) -> list[tuple[str, np.ndarray]]:
                 "at least 3 (remove the annotation or add its vertices)"
             )
         points.sort(key=lambda p: p[0])
-        polygons.append((ann.get("PartOfGroup", ""),
-                         np.array([(x, y) for _, x, y in points], dtype=np.float64)))
+        polygons.append(
+            (ann.get("PartOfGroup", ""), np.array([(x, y) for _, x, y in points], dtype=np.float64))
+        )
     return polygons
 
 
@@ -81,15 +96,20 @@ def read_asap_xml(
     by their ``Order`` attribute.
     """
     wanted = None if groups is None else set(groups)
-    return [poly for group, poly in _read_groups(Path(path))
-            if (group not in EXCLUSION_GROUPS if wanted is None else group in wanted)]
+    return [
+        poly
+        for group, poly in _read_groups(Path(path))
+        if (group not in EXCLUSION_GROUPS if wanted is None else group in wanted)
+    ]
 
 
 def read_annotations(path: str | PathLike[str]) -> Annotations:
     """Tumor polygons and holes (the exclusion groups) of an ASAP XML file, read once."""
     groups = _read_groups(Path(path))
-    return Annotations(tumor=[p for g, p in groups if g not in EXCLUSION_GROUPS],
-                       holes=[p for g, p in groups if g in EXCLUSION_GROUPS])
+    return Annotations(
+        tumor=[p for g, p in groups if g not in EXCLUSION_GROUPS],
+        holes=[p for g, p in groups if g in EXCLUSION_GROUPS],
+    )
 
 
 def write_asap_xml(
@@ -106,17 +126,25 @@ def write_asap_xml(
     """
     lines = ['<?xml version="1.0"?>', "<ASAP_Annotations>", "\t<Annotations>"]
     for i, poly in enumerate(polygons):
-        lines.append(f'\t\t<Annotation Name="Annotation {i}" Type="Polygon" '
-                     f'PartOfGroup="{group}" Color="{color}">')
+        lines.append(
+            f'\t\t<Annotation Name="Annotation {i}" Type="Polygon" '
+            f'PartOfGroup="{group}" Color="{color}">'
+        )
         lines.append("\t\t\t<Coordinates>")
         for j, (x, y) in enumerate(np.asarray(poly, dtype=np.float64)):
             lines.append(f'\t\t\t\t<Coordinate Order="{j}" X="{x:.2f}" Y="{y:.2f}" />')
         lines.append("\t\t\t</Coordinates>")
         lines.append("\t\t</Annotation>")
-    lines += ["\t</Annotations>", "\t<AnnotationGroups>",
-              f'\t\t<Group Name="{group}" PartOfGroup="None" Color="#00ff00">',
-              "\t\t\t<Attributes />", "\t\t</Group>", "\t</AnnotationGroups>",
-              "</ASAP_Annotations>", ""]
+    lines += [
+        "\t</Annotations>",
+        "\t<AnnotationGroups>",
+        f'\t\t<Group Name="{group}" PartOfGroup="None" Color="#00ff00">',
+        "\t\t\t<Attributes />",
+        "\t\t</Group>",
+        "\t</AnnotationGroups>",
+        "</ASAP_Annotations>",
+        "",
+    ]
     Path(path).write_text("\n".join(lines), encoding="utf-8")
 
 

@@ -12,6 +12,7 @@ are kept. The right and bottom blocks may be partial; ``edge`` says what happens
 - ``"replicate"``: partial blocks are completed by repeating the last row / column
   (``ceil``): the edge keeps its own value (maps, masks).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -41,8 +42,11 @@ def block_mean(image: np.ndarray, factor: int, edge: Edge) -> np.ndarray:
     oh, ow = downsampled_size(h, factor, edge), downsampled_size(w, factor, edge)
     if edge != "drop" and (oh * factor, ow * factor) != (h, w):
         pad = [(0, oh * factor - h), (0, ow * factor - w)] + [(0, 0)] * (image.ndim - 2)
-        image = (np.pad(image, pad, mode="edge") if edge == "replicate"
-                 else np.pad(image, pad, constant_values=255))
+        image = (
+            np.pad(image, pad, mode="edge")
+            if edge == "replicate"
+            else np.pad(image, pad, constant_values=255)
+        )
     n = factor * factor
     acc_type = np.uint16 if 255 * n + n // 2 <= np.iinfo(np.uint16).max else np.uint32
     acc = np.full((oh, ow, *image.shape[2:]), n // 2, acc_type)  # the rounding offset

@@ -11,6 +11,7 @@ WebDataset keys and file names: no dots, which separate a key from its extension
 QC thumbnails and inference outputs are named by ``key_stem``; it must not change, or keys of
 existing shards would.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,11 +21,28 @@ from pathlib import Path
 
 from etl.errors import PatchetlError
 
-__all__ = ["SLIDE_SUFFIXES", "SlidePathError", "find_slides", "is_slide_name", "key_stem",
-           "slide_stem"]
+__all__ = [
+    "SLIDE_SUFFIXES",
+    "SlidePathError",
+    "find_slides",
+    "is_slide_name",
+    "key_stem",
+    "slide_stem",
+]
 
-SLIDE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".svs", ".ndpi", ".vms", ".vmu", ".scn",
-                                   ".mrxs", ".bif", ".svslide", ".btf")
+SLIDE_SUFFIXES: tuple[str, ...] = (
+    ".tif",
+    ".tiff",
+    ".svs",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".bif",
+    ".svslide",
+    ".btf",
+)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -68,12 +86,15 @@ def find_slides(inputs: Iterable[str | PathLike[str]]) -> list[Path]:
         if path.is_dir():
             inside = sorted(f for f in path.iterdir() if f.is_file() and is_slide_name(f.name))
             if not inside:
-                raise SlidePathError(f"{path}: folder holds no slide files "
-                                     f"({', '.join(SLIDE_SUFFIXES)}); pass the folder of slides")
+                raise SlidePathError(
+                    f"{path}: folder holds no slide files "
+                    f"({', '.join(SLIDE_SUFFIXES)}); pass the folder of slides"
+                )
             found += inside
         elif path.exists():
             found.append(path)
         else:
-            raise SlidePathError(f"{path}: slide not found (give a slide file or a folder of "
-                                 "slides)")
+            raise SlidePathError(
+                f"{path}: slide not found (give a slide file or a folder of slides)"
+            )
     return found

@@ -12,6 +12,7 @@ Mask TIFFs come in two kinds, both read by :func:`read_mask_level`:
 - Camelyon-style: a pyramid (any TIFF layout tifffile reads) whose largest level has the
   slide's size; the coarsest level with a downsample at most the one asked for is read.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,14 @@ class MaskError(PatchetlError, ValueError):
     """A mask TIFF cannot be read as a mask; the message names the file and the fix."""
 
 
-def tumor_mask(polygons: Sequence[np.ndarray], width: int, height: int, downsample: int, *,
-               holes: Sequence[np.ndarray] = ()) -> np.ndarray:
+def tumor_mask(
+    polygons: Sequence[np.ndarray],
+    width: int,
+    height: int,
+    downsample: int,
+    *,
+    holes: Sequence[np.ndarray] = (),
+) -> np.ndarray:
     """uint8 mask (1 = tumor) of a ``width x height`` level-0 slide at ``downsample``."""
     mh, mw = math.ceil(height / downsample), math.ceil(width / downsample)
     mask = np.zeros((mh, mw), np.uint8)
@@ -54,15 +61,23 @@ def tumor_mask(polygons: Sequence[np.ndarray], width: int, height: int, downsamp
     return mask
 
 
-def write_mask(path: str | PathLike[str], mask: np.ndarray, *, downsample: int, width: int,
-               height: int) -> None:
+def write_mask(
+    path: str | PathLike[str], mask: np.ndarray, *, downsample: int, width: int, height: int
+) -> None:
     """Write a described mask TIFF: ``mask`` (uint8, 1 = tumor) at ``downsample`` of a
     ``width x height`` level-0 slide."""
-    desc = json.dumps({"downsample": downsample, "level0_width": width, "level0_height": height,
-                       "values": {"0": "normal", "1": "tumor"},
-                       "pixel_centre": "pixel (i, j) = level-0 point ((j+0.5)*ds, (i+0.5)*ds)"})
-    with PyramidWriter(path, mask.shape[1], mask.shape[0], photometric="minisblack",
-                       compression="zlib", tile=None) as writer:
+    desc = json.dumps(
+        {
+            "downsample": downsample,
+            "level0_width": width,
+            "level0_height": height,
+            "values": {"0": "normal", "1": "tumor"},
+            "pixel_centre": "pixel (i, j) = level-0 point ((j+0.5)*ds, (i+0.5)*ds)",
+        }
+    )
+    with PyramidWriter(
+        path, mask.shape[1], mask.shape[0], photometric="minisblack", compression="zlib", tile=None
+    ) as writer:
         writer.level(mask, description=desc)
 
 
@@ -78,10 +93,14 @@ class MaskLevel:
     def sample(self, downsample: int) -> np.ndarray:
         """Pixel values at the centres of the pixels of a mask at ``downsample`` (nearest)."""
         w, h = math.ceil(self.size0[0] / downsample), math.ceil(self.size0[1] / downsample)
-        rows = np.minimum(((np.arange(h) + 0.5) * downsample / self.downsample[1])
-                          .astype(np.int64), self.pixels.shape[0] - 1)
-        cols = np.minimum(((np.arange(w) + 0.5) * downsample / self.downsample[0])
-                          .astype(np.int64), self.pixels.shape[1] - 1)
+        rows = np.minimum(
+            ((np.arange(h) + 0.5) * downsample / self.downsample[1]).astype(np.int64),
+            self.pixels.shape[0] - 1,
+        )
+        cols = np.minimum(
+            ((np.arange(w) + 0.5) * downsample / self.downsample[0]).astype(np.int64),
+            self.pixels.shape[1] - 1,
+        )
         return self.pixels[np.ix_(rows, cols)]
 
 
@@ -148,6 +167,8 @@ def read_mask(path: str | PathLike[str]) -> tuple[np.ndarray, int]:
     except (OSError, ValueError, KeyError, tifffile.TiffFileError) as exc:
         raise MaskError(f"{path}: cannot read the mask TIFF ({exc})") from None
     if level is None:
-        raise MaskError(f"{path}: mask TIFF without a JSON description holding 'downsample'; "
-                        "write it with etl.wsi.masks.write_mask")
+        raise MaskError(
+            f"{path}: mask TIFF without a JSON description holding 'downsample'; "
+            "write it with etl.wsi.masks.write_mask"
+        )
     return level.pixels, int(level.downsample[0])

@@ -12,6 +12,7 @@ A level is an array, an iterator of tiles (arrays, row-major over the tile grid,
 full size) or an iterator of tiles already compressed by :meth:`PyramidWriter.encode_tiles`
 (written as they are: a level of repeated tiles costs one encoding per distinct tile).
 """
+
 from __future__ import annotations
 
 import io
@@ -26,16 +27,23 @@ import tifffile
 
 from etl.wsi.downsample import Edge, block_mean, downsampled_size
 
-__all__ = ["Compression", "Photometric", "PyramidWriter", "pyramid_dims", "pyramid_levels",
-           "write_pyramid"]
+__all__ = [
+    "Compression",
+    "Photometric",
+    "PyramidWriter",
+    "pyramid_dims",
+    "pyramid_levels",
+    "write_pyramid",
+]
 
 Compression = Literal["jpeg", "zlib"]
 Photometric = Literal["rgb", "minisblack"]
 _CHANNELS = {"rgb": 3, "minisblack": 1}
 
 
-def pyramid_dims(width: int, height: int, factor: int, *, max_side: int = 1024,
-                 edge: Edge = "drop") -> list[tuple[int, int]]:
+def pyramid_dims(
+    width: int, height: int, factor: int, *, max_side: int = 1024, edge: Edge = "drop"
+) -> list[tuple[int, int]]:
     """(width, height) per level: each ``factor`` times smaller (sizes as ``block_mean`` with
     ``edge`` makes them) until the longest side is at most ``max_side`` or a side would be 0."""
     dims = [(width, height)]
@@ -45,12 +53,12 @@ def pyramid_dims(width: int, height: int, factor: int, *, max_side: int = 1024,
     return dims
 
 
-def pyramid_levels(image: np.ndarray, factor: int, *, max_side: int = 1024,
-                   edge: Edge = "drop") -> list[np.ndarray]:
+def pyramid_levels(
+    image: np.ndarray, factor: int, *, max_side: int = 1024, edge: Edge = "drop"
+) -> list[np.ndarray]:
     """``image`` and its block means, each from the one before, sized as ``pyramid_dims``."""
     levels = [image]
-    for _ in pyramid_dims(image.shape[1], image.shape[0], factor, max_side=max_side,
-                          edge=edge)[1:]:
+    for _ in pyramid_dims(image.shape[1], image.shape[0], factor, max_side=max_side, edge=edge)[1:]:
         levels.append(block_mean(levels[-1], factor, edge))
     return levels
 
@@ -64,10 +72,19 @@ class PyramidWriter:
     ``reduced``: NewSubfileType of the levels after the first (None: no tag).
     """
 
-    def __init__(self, path: str | PathLike[str], width: int, height: int, *,
-                 photometric: Photometric = "rgb", compression: Compression = "jpeg",
-                 quality: int = 90, tile: int | None = 256,
-                 mpp: tuple[float, float] | None = None, reduced: int | None = 1) -> None:
+    def __init__(
+        self,
+        path: str | PathLike[str],
+        width: int,
+        height: int,
+        *,
+        photometric: Photometric = "rgb",
+        compression: Compression = "jpeg",
+        quality: int = 90,
+        tile: int | None = 256,
+        mpp: tuple[float, float] | None = None,
+        reduced: int | None = 1,
+    ) -> None:
         self.width, self.height = width, height
         self.photometric, self.tile, self.mpp, self.reduced = photometric, tile, mpp, reduced
         self.channels = _CHANNELS[photometric]
@@ -81,28 +98,35 @@ class PyramidWriter:
     def __enter__(self) -> PyramidWriter:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
         self._tw.close()
 
     def _common(self, width: int, height: int) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"photometric": self.photometric, "metadata": None,
-                                  **self._codec}
+        kwargs: dict[str, Any] = {"photometric": self.photometric, "metadata": None, **self._codec}
         if self.mpp is not None:
             um_x, um_y = self.mpp
-            kwargs["resolution"] = (1e4 / (um_x * self.width / width),
-                                    1e4 / (um_y * self.height / height))  # pixels per cm
+            kwargs["resolution"] = (
+                1e4 / (um_x * self.width / width),
+                1e4 / (um_y * self.height / height),
+            )  # pixels per cm
             kwargs["resolutionunit"] = "CENTIMETER"
         return kwargs
 
     def _shape(self, width: int, height: int) -> tuple[int, ...]:
         return (height, width, self.channels) if self.channels > 1 else (height, width)
 
-    def level(self, data: np.ndarray | Iterator[np.ndarray] | Iterator[bytes], *,
-              size: tuple[int, int] | None = None, description: str | None = None) -> None:
+    def level(
+        self,
+        data: np.ndarray | Iterator[np.ndarray] | Iterator[bytes],
+        *,
+        size: tuple[int, int] | None = None,
+        description: str | None = None,
+    ) -> None:
         """Write the next level from an array, or from tiles (then ``size`` = (width, height))."""
         kwargs: dict[str, Any] = {"description": description}
         if isinstance(data, np.ndarray):
@@ -121,11 +145,16 @@ class PyramidWriter:
         self._tw.write(data, **kwargs, **self._common(width, height))
         self.levels += 1
 
-    def page(self, image: np.ndarray, *, rows_per_strip: int = 16,
-             description: str | None = None) -> None:
+    def page(
+        self, image: np.ndarray, *, rows_per_strip: int = 16, description: str | None = None
+    ) -> None:
         """Write a stripped page that is no pyramid level (a thumbnail, say)."""
-        self._tw.write(image, rowsperstrip=rows_per_strip, description=description,
-                       **self._common(image.shape[1], image.shape[0]))
+        self._tw.write(
+            image,
+            rowsperstrip=rows_per_strip,
+            description=description,
+            **self._common(image.shape[1], image.shape[0]),
+        )
 
     def encode_tiles(self, tiles: Iterable[np.ndarray]) -> list[bytes]:
         """Each tile compressed exactly as :meth:`level` compresses it, for writing as bytes.
@@ -138,8 +167,13 @@ class PyramidWriter:
         stack = np.concatenate(list(tiles), axis=0)
         buf = io.BytesIO()
         with tifffile.TiffWriter(buf) as tw:
-            tw.write(stack, tile=(self.tile, self.tile), photometric=self.photometric,
-                     metadata=None, **self._codec)
+            tw.write(
+                stack,
+                tile=(self.tile, self.tile),
+                photometric=self.photometric,
+                metadata=None,
+                **self._codec,
+            )
         buf.seek(0)
         with tifffile.TiffFile(buf) as tf:
             page = tf.pages.first
@@ -152,8 +186,13 @@ class PyramidWriter:
         return out
 
 
-def write_pyramid(path: str | PathLike[str], levels: list[np.ndarray], *,
-                  description: str | None = None, **options: Any) -> list[tuple[int, int]]:
+def write_pyramid(
+    path: str | PathLike[str],
+    levels: list[np.ndarray],
+    *,
+    description: str | None = None,
+    **options: Any,
+) -> list[tuple[int, int]]:
     """Write ``levels`` (level 0 first) with :class:`PyramidWriter` ``options``; the description
     goes on level 0. Returns the (width, height) of each level."""
     height, width = levels[0].shape[:2]
@@ -161,4 +200,3 @@ def write_pyramid(path: str | PathLike[str], levels: list[np.ndarray], *,
         for k, image in enumerate(levels):
             writer.level(image, description=description if k == 0 else None)
     return [(image.shape[1], image.shape[0]) for image in levels]
-

@@ -17,6 +17,7 @@ Two implementations:
 :func:`open_slide` picks one. Readers are not thread-safe and not picklable: each worker
 process opens its own.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -100,8 +101,10 @@ def read_region_openslide_rgb(
 def _mpp_from_properties(props: Any) -> tuple[float, float] | None:
     """(mpp_x, mpp_y) from OpenSlide's ``openslide.mpp-x/y`` properties, or None."""
     try:
-        return (float(props[openslide.PROPERTY_NAME_MPP_X]),
-                float(props[openslide.PROPERTY_NAME_MPP_Y]))
+        return (
+            float(props[openslide.PROPERTY_NAME_MPP_X]),
+            float(props[openslide.PROPERTY_NAME_MPP_Y]),
+        )
     except (KeyError, ValueError):
         return None
 
@@ -124,8 +127,9 @@ def _open_openslide(path: Path) -> openslide.OpenSlide:
             f"{exc}); see https://openslide.org/formats/ for the formats it reads"
         ) from exc
     except (openslide.OpenSlideError, OSError) as exc:
-        raise SlideError(f"{path}: OpenSlide cannot open this slide (unsupported variant "
-                         f"or corrupt file): {exc}") from exc
+        raise SlideError(
+            f"{path}: OpenSlide cannot open this slide (unsupported variant or corrupt file): {exc}"
+        ) from exc
 
 
 class SlideReader(ABC):
@@ -155,8 +159,12 @@ class SlideReader(ABC):
     def __enter__(self) -> SlideReader:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __getstate__(self) -> None:
@@ -166,8 +174,10 @@ class SlideReader(ABC):
         )
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({str(self.path)!r}, vendor={self.vendor!r}, "
-                f"levels={self.level_dimensions})")
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, vendor={self.vendor!r}, "
+            f"levels={self.level_dimensions})"
+        )
 
     def _check_args(self, x0: int, y0: int, level: int, w: int, h: int) -> tuple[int, ...]:
         x0, y0, level, w, h = (operator.index(v) for v in (x0, y0, level, w, h))
@@ -264,8 +274,11 @@ def _level_pages(pages: list[tifffile.TiffPage], vendor: str) -> list[tifffile.T
         # every tiled directory, in file order (thumbnail, label, macro are stripped)
         return [p for p in pages if p.is_tiled]
     # generic-tiff: page 0, plus tiled pages flagged reduced-resolution; widest first
-    chosen = [p for i, p in enumerate(pages)
-              if p.is_tiled and (i == 0 or p.subfiletype & _SUBFILETYPE_REDUCED)]
+    chosen = [
+        p
+        for i, p in enumerate(pages)
+        if p.is_tiled and (i == 0 or p.subfiletype & _SUBFILETYPE_REDUCED)
+    ]
     return sorted(chosen, key=lambda p: -p.imagewidth)
 
 
@@ -274,13 +287,19 @@ def _why_not_direct(page: tifffile.TiffPage) -> str | None:
     checks = [
         (page.is_tiled, "not tiled"),
         (page.compression in DIRECT_COMPRESSIONS, f"compression {page.compression}"),
-        (page.photometric == _PHOTOMETRIC_RGB
-         or (page.photometric == _PHOTOMETRIC_YCBCR and page.compression == _COMPRESSION_JPEG),
-         f"photometric {page.photometric}"),
-        (page.samplesperpixel == 3 and not page.extrasamples,
-         f"{page.samplesperpixel} samples per pixel"),
-        (page.bitspersample == 8 and page.sampleformat == 1,
-         f"{page.bitspersample}-bit samples (format {page.sampleformat})"),
+        (
+            page.photometric == _PHOTOMETRIC_RGB
+            or (page.photometric == _PHOTOMETRIC_YCBCR and page.compression == _COMPRESSION_JPEG),
+            f"photometric {page.photometric}",
+        ),
+        (
+            page.samplesperpixel == 3 and not page.extrasamples,
+            f"{page.samplesperpixel} samples per pixel",
+        ),
+        (
+            page.bitspersample == 8 and page.sampleformat == 1,
+            f"{page.bitspersample}-bit samples (format {page.sampleformat})",
+        ),
         (page.planarconfig == 1, "separate colour planes"),
         (page.imagedepth == 1 and page.tiledepth == 1, "volumetric tiles"),
         (page.fillorder == 1, "fill order LSB2MSB"),
@@ -304,8 +323,9 @@ def _make_decoder(page: tifffile.TiffPage) -> Callable[[bytes, int], np.ndarray]
         tables = page.jpegtables
 
         def decode_jpeg(data: bytes, index: int) -> np.ndarray:
-            tile = imagecodecs.jpeg8_decode(data, tables=tables, colorspace=colorspace,
-                                            outcolorspace="RGB")
+            tile = imagecodecs.jpeg8_decode(
+                data, tables=tables, colorspace=colorspace, outcolorspace="RGB"
+            )
             return tile.reshape(shape)
 
         return decode_jpeg
@@ -326,14 +346,22 @@ def _direct_levels(tif: tifffile.TiffFile, vendor: str, path: Path) -> list[_Lev
         reason = _why_not_direct(page)
         if reason is not None:
             raise UnsupportedSlide(
-                f"{path}: page {page.index} cannot be decoded directly ({reason})")
-        levels.append(_Level(
-            page_index=page.index, width=page.imagewidth, height=page.imagelength,
-            tile_w=page.tilewidth, tile_h=page.tilelength,
-            tiles_across=-(-page.imagewidth // page.tilewidth),
-            tiles_down=-(-page.imagelength // page.tilelength),
-            offsets=tuple(page.dataoffsets), bytecounts=tuple(page.databytecounts),
-            decode=_make_decoder(page)))
+                f"{path}: page {page.index} cannot be decoded directly ({reason})"
+            )
+        levels.append(
+            _Level(
+                page_index=page.index,
+                width=page.imagewidth,
+                height=page.imagelength,
+                tile_w=page.tilewidth,
+                tile_h=page.tilelength,
+                tiles_across=-(-page.imagewidth // page.tilewidth),
+                tiles_down=-(-page.imagelength // page.tilelength),
+                offsets=tuple(page.dataoffsets),
+                bytecounts=tuple(page.databytecounts),
+                decode=_make_decoder(page),
+            )
+        )
     return levels
 
 
@@ -360,8 +388,9 @@ class TiffTileReader(SlideReader):
         try:
             self._tif = tifffile.TiffFile(self.path)
         except (tifffile.TiffFileError, ValueError, OSError) as exc:
-            raise UnsupportedSlide(f"{self.path}: not a TIFF file the direct reader can "
-                                   f"parse ({exc})") from exc
+            raise UnsupportedSlide(
+                f"{self.path}: not a TIFF file the direct reader can parse ({exc})"
+            ) from exc
         try:
             self._setup()
         except BaseException:
@@ -372,19 +401,25 @@ class TiffTileReader(SlideReader):
         try:
             self._slide = _open_openslide(self.path)
         except SlideError as exc:
-            raise UnsupportedSlide(f"{exc} (the direct reader only reads what OpenSlide "
-                                   "reads, to stay pixel-identical)") from exc
+            raise UnsupportedSlide(
+                f"{exc} (the direct reader only reads what OpenSlide "
+                "reads, to stay pixel-identical)"
+            ) from exc
         slide = self._slide
         self.vendor = slide.properties.get(openslide.PROPERTY_NAME_VENDOR) or "unknown"
         if self.vendor not in DIRECT_VENDORS:
-            raise UnsupportedSlide(f"{self.path}: OpenSlide format {self.vendor!r} is not "
-                                   f"read directly (only {sorted(DIRECT_VENDORS)})")
+            raise UnsupportedSlide(
+                f"{self.path}: OpenSlide format {self.vendor!r} is not "
+                f"read directly (only {sorted(DIRECT_VENDORS)})"
+            )
         assert self._tif is not None
         levels = _direct_levels(self._tif, self.vendor, self.path)
         dims = tuple((lv.width, lv.height) for lv in levels)
         if dims != tuple(slide.level_dimensions):
-            raise UnsupportedSlide(f"{self.path}: TIFF levels {dims} differ from OpenSlide's "
-                                   f"{tuple(slide.level_dimensions)}")
+            raise UnsupportedSlide(
+                f"{self.path}: TIFF levels {dims} differ from OpenSlide's "
+                f"{tuple(slide.level_dimensions)}"
+            )
         self._levels = tuple(levels)
         self.level_count = len(levels)
         self.level_dimensions = dims
@@ -424,7 +459,9 @@ class TiffTileReader(SlideReader):
                 tx = col * lv.tile_w
                 c0, c1 = max(x_lo, tx), min(x_hi, tx + lv.tile_w)
                 tile = self._tile(lv, level, row * lv.tiles_across + col)
-                out[r0 - ly:r1 - ly, c0 - lx:c1 - lx] = tile[r0 - ty:r1 - ty, c0 - tx:c1 - tx]
+                out[r0 - ly : r1 - ly, c0 - lx : c1 - lx] = tile[
+                    r0 - ty : r1 - ty, c0 - tx : c1 - tx
+                ]
         return out
 
     def _tile(self, lv: _Level, level: int, index: int) -> np.ndarray:
@@ -436,8 +473,10 @@ class TiffTileReader(SlideReader):
             try:
                 tile = lv.decode(data, index)
             except Exception as exc:
-                raise SlideError(f"{self.path}: cannot decode tile {index} of level {level} "
-                                 f"(TIFF page {lv.page_index}): {exc}") from exc
+                raise SlideError(
+                    f"{self.path}: cannot decode tile {index} of level {level} "
+                    f"(TIFF page {lv.page_index}): {exc}"
+                ) from exc
             tile.flags.writeable = False
             self.tiles_decoded += 1
             self._cache.put(key, tile)
@@ -458,8 +497,9 @@ class TiffTileReader(SlideReader):
             self._slide = None
 
 
-def open_slide(path: str | Path, *, backend: Backend = "auto",
-               tile_cache_bytes: int = DEFAULT_TILE_CACHE_BYTES) -> SlideReader:
+def open_slide(
+    path: str | Path, *, backend: Backend = "auto", tile_cache_bytes: int = DEFAULT_TILE_CACHE_BYTES
+) -> SlideReader:
     """Open a slide for region reads.
 
     backend: "auto" uses the direct TIFF reader when the file is one it reads

@@ -14,6 +14,7 @@ Connected pieces smaller than ``min_area`` level-0 square pixels are dropped.
 Geometry: mask pixel (r, c) covers level-0 pixels ``[c*ds_x, (c+1)*ds_x) x [r*ds_y, (r+1)*ds_y)``
 where ``(ds_x, ds_y) = TissueMask.downsample``. Only numpy and scipy: no torch here.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,8 +62,9 @@ def read_low_res(reader: SlideReader, downsample: float, *, coarser: bool = Fals
     if not downsample >= 1:
         raise OptionError(f"downsample must be >= 1, got {downsample}")
     w0, h0 = reader.dimensions
-    level = max((i for i, d in enumerate(reader.level_downsamples) if d <= downsample * 1.001),
-                default=0)
+    level = max(
+        (i for i, d in enumerate(reader.level_downsamples) if d <= downsample * 1.001), default=0
+    )
     wl, hl = reader.level_dimensions[level]
     lds_x, lds_y = w0 / wl, h0 / hl
     ratio = downsample / reader.level_downsamples[level]
@@ -91,8 +93,9 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return sat
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256, value_range: tuple[float, float] = (0, 1)
-                   ) -> float:
+def otsu_threshold(
+    values: np.ndarray, bins: int = 256, value_range: tuple[float, float] = (0, 1)
+) -> float:
     """Otsu's threshold: the histogram split that maximises the between-class variance.
 
     Returns the upper edge of the last bin of the lower class (values above it are the upper
@@ -112,8 +115,13 @@ def otsu_threshold(values: np.ndarray, bins: int = 256, value_range: tuple[float
     return float(edges[int(np.argmax(between)) + 1])
 
 
-def tissue_from_rgb(rgb: np.ndarray, *, threshold: float | None = None,
-                    min_saturation: float = 0.05, rgb_min: int = 50) -> tuple[np.ndarray, float]:
+def tissue_from_rgb(
+    rgb: np.ndarray,
+    *,
+    threshold: float | None = None,
+    min_saturation: float = 0.05,
+    rgb_min: int = 50,
+) -> tuple[np.ndarray, float]:
     """(bool tissue mask, saturation threshold used) of a low-resolution uint8 RGB image."""
     sat = saturation(rgb)
     thr = otsu_threshold(sat) if threshold is None else float(threshold)
@@ -159,8 +167,12 @@ class TissueMask:
 
         r0, r1 = bounds(rows, dsy, h)
         c0, c1 = bounds(cols, dsx, w)
-        total = (table[r1[:, None], c1[None, :]] - table[r0[:, None], c1[None, :]]
-                 - table[r1[:, None], c0[None, :]] + table[r0[:, None], c0[None, :]])
+        total = (
+            table[r1[:, None], c1[None, :]]
+            - table[r0[:, None], c1[None, :]]
+            - table[r1[:, None], c0[None, :]]
+            + table[r0[:, None], c0[None, :]]
+        )
         cells: np.ndarray = total > 0
         return cells
 
@@ -175,9 +187,15 @@ class TissueMask:
         return out
 
 
-def tissue_mask(reader: SlideReader, *, downsample: float = 32.0, threshold: float | None = None,
-                min_saturation: float = 0.05, rgb_min: int = 50, min_area: float = 256 * 256
-                ) -> TissueMask:
+def tissue_mask(
+    reader: SlideReader,
+    *,
+    downsample: float = 32.0,
+    threshold: float | None = None,
+    min_saturation: float = 0.05,
+    rgb_min: int = 50,
+    min_area: float = 256 * 256,
+) -> TissueMask:
     """Tissue mask of a slide at about ``downsample`` level-0 px per mask pixel.
 
     ``threshold``: fixed saturation threshold in [0, 1] instead of Otsu's. ``min_area``:
@@ -186,8 +204,9 @@ def tissue_mask(reader: SlideReader, *, downsample: float = 32.0, threshold: flo
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise OptionError(f"tissue threshold {threshold}: use a saturation in [0, 1]")
     low = read_low_res(reader, downsample)
-    mask, thr = tissue_from_rgb(low.rgb, threshold=threshold, min_saturation=min_saturation,
-                                rgb_min=rgb_min)
+    mask, thr = tissue_from_rgb(
+        low.rgb, threshold=threshold, min_saturation=min_saturation, rgb_min=rgb_min
+    )
     if min_area > 0 and mask.any():
         labels, n = ndimage.label(mask)
         sizes = np.bincount(labels.ravel(), minlength=n + 1) * low.downsample[0] * low.downsample[1]

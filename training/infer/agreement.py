@@ -12,6 +12,7 @@ own slides and checkpoint and reports, over the map pixels inside tissue:
 - "same call": the share of map pixels on the same side of 0.5 in both modes, and the share
   called tumor (>= 0.5) in each.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,9 +48,15 @@ class Agreement:
             return cls(0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
         diff = np.abs(d - p)
         r = float(np.corrcoef(d, p)[0, 1]) if d.std() > 0 and p.std() > 0 else math.nan
-        return cls(int(d.size), r, float(diff.mean()), float(diff.max()),
-                   float(np.mean((d >= 0.5) == (p >= 0.5))), float(np.mean(d >= 0.5)),
-                   float(np.mean(p >= 0.5)))
+        return cls(
+            int(d.size),
+            r,
+            float(diff.mean()),
+            float(diff.max()),
+            float(np.mean((d >= 0.5) == (p >= 0.5))),
+            float(np.mean(d >= 0.5)),
+            float(np.mean(p >= 0.5)),
+        )
 
 
 @dataclass(frozen=True)
@@ -70,27 +77,35 @@ def compare_slide(path: str | Path, predictor: Predictor, cfg: InferConfig) -> S
     if not np.array_equal(cells, patch.cells):  # same slide, same options: cannot happen
         raise RuntimeError(f"{path}: the two runs found different tissue")
     d, p = dense.prob[cells], patch.prob[cells]
-    return SlideAgreement(dense.name, Agreement.of(d, p), dense.seconds["model"],
-                          patch.seconds["model"], d, p)
+    return SlideAgreement(
+        dense.name, Agreement.of(d, p), dense.seconds["model"], patch.seconds["model"], d, p
+    )
 
 
 def pooled(results: list[SlideAgreement]) -> Agreement:
     if not results:
         return Agreement.of(np.zeros(0), np.zeros(0))
-    return Agreement.of(np.concatenate([r.dense for r in results]),
-                        np.concatenate([r.patch for r in results]))
+    return Agreement.of(
+        np.concatenate([r.dense for r in results]), np.concatenate([r.patch for r in results])
+    )
 
 
 def report_lines(results: list[SlideAgreement], total: Agreement) -> list[str]:
     def fmt(name: str, a: Agreement, extra: str = "") -> str:
         r = "n/a" if math.isnan(a.pearson) else f"{a.pearson:.4f}"
-        return (f"{name:<28} {a.cells:>8} {r:>8} {a.mean_abs:>9.4f} {a.max_abs:>8.4f} "
-                f"{a.same_call:>9.2%} {a.positive_dense:>7.2%} {a.positive_patch:>7.2%}{extra}")
+        return (
+            f"{name:<28} {a.cells:>8} {r:>8} {a.mean_abs:>9.4f} {a.max_abs:>8.4f} "
+            f"{a.same_call:>9.2%} {a.positive_dense:>7.2%} {a.positive_patch:>7.2%}{extra}"
+        )
 
-    lines = [f"{'slide':<28} {'cells':>8} {'r':>8} {'mean |d|':>9} {'max |d|':>8} "
-             f"{'same call':>9} {'tumor d':>7} {'tumor p':>7}  seconds dense / patch"]
-    lines += [fmt(s.slide, s.agreement, f"  {s.dense_seconds:.1f} / {s.patch_seconds:.1f}")
-              for s in results]
+    lines = [
+        f"{'slide':<28} {'cells':>8} {'r':>8} {'mean |d|':>9} {'max |d|':>8} "
+        f"{'same call':>9} {'tumor d':>7} {'tumor p':>7}  seconds dense / patch"
+    ]
+    lines += [
+        fmt(s.slide, s.agreement, f"  {s.dense_seconds:.1f} / {s.patch_seconds:.1f}")
+        for s in results
+    ]
     lines.append(fmt("pooled", total))
     return lines
 
@@ -100,12 +115,31 @@ def _json_safe(row: dict) -> dict:
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
-def write_report(path: str | Path, results: list[SlideAgreement], total: Agreement,
-                 cfg: InferConfig, min_r: float) -> Path:
-    doc = {"checkpoint": cfg.checkpoint, "stride": cfg.stride, "patch_size": cfg.patch_size,
-           "amp": bool(cfg.amp), "min_r": min_r, "pooled": _json_safe(asdict(total)),
-           "slides": [_json_safe({"slide": s.slide, **asdict(s.agreement),
-                                  "dense_seconds": s.dense_seconds,
-                                  "patch_seconds": s.patch_seconds}) for s in results]}
+def write_report(
+    path: str | Path,
+    results: list[SlideAgreement],
+    total: Agreement,
+    cfg: InferConfig,
+    min_r: float,
+) -> Path:
+    doc = {
+        "checkpoint": cfg.checkpoint,
+        "stride": cfg.stride,
+        "patch_size": cfg.patch_size,
+        "amp": bool(cfg.amp),
+        "min_r": min_r,
+        "pooled": _json_safe(asdict(total)),
+        "slides": [
+            _json_safe(
+                {
+                    "slide": s.slide,
+                    **asdict(s.agreement),
+                    "dense_seconds": s.dense_seconds,
+                    "patch_seconds": s.patch_seconds,
+                }
+            )
+            for s in results
+        ],
+    }
     write_json_atomic(path, doc)
     return Path(path)

@@ -14,6 +14,7 @@ reach past the slide edge see white, as OpenSlide reads it). This definition is 
 each map's sidecar. The map is computed in tiles of whole map pixels; only tiles holding
 tissue are planned.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,11 +35,23 @@ class MapGeometry:
     patch: int  # patch side, level px
 
     @classmethod
-    def for_level(cls, level_dims: tuple[int, int], level: int, downsample: float,
-                  stride_level: int, patch: int) -> MapGeometry:
+    def for_level(
+        cls,
+        level_dims: tuple[int, int],
+        level: int,
+        downsample: float,
+        stride_level: int,
+        patch: int,
+    ) -> MapGeometry:
         w, h = level_dims
-        return cls(cols=-(-w // stride_level), rows=-(-h // stride_level), level=level,
-                   downsample=float(downsample), stride_level=stride_level, patch=patch)
+        return cls(
+            cols=-(-w // stride_level),
+            rows=-(-h // stride_level),
+            level=level,
+            downsample=float(downsample),
+            stride_level=stride_level,
+            patch=patch,
+        )
 
     @property
     def stride(self) -> float:
@@ -68,14 +81,22 @@ class MapGeometry:
         return j * self.stride_level + off, i * self.stride_level + off
 
     def as_dict(self) -> dict:
-        return {"stride": self.stride, "stride_level": self.stride_level, "x_start": self.x_start,
-                "y_start": self.y_start, "map_width": self.cols, "map_height": self.rows,
-                "level": self.level, "level_downsample": self.downsample,
-                "patch_size": self.patch, "patch_size_level0": self.patch * self.downsample,
-                "definition": "map pixel (i, j) = the patch_size x patch_size patch (at `level`) "
-                              "centred at level-0 (x_start + j*stride, y_start + i*stride); it "
-                              "stands for level-0 [j*stride, (j+1)*stride) x [i*stride, "
-                              "(i+1)*stride)"}
+        return {
+            "stride": self.stride,
+            "stride_level": self.stride_level,
+            "x_start": self.x_start,
+            "y_start": self.y_start,
+            "map_width": self.cols,
+            "map_height": self.rows,
+            "level": self.level,
+            "level_downsample": self.downsample,
+            "patch_size": self.patch,
+            "patch_size_level0": self.patch * self.downsample,
+            "definition": "map pixel (i, j) = the patch_size x patch_size patch (at `level`) "
+            "centred at level-0 (x_start + j*stride, y_start + i*stride); it "
+            "stands for level-0 [j*stride, (j+1)*stride) x [i*stride, "
+            "(i+1)*stride)",
+        }
 
 
 @dataclass(frozen=True)
@@ -98,5 +119,9 @@ def plan_tiles(cells: np.ndarray, shape: tuple[int, int]) -> list[Tile]:
     """Tiles of ``shape`` map pixels covering the map, in raster order, those with tissue."""
     rows, cols = cells.shape
     nr, nc = shape
-    return [Tile(i0, j0, nr, nc) for i0 in range(0, rows, nr) for j0 in range(0, cols, nc)
-            if cells[i0:i0 + nr, j0:j0 + nc].any()]
+    return [
+        Tile(i0, j0, nr, nc)
+        for i0 in range(0, rows, nr)
+        for j0 in range(0, cols, nc)
+        if cells[i0 : i0 + nr, j0 : j0 + nc].any()
+    ]

@@ -7,6 +7,7 @@ the patch at offset 32*m is the head's pooled window at feature m: a patch of p 
 features, every `stride_level / 32` features. The `margin` of context around a tile is cropped
 off the features before the pool. On CUDA the model runs in bf16 autocast.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -23,8 +24,15 @@ from training.model import FCResNet18, load_model, resolve_device
 class Predictor:
     """Runs the model on uint8 pixels: dense tiles -> probability grids, patches -> values."""
 
-    def __init__(self, model: FCResNet18, patch: int, stride_level: int, device: torch.device,
-                 amp: bool = False, channels_last: bool = True) -> None:
+    def __init__(
+        self,
+        model: FCResNet18,
+        patch: int,
+        stride_level: int,
+        device: torch.device,
+        amp: bool = False,
+        channels_last: bool = True,
+    ) -> None:
         self.model, self.patch, self.device, self.amp = model, patch, device, amp
         self.pool = patch // FEATURE_STRIDE  # features per patch side
         self.step = stride_level // FEATURE_STRIDE  # features per map pixel
@@ -71,12 +79,15 @@ def make_predictor(cfg: InferConfig) -> tuple[InferConfig, Predictor]:
     if patch is None:
         patch = int(info.get("patch_size", 224))
         if patch % FEATURE_STRIDE:
-            raise InferError(f"--checkpoint {cfg.checkpoint}: trained on {patch} px "
-                             f"patches; give --patch-size as a multiple of {FEATURE_STRIDE}")
+            raise InferError(
+                f"--checkpoint {cfg.checkpoint}: trained on {patch} px "
+                f"patches; give --patch-size as a multiple of {FEATURE_STRIDE}"
+            )
         cfg = replace(cfg, patch_size=patch)
     amp = device.type == "cuda" if cfg.amp is None else cfg.amp
-    predictor = Predictor(model, patch, cfg.stride, device, amp=amp,
-                          channels_last=cfg.channels_last)
+    predictor = Predictor(
+        model, patch, cfg.stride, device, amp=amp, channels_last=cfg.channels_last
+    )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return cfg, predictor

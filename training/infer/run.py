@@ -6,6 +6,7 @@
 `run_inference` does that for every slide and writes each one's outputs (`outputs`); a slide
 that cannot be read is reported and the others still run.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,9 @@ class SlideResult:
         return float(self.tissue.mask.sum()) * self.tissue.downsample[0] * self.tissue.downsample[1]
 
 
-def find_candidates(prob: np.ndarray, geometry: MapGeometry, *, radius: float = 768.0,
-                    threshold: float = 0.5) -> list[Candidate]:
+def find_candidates(
+    prob: np.ndarray, geometry: MapGeometry, *, radius: float = 768.0, threshold: float = 0.5
+) -> list[Candidate]:
     """NMS candidates at level-0 map pixel centres; ``radius`` in level-0 px."""
     kept = nms(prob, radius=radius / geometry.stride, threshold=threshold)
     out = []
@@ -64,8 +66,12 @@ def find_candidates(prob: np.ndarray, geometry: MapGeometry, *, radius: float = 
     return out
 
 
-def infer_slide(path: str | Path, predictor: Predictor, cfg: InferConfig,
-                on_tiles: Callable[[int], Callable[[int], None]] | None = None) -> SlideResult:
+def infer_slide(
+    path: str | Path,
+    predictor: Predictor,
+    cfg: InferConfig,
+    on_tiles: Callable[[int], Callable[[int], None]] | None = None,
+) -> SlideResult:
     """Tissue mask, probability map and candidates of one slide (nothing is written).
 
     ``on_tiles(total)`` is called once the tile count is known and returns a per-tile callback.
@@ -77,13 +83,23 @@ def infer_slide(path: str | Path, predictor: Predictor, cfg: InferConfig,
     t0 = time.perf_counter()
     with open_slide(path, backend=backend) as reader:
         if cfg.level >= reader.level_count:
-            raise InferError(f"{path}: --level {cfg.level} out of range (the slide has levels "
-                             f"0..{reader.level_count - 1})")
-        geometry = MapGeometry.for_level(reader.level_dimensions[cfg.level], cfg.level,
-                                         reader.level_downsamples[cfg.level], cfg.stride,
-                                         predictor.patch)
-        tissue = tissue_mask(reader, downsample=cfg.tissue_downsample,
-                             threshold=cfg.tissue_threshold, min_area=cfg.tissue_min_area)
+            raise InferError(
+                f"{path}: --level {cfg.level} out of range (the slide has levels "
+                f"0..{reader.level_count - 1})"
+            )
+        geometry = MapGeometry.for_level(
+            reader.level_dimensions[cfg.level],
+            cfg.level,
+            reader.level_downsamples[cfg.level],
+            cfg.stride,
+            predictor.patch,
+        )
+        tissue = tissue_mask(
+            reader,
+            downsample=cfg.tissue_downsample,
+            threshold=cfg.tissue_threshold,
+            min_area=cfg.tissue_min_area,
+        )
         cells = tissue.any_in_cells(geometry.stride, geometry.shape)
         thumb = thumbnail(reader, cfg.thumbnail_side)
         dims, mpp = reader.dimensions, reader.mpp
@@ -93,23 +109,45 @@ def infer_slide(path: str | Path, predictor: Predictor, cfg: InferConfig,
     callback = on_tiles(total) if on_tiles else None
     t1 = time.perf_counter()
     if not cells.any():
-        warnings.append(f"{path}: no tissue found (threshold {tissue.threshold:.3f} on "
-                        "saturation); the map is empty. Lower --tissue-threshold if the slide "
-                        "has faint tissue")
+        warnings.append(
+            f"{path}: no tissue found (threshold {tissue.threshold:.3f} on "
+            "saturation); the map is empty. Lower --tissue-threshold if the slide "
+            "has faint tissue"
+        )
         prob = np.zeros(geometry.shape, dtype=np.float32)
     else:
         tiles_per_batch = cfg.tiles_per_batch or (4 if predictor.device.type == "cuda" else 1)
         prob = predict_map(
             lambda: open_slide(path, backend=backend, tile_cache_bytes=64 << 20),
-            geometry, cells, predictor, mode=cfg.mode, tile_size=cfg.tile_size,
-            margin=cfg.margin, batch_size=cfg.batch_size, tiles_per_batch=tiles_per_batch,
-            workers=cfg.workers, prefetch=cfg.prefetch, on_tile=callback)
+            geometry,
+            cells,
+            predictor,
+            mode=cfg.mode,
+            tile_size=cfg.tile_size,
+            margin=cfg.margin,
+            batch_size=cfg.batch_size,
+            tiles_per_batch=tiles_per_batch,
+            workers=cfg.workers,
+            prefetch=cfg.prefetch,
+            on_tile=callback,
+        )
     times["model"] = time.perf_counter() - t1
     cands = find_candidates(prob, geometry, radius=cfg.nms_radius, threshold=cfg.nms_threshold)
     times["total"] = time.perf_counter() - t0
-    return SlideResult(path=path, name=key_stem(path.name), dimensions=dims, mpp=mpp,
-                       geometry=geometry, prob=prob, cells=cells, tissue=tissue, thumb=thumb,
-                       candidates=cands, seconds=times, warnings=warnings)
+    return SlideResult(
+        path=path,
+        name=key_stem(path.name),
+        dimensions=dims,
+        mpp=mpp,
+        geometry=geometry,
+        prob=prob,
+        cells=cells,
+        tissue=tissue,
+        thumb=thumb,
+        candidates=cands,
+        seconds=times,
+        warnings=warnings,
+    )
 
 
 def slide_paths(inputs: Sequence[str | Path]) -> list[Path]:
@@ -117,9 +155,12 @@ def slide_paths(inputs: Sequence[str | Path]) -> list[Path]:
     return find_slides(inputs)
 
 
-def run_inference(cfg: InferConfig, slides: Sequence[str | Path],
-                  echo: Callable[[str], None] = print,
-                  warn: Callable[[str], None] = print) -> tuple[list[dict[str, Path]], list[str]]:
+def run_inference(
+    cfg: InferConfig,
+    slides: Sequence[str | Path],
+    echo: Callable[[str], None] = print,
+    warn: Callable[[str], None] = print,
+) -> tuple[list[dict[str, Path]], list[str]]:
     """Infer every slide; returns (outputs per finished slide, failure messages).
 
     A bad checkpoint or option raises a ``PatchetlError`` before any slide is read; a slide
@@ -132,6 +173,7 @@ def run_inference(cfg: InferConfig, slides: Sequence[str | Path],
     done, failed = [], []
     with progress_bar(unit="tiles", enabled=cfg.progress) as bar:
         for path in paths:
+
             def on_tiles(total: int, name: str = path.name) -> Callable[[int], None]:
                 task = bar.add_task(name, total=total)
                 return lambda k: bar.advance(task, k)
@@ -144,13 +186,14 @@ def run_inference(cfg: InferConfig, slides: Sequence[str | Path],
                 continue
             for w in result.warnings:
                 warn(f"warning: {w}")
-            outputs = write_outputs(result, cfg.out, cfg,
-                                    {"device": device.type, "amp": amp})
+            outputs = write_outputs(result, cfg.out, cfg, {"device": device.type, "amp": amp})
             done.append(outputs)
             rate = result.seconds["model"] / max(result.tissue_pixels / 1e8, 1e-9)
-            echo(f"{path.name}: map {result.geometry.cols}x{result.geometry.rows} "
-                 f"(stride {result.geometry.stride:g} px), tissue "
-                 f"{result.tissue.fraction:.1%}, {len(result.candidates)} candidate(s), "
-                 f"{result.seconds['model']:.1f} s model ({rate:.1f} s per 1e8 tissue px) "
-                 f"-> {outputs['prob.npy'].parent}/{result.name}.*")
+            echo(
+                f"{path.name}: map {result.geometry.cols}x{result.geometry.rows} "
+                f"(stride {result.geometry.stride:g} px), tissue "
+                f"{result.tissue.fraction:.1%}, {len(result.candidates)} candidate(s), "
+                f"{result.seconds['model']:.1f} s model ({rate:.1f} s per 1e8 tissue px) "
+                f"-> {outputs['prob.npy'].parent}/{result.name}.*"
+            )
     return done, failed

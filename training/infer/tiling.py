@@ -14,6 +14,7 @@ Tiles are read by a thread pool (one slide reader per thread: readers are not th
 bounded number of tiles ahead of the model. Map pixels whose cell holds no tissue are 0 and
 never reach the model.
 """
+
 from __future__ import annotations
 
 import threading
@@ -50,8 +51,9 @@ class _ThreadReaders:
             reader.close()
 
 
-def _prefetched(items: Sequence[Tile], load: Callable[[Tile], np.ndarray], workers: int,
-                ahead: int) -> Generator[tuple[Tile, np.ndarray], None, None]:
+def _prefetched(
+    items: Sequence[Tile], load: Callable[[Tile], np.ndarray], workers: int, ahead: int
+) -> Generator[tuple[Tile, np.ndarray], None, None]:
     """(tile, pixels) in order, read by a thread pool at most ``ahead`` tiles in advance."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-reader") as pool:
         pending: deque[tuple[Tile, Future]] = deque()
@@ -73,11 +75,21 @@ def _prefetched(items: Sequence[Tile], load: Callable[[Tile], np.ndarray], worke
                 fut.cancel()
 
 
-def predict_map(open_reader: Callable[[], SlideReader], geometry: MapGeometry, cells: np.ndarray,
-                predictor: Predictor, *, mode: str = "dense", tile_size: int = 2048,
-                margin: int = 224, batch_size: int = 256, tiles_per_batch: int = 1,
-                workers: int = 4, prefetch: int | None = None,
-                on_tile: Callable[[int], None] | None = None) -> np.ndarray:
+def predict_map(
+    open_reader: Callable[[], SlideReader],
+    geometry: MapGeometry,
+    cells: np.ndarray,
+    predictor: Predictor,
+    *,
+    mode: str = "dense",
+    tile_size: int = 2048,
+    margin: int = 224,
+    batch_size: int = 256,
+    tiles_per_batch: int = 1,
+    workers: int = 4,
+    prefetch: int | None = None,
+    on_tile: Callable[[int], None] | None = None,
+) -> np.ndarray:
     """The (rows, cols) float32 probability map; 0 where ``cells`` (tissue) is False.
 
     ``open_reader`` opens a slide reader (called once per reading thread).
@@ -94,12 +106,13 @@ def predict_map(open_reader: Callable[[], SlideReader], geometry: MapGeometry, c
 
     def load(tile: Tile) -> np.ndarray:
         lx, ly = geometry.patch_origin(tile.i0, tile.j0)
-        return readers.get().read_region(round((lx - ctx) * d), round((ly - ctx) * d),
-                                         geometry.level, side_w, side_h)
+        return readers.get().read_region(
+            round((lx - ctx) * d), round((ly - ctx) * d), geometry.level, side_w, side_h
+        )
 
     def put(tile: Tile, grid: np.ndarray) -> None:
         h, w = min(nr, geometry.rows - tile.i0), min(nc, geometry.cols - tile.j0)
-        prob[tile.i0:tile.i0 + h, tile.j0:tile.j0 + w] = grid[:h, :w]
+        prob[tile.i0 : tile.i0 + h, tile.j0 : tile.j0 + w] = grid[:h, :w]
 
     stream = _prefetched(tiles, load, workers, prefetch or 2 * workers + tiles_per_batch)
     try:
@@ -123,9 +136,15 @@ def predict_map(open_reader: Callable[[], SlideReader], geometry: MapGeometry, c
     return prob
 
 
-def _patch_pass(stream: Iterable[tuple[Tile, np.ndarray]], cells: np.ndarray,
-                geometry: MapGeometry, predictor: Predictor, prob: np.ndarray,
-                batch_size: int, on_tile: Callable[[int], None] | None) -> None:
+def _patch_pass(
+    stream: Iterable[tuple[Tile, np.ndarray]],
+    cells: np.ndarray,
+    geometry: MapGeometry,
+    predictor: Predictor,
+    prob: np.ndarray,
+    batch_size: int,
+    on_tile: Callable[[int], None] | None,
+) -> None:
     """Classify every tissue patch on its own, in batches of ``batch_size`` across tiles."""
     s, p = geometry.stride_level, geometry.patch
     crops: list[np.ndarray] = []
@@ -140,14 +159,14 @@ def _patch_pass(stream: Iterable[tuple[Tile, np.ndarray]], cells: np.ndarray,
         crops, where, queued = [], [], 0
 
     for tile, pixels in stream:
-        sub = cells[tile.i0:tile.i0 + tile.rows, tile.j0:tile.j0 + tile.cols]
+        sub = cells[tile.i0 : tile.i0 + tile.rows, tile.j0 : tile.j0 + tile.cols]
         a, b = np.nonzero(sub)
         # (rows, cols, p, p, 3) view of every patch of the tile; only tissue ones are copied
         views = np.lib.stride_tricks.sliding_window_view(pixels, (p, p, 3))[::s, ::s, 0]
         lo = 0
         while lo < len(a):  # fill the batch up to batch_size, run it when full
             take = min(batch_size - queued, len(a) - lo)
-            aa, bb = a[lo:lo + take], b[lo:lo + take]
+            aa, bb = a[lo : lo + take], b[lo : lo + take]
             crops.append(views[aa, bb])
             where.append(np.column_stack([aa + tile.i0, bb + tile.j0]))
             queued += take
