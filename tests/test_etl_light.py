@@ -29,3 +29,18 @@ def test_extract_help_does_not_load_torch():
         "sys.exit(1 if 'torch' in sys.modules else 0)\n"
     )
     run_in_fresh_python(code)
+
+
+def test_production_code_never_imports_synthetic_data():
+    """Synthetic slides are for tests and the demo: every module outside `etl.synth` (ETL,
+    WSI core, evaluation, training, inference) imports without loading it."""
+    code = (
+        "import sys, pkgutil, importlib, etl, training\n"
+        "for pkg in (etl, training):\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        if not m.name.startswith('etl.synth'): importlib.import_module(m.name)\n"
+        # walk_packages itself imports the (empty) package etl.synth to list it: its modules count
+        "bad = sorted(m for m in sys.modules if m.startswith('etl.synth.'))\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    run_in_fresh_python(code)

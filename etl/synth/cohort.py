@@ -212,6 +212,59 @@ def _slide_facts(
     }
 
 
+def _write_one_slide(
+    root: Path, name: str, index: int, split: str, params: dict[str, Any]
+) -> tuple[SynthSlide, list[dict[str, Any]], dict[str, Any]]:
+    """Slide ``index`` of the cohort (``params`` as in synth.json): its image, for a tumor
+    slide its XML and mask, and its sampled regions. Returns the slide, its coordinate
+    entries and its synth.json facts."""
+    width, height, mpp, seed = params["width"], params["height"], params["mpp"], params["seed"]
+    region_size, grid = params["region_size"], params["grid"]
+    has_tumor = name.startswith("tumor")
+    scene = make_scene(width, height, mpp=mpp, has_tumor=has_tumor, seed=(seed, index))
+    ext = ".svs" if params["vendor"] == "aperio" else ".tif"
+    path = root / "training" / "images" / f"{name}{ext}"
+    dims = write_slide(
+        path,
+        scene,
+        downsample=params["downsample"],
+        vendor=params["vendor"],
+        jpeg_quality=params["jpeg_quality"],
+    )
+    xml = mask = None
+    if has_tumor:
+        xml = root / "training" / "annotations" / f"{name}.xml"
+        mask = root / "training" / "masks" / f"{name}_mask.tif"
+        write_asap_xml(xml, scene.polygons)
+        write_mask(
+            mask,
+            tumor_mask(scene.polygons, width, height, MASK_DOWNSAMPLE),
+            downsample=MASK_DOWNSAMPLE,
+            width=width,
+            height=height,
+        )
+    centres = sample_regions(
+        scene, params["regions_per_slide"], region_size, np.random.default_rng((seed, index, 1))
+    )
+    labels = region_labels(centres, scene.polygons, region_size, grid)
+    entries = [
+        {"image": path.name, "location": [int(y), int(x)], "label": [int(v) for v in lab]}
+        for (x, y), lab in zip(centres, labels, strict=True)
+    ]
+    slide = SynthSlide(
+        name=name,
+        path=path,
+        width=width,
+        height=height,
+        mpp=mpp,
+        has_tumor=has_tumor,
+        xml=xml,
+        mask=mask,
+    )
+    facts = _slide_facts(slide, scene, root, split, dims, [seed, index], centres, labels)
+    return slide, entries, facts
+
+
 def synth_cohort(
     out: Path,
     *,
@@ -246,63 +299,6 @@ def synth_cohort(
         grid,
         val_fraction,
     )
-    root = Path(out)
-    images, annots, masks = (root / "training" / d for d in ("images", "annotations", "masks"))
-    for d in (images, annots, masks):
-        d.mkdir(parents=True, exist_ok=True)
-    n_tumor = min(n_slides, math.floor(tumor_fraction * n_slides + 0.5))
-    kinds = [("tumor", i + 1) for i in range(n_tumor)]
-    kinds += [("normal", i + 1) for i in range(n_slides - n_tumor)]
-    ext = ".svs" if vendor == "aperio" else ".tif"
-    val_set = _validation_slides(n_slides, n_tumor, val_fraction)
-
-    slides: list[SynthSlide] = []
-    entries: dict[str, list[dict[str, Any]]] = {"training": [], "validation": []}
-    facts = []
-    for i, (kind, k) in enumerate(kinds):
-        name = f"{kind}_{k:03d}"
-        has_tumor = kind == "tumor"
-        scene = make_scene(width, height, mpp=mpp, has_tumor=has_tumor, seed=(seed, i))
-        path = images / f"{name}{ext}"
-        dims = write_slide(
-            path, scene, downsample=downsample, vendor=vendor, jpeg_quality=jpeg_quality
-        )
-        xml = mask = None
-        if has_tumor:
-            xml, mask = annots / f"{name}.xml", masks / f"{name}_mask.tif"
-            write_asap_xml(xml, scene.polygons)
-            write_mask(
-                mask,
-                tumor_mask(scene.polygons, width, height, MASK_DOWNSAMPLE),
-                downsample=MASK_DOWNSAMPLE,
-                width=width,
-                height=height,
-            )
-        centres = sample_regions(
-            scene, regions_per_slide, region_size, np.random.default_rng((seed, i, 1))
-        )
-        labels = region_labels(centres, scene.polygons, region_size, grid)
-        split = "validation" if i in val_set else "training"
-        entries[split] += [
-            {"image": path.name, "location": [int(y), int(x)], "label": [int(v) for v in lab]}
-            for (x, y), lab in zip(centres, labels, strict=True)
-        ]
-        slide = SynthSlide(
-            name=name,
-            path=path,
-            width=width,
-            height=height,
-            mpp=mpp,
-            has_tumor=has_tumor,
-            xml=xml,
-            mask=mask,
-        )
-        slides.append(slide)
-        facts.append(_slide_facts(slide, scene, root, split, dims, [seed, i], centres, labels))
-        if progress is not None:
-            progress(slide)
-
-    dataset_json, csv_paths = _write_coordinates(root, entries, grid * grid)
     params = dict(
         n_slides=n_slides,
         width=width,
@@ -318,5 +314,26 @@ def synth_cohort(
         grid=grid,
         val_fraction=val_fraction,
     )
+    root = Path(out)
+    for d in ("images", "annotations", "masks"):
+        (root / "training" / d).mkdir(parents=True, exist_ok=True)
+    n_tumor = min(n_slides, math.floor(tumor_fraction * n_slides + 0.5))
+    names = [f"tumor_{i + 1:03d}" for i in range(n_tumor)]
+    names += [f"normal_{i + 1:03d}" for i in range(n_slides - n_tumor)]
+    val_set = _validation_slides(n_slides, n_tumor, val_fraction)
+
+    slides: list[SynthSlide] = []
+    entries: dict[str, list[dict[str, Any]]] = {"training": [], "validation": []}
+    facts = []
+    for i, name in enumerate(names):
+        split = "validation" if i in val_set else "training"
+        slide, slide_entries, slide_facts = _write_one_slide(root, name, i, split, params)
+        slides.append(slide)
+        entries[split] += slide_entries
+        facts.append(slide_facts)
+        if progress is not None:
+            progress(slide)
+
+    dataset_json, csv_paths = _write_coordinates(root, entries, grid * grid)
     _write_facts(root, params, facts, dataset_json, csv_paths)
     return SynthCohort(root=root, slides=slides, dataset_json=dataset_json, csv_paths=csv_paths)
