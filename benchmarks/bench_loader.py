@@ -98,139 +98,158 @@ def time_batches(batches, n_batches: int, warmup: int = 2) -> float:
     return patches / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/loader.md"))
     ap.add_argument("--regions-per-batch", type=int, default=8)
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(2)
+    return ap.parse_args(argv)
 
+
+def make_data(work: Path, args: argparse.Namespace):
+    """3 synthetic slides with enough regions for the timed and warm-up batches, and their
+    shards; returns the regions (for the seed pattern) and the training shards."""
+    data, shards = work / "data", work / "shards"
+    need = (args.batches + 2) * args.regions_per_batch
+    per_slide = -(-need // 3) + 4
+    cli(
+        "synth",
+        "--out",
+        data,
+        "--slides",
+        3,
+        "--width",
+        8000,
+        "--height",
+        6000,
+        "--seed",
+        11,
+        "--regions-per-slide",
+        per_slide,
+        "--region-size",
+        REGION,
+        "--val-fraction",
+        0,
+    )
+    cli(
+        "extract",
+        "--json",
+        data / "dataset_0.json",
+        "--data-root",
+        data,
+        "--out",
+        shards,
+        "--no-progress",
+        "--shard-size",
+        32,
+    )
+    regions = load_regions(data / "dataset_0.json", data_root=data).regions
+    return regions, open_shards(shards / "training")
+
+
+def measure(regions, shard_set, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Patches/s of `args.repeats` interleaved runs of the three variants."""
+    cpu = torch.device("cpu")
+    runs: dict[str, list[float]] = {"seed": [], "shards": [], "main": []}
+    for rep in range(args.repeats):
+        loader = DataLoader(
+            OnTheFlyRegions(regions, rep),
+            batch_size=args.regions_per_batch,
+            shuffle=True,
+            num_workers=args.workers,
+            collate_fn=collate_patches,
+            generator=torch.Generator().manual_seed(rep),
+        )
+        runs["seed"].append(time_batches(loader, args.batches))
+        del loader
+        for name, spec in (
+            ("shards", PatchSpec(PATCH, Augment(), channels_last=True)),
+            ("main", None),
+        ):
+            stream = RegionStream(
+                shard_set,
+                epoch=rep,
+                seed=0,
+                train=True,
+                regions_per_batch=args.regions_per_batch,
+                grid=GRID,
+                workers=args.workers,
+                decode_in_worker=True,
+                shuffle_buffer=64,
+                patches=spec,
+            )
+            g = torch.Generator().manual_seed(rep)
+            batches = patch_batches(
+                make_loader(stream),
+                cpu,
+                REGION,
+                grid=GRID,
+                patch=PATCH,
+                train=True,
+                aug=Augment(),
+                generator=g,
+                channels_last=True,
+            )
+            runs[name].append(time_batches(batches, args.batches))
+            del batches
+    return runs
+
+
+def render(args: argparse.Namespace, runs: dict[str, list[float]]) -> str:
+    """The markdown section."""
+    seed, ours, main = median(runs["seed"]), median(runs["shards"]), median(runs["main"])
+    rows = [
+        [
+            "(a) seed pattern: OpenSlide read_region + torchvision/numpy transforms "
+            "per sample, "
+            f"DataLoader {args.workers} workers",
+            f"{seed:.1f}",
+            "1.00x",
+            "baseline",
+        ],
+        [
+            f"(b) shard stream: JPEG decode + split/augment of each batch in {args.workers} "
+            "workers (the trainer on a CPU)",
+            f"{ours:.1f}",
+            f"{ours / seed:.2f}x",
+            ">= 5x (a)",
+        ],
+        [
+            f"(c) shard stream: JPEG decode in {args.workers} workers, "
+            "split/augment in the main "
+            "process",
+            f"{main:.1f}",
+            f"{main / seed:.2f}x",
+            "reference",
+        ],
+    ]
+    return "\n\n".join(
+        [
+            "## Loader: patches/s as ready training batches (issue 4)",
+            "Command: `python -m benchmarks.bench_loader` (run by `make bench`). "
+            f"Machine: {machine()}.",
+            f"Data: 3 synthetic slides 8000 x 6000, regions {REGION} px (JPEG 95 shards), "
+            f"grid {GRID}x{GRID}, patches {PATCH} px, "
+            f"{args.regions_per_batch * GRID * GRID} patches "
+            f"per batch, {args.batches} timed batches after 2 warm-up batches; medians of "
+            f"{args.repeats} interleaved runs (all runs: "
+            + ", ".join(f"{k} {[round(v, 1) for v in vs]}" for k, vs in runs.items())
+            + ").",
+            table(["variant", "patches/s (median)", "ratio", "target"], rows),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:
-        data, shards = work / "data", work / "shards"
-        need = (args.batches + 2) * args.regions_per_batch
-        per_slide = -(-need // 3) + 4
-        cli(
-            "synth",
-            "--out",
-            data,
-            "--slides",
-            3,
-            "--width",
-            8000,
-            "--height",
-            6000,
-            "--seed",
-            11,
-            "--regions-per-slide",
-            per_slide,
-            "--region-size",
-            REGION,
-            "--val-fraction",
-            0,
-        )
-        cli(
-            "extract",
-            "--json",
-            data / "dataset_0.json",
-            "--data-root",
-            data,
-            "--out",
-            shards,
-            "--no-progress",
-            "--shard-size",
-            32,
-        )
-        regions = load_regions(data / "dataset_0.json", data_root=data).regions
-        shard_set = open_shards(shards / "training")
-        cpu = torch.device("cpu")
-        runs: dict[str, list[float]] = {"seed": [], "shards": [], "main": []}
-        for rep in range(args.repeats):
-            loader = DataLoader(
-                OnTheFlyRegions(regions, rep),
-                batch_size=args.regions_per_batch,
-                shuffle=True,
-                num_workers=args.workers,
-                collate_fn=collate_patches,
-                generator=torch.Generator().manual_seed(rep),
-            )
-            runs["seed"].append(time_batches(loader, args.batches))
-            del loader
-            for name, spec in (
-                ("shards", PatchSpec(PATCH, Augment(), channels_last=True)),
-                ("main", None),
-            ):
-                stream = RegionStream(
-                    shard_set,
-                    epoch=rep,
-                    seed=0,
-                    train=True,
-                    regions_per_batch=args.regions_per_batch,
-                    grid=GRID,
-                    workers=args.workers,
-                    decode_in_worker=True,
-                    shuffle_buffer=64,
-                    patches=spec,
-                )
-                g = torch.Generator().manual_seed(rep)
-                batches = patch_batches(
-                    make_loader(stream),
-                    cpu,
-                    REGION,
-                    grid=GRID,
-                    patch=PATCH,
-                    train=True,
-                    aug=Augment(),
-                    generator=g,
-                    channels_last=True,
-                )
-                runs[name].append(time_batches(batches, args.batches))
-                del batches
-        seed, ours, main = median(runs["seed"]), median(runs["shards"]), median(runs["main"])
-        rows = [
-            [
-                "(a) seed pattern: OpenSlide read_region + torchvision/numpy transforms "
-                "per sample, "
-                f"DataLoader {args.workers} workers",
-                f"{seed:.1f}",
-                "1.00x",
-                "baseline",
-            ],
-            [
-                f"(b) shard stream: JPEG decode + split/augment of each batch in {args.workers} "
-                "workers (the trainer on a CPU)",
-                f"{ours:.1f}",
-                f"{ours / seed:.2f}x",
-                ">= 5x (a)",
-            ],
-            [
-                f"(c) shard stream: JPEG decode in {args.workers} workers, "
-                "split/augment in the main "
-                "process",
-                f"{main:.1f}",
-                f"{main / seed:.2f}x",
-                "reference",
-            ],
-        ]
-        text = "\n\n".join(
-            [
-                "## Loader: patches/s as ready training batches (issue 4)",
-                "Command: `python -m benchmarks.bench_loader` (run by `make bench`). "
-                f"Machine: {machine()}.",
-                f"Data: 3 synthetic slides 8000 x 6000, regions {REGION} px (JPEG 95 shards), "
-                f"grid {GRID}x{GRID}, patches {PATCH} px, "
-                f"{args.regions_per_batch * GRID * GRID} patches "
-                f"per batch, {args.batches} timed batches after 2 warm-up batches; medians of "
-                f"{args.repeats} interleaved runs (all runs: "
-                + ", ".join(f"{k} {[round(v, 1) for v in vs]}" for k, vs in runs.items())
-                + ").",
-                table(["variant", "patches/s (median)", "ratio", "target"], rows),
-            ]
-        )
-        write_section(args.out, text)
+        regions, shard_set = make_data(work, args)
+        runs = measure(regions, shard_set, args)
+        write_section(args.out, render(args, runs))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -84,15 +84,7 @@ def inspect_command(coords: CoordsOptions) -> None:
     """
     from etl.extract.coords import inspect_report, parse_coordinates
 
-    table = parse_coordinates(
-        coords.path,
-        data_root=coords.data_root,
-        location_order=coords.location_order,
-        anchor=coords.anchor,
-        region_size=coords.region_size,
-        split=coords.splits,
-        fmt=coords.fmt,
-    )
+    table = parse_coordinates(coords.path, **coords.parse_options())
     typer.echo(inspect_report(table))
     missing = table.slides_missing()
     if table.errors or missing:
@@ -182,15 +174,7 @@ def qc(coords: CoordsOptions, opts: QcOptions) -> None:
     from etl.extract.coords import load_regions
     from etl.qc import qc_table
 
-    table = load_regions(
-        coords.path,
-        data_root=coords.data_root,
-        split=coords.splits,
-        region_size=coords.region_size,
-        location_order=coords.location_order,
-        anchor=coords.anchor,
-        fmt=coords.fmt,
-    )
+    table = load_regions(coords.path, **coords.parse_options())
     results = qc_table(
         table,
         opts.out,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from etl.errors import OptionError
 from etl.options import arg, opt
@@ -74,6 +74,17 @@ class CoordsOptions:
     def splits(self) -> list[str] | None:
         """The splits asked for; None: all."""
         return self.split or None
+
+    def parse_options(self) -> dict[str, Any]:
+        """Keyword arguments of `parse_coordinates` / `load_regions` for this file."""
+        return {
+            "data_root": self.data_root,
+            "location_order": self.location_order,
+            "anchor": self.anchor,
+            "region_size": self.region_size,
+            "split": self.splits,
+            "fmt": self.fmt,
+        }
 
 
 @dataclass
