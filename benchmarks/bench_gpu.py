@@ -603,26 +603,21 @@ def refuse_without_cuda() -> None:
         sys.exit(2)
 
 
-def report(
+def _report_training(
     args: argparse.Namespace,
     sz: Sizes,
     stage: dict[str, float],
     total: float,
     n_regions: int,
     train_rows: list[list],
-    agree_rows: list[list] | None,
-    agree: dict | None,
-    mosaic: Mosaic | None,
-    inf: dict | None,
-    infer_workers: int,
-) -> str:
-    """The markdown section (without the whole-slide part while mosaic/inf are None)."""
+) -> list[str]:
+    """The title, command line and training table of the markdown section."""
     batch = sz.regions_per_batch * 9
     steps = sz.batches_per_worker * sz.workers
     title = "## GPU: training throughput, dense-vs-patch agreement, whole-slide inference"
     if args.device != "cuda":
         title += " — CPU SMOKE RUN, toy sizes, numbers mean nothing"
-    parts = [
+    return [
         title,
         f"Command: `python -m benchmarks.bench_gpu{' --device cpu --tiny' if args.tiny else ''}"
         f"{' --only-training' if args.only_training else ''}"
@@ -661,78 +656,105 @@ def report(
             train_rows,
         ),
     ]
+
+
+def _report_agreement(sz: Sizes, agree_rows: list[list] | None, agree: dict | None) -> list[str]:
+    """The dense-vs-patch part of the markdown section (a 'not run' note without results)."""
     if agree_rows is None or agree is None:
-        parts.append(
+        return [
             "### Dense vs patch-by-patch maps\n\nNot run (--only-training, or the "
             "run stopped before)."
-        )
-    else:
-        parts += [
-            f"### Dense vs patch-by-patch maps of the trained checkpoint (issue 5)\n\n"
-            f"The default variant's last.pt from the last round ({sz.patch} px patches, "
-            f"{sz.epochs} epochs) on two "
-            f"held-out synthetic slides of {sz.heldout_width} x {sz.heldout_height} px (`patchetl "
-            f"synth --seed 11`: one with tumor, one without), stride 32, "
-            f"{'bf16' if agree['amp'] else 'fp32'}, as `patchetl check-dense` computes it: over "
-            "the map pixels inside tissue, Pearson r, mean and largest |dense - patch|, and the "
-            "share of pixels on the same side of 0.5. Target: pooled r >= 0.95 "
-            f"({'met' if agree['r'] >= 0.95 else 'NOT met'}). A normal slide's map is ~0 "
-            "everywhere, so its own r measures noise.",
-            table(
-                [
-                    "slide",
-                    "tissue map px",
-                    "Pearson r",
-                    "mean abs diff",
-                    "max abs diff",
-                    "same call",
-                    "dense s",
-                    "patch s",
-                ],
-                agree_rows,
-            ),
         ]
-    if mosaic is not None and inf is not None:
-        per_1e8 = inf["map_s"] / (inf["tissue_px"] / 1e8)
-        rows_inf = [
-            ["tissue mask (Otsu on saturation, level-0 / 32)", f"{inf['tissue_s']:.1f}", ""],
+    return [
+        f"### Dense vs patch-by-patch maps of the trained checkpoint (issue 5)\n\n"
+        f"The default variant's last.pt from the last round ({sz.patch} px patches, "
+        f"{sz.epochs} epochs) on two "
+        f"held-out synthetic slides of {sz.heldout_width} x {sz.heldout_height} px (`patchetl "
+        f"synth --seed 11`: one with tumor, one without), stride 32, "
+        f"{'bf16' if agree['amp'] else 'fp32'}, as `patchetl check-dense` computes it: over "
+        "the map pixels inside tissue, Pearson r, mean and largest |dense - patch|, and the "
+        "share of pixels on the same side of 0.5. Target: pooled r >= 0.95 "
+        f"({'met' if agree['r'] >= 0.95 else 'NOT met'}). A normal slide's map is ~0 "
+        "everywhere, so its own r measures noise.",
+        table(
             [
-                "probability map: tile reads + dense model",
-                f"{inf['map_s']:.1f}",
-                f"{per_1e8:.2f} s per 1e8 tissue px",
+                "slide",
+                "tissue map px",
+                "Pearson r",
+                "mean abs diff",
+                "max abs diff",
+                "same call",
+                "dense s",
+                "patch s",
             ],
-            ["whole slide (mask + map + NMS)", f"{inf['slide_s']:.1f}", "target < 60 s"],
-            [
-                "writing the outputs (npy, PNG, pyramidal TIFF, CSV, GeoJSON)",
-                f"{inf['outputs_s']:.1f}",
-                "",
-            ],
-        ]
-        parts += [
-            f"### Whole-slide dense inference\n\n"
-            f"Slide: {mosaic.width} x {mosaic.height} px synthetic mosaic at 0.243 um/px "
-            f"({mosaic.gib:.2f} GiB pyramidal JPEG TIFF, {len(mosaic.levels)} levels, "
-            f"{mosaic.tissue_blocks}/{mosaic.blocks} blocks of {sz.block} px with tissue, "
-            f"written in {mosaic.seconds:.0f} s; tissue {inf['tissue_fraction']:.0%} of the "
-            f"slide = {inf['tissue_px'] / 1e9:.2f} G px). Checkpoint: the training runs' "
-            f"last.pt; dense mode, stride 32, patch {inf['patch']} px, tiles 2048 px + 224 px "
-            f"margin, tiles per pass: {inf['tiles_per_batch']}, "
-            f"{'bf16' if inf['amp'] else 'fp32'}, {infer_workers} tile-reading threads; map "
-            f"{inf['map'][1]} x {inf['map'][0]} ({inf['cells']} tissue cells), after a warm-up "
-            "on a small slide"
-            + (f"; peak GPU memory {inf['peak_gib']:.1f} GiB" if inf["peak_gib"] else "")
-            + ". NCRF reports 0.5-1 h per Camelyon16 slide.",
-            table(["stage", "seconds", "note"], rows_inf),
-        ]
-    else:
-        parts.append(
+            agree_rows,
+        ),
+    ]
+
+
+def _report_inference(
+    sz: Sizes, mosaic: Mosaic | None, inf: dict | None, infer_workers: int
+) -> list[str]:
+    """The whole-slide part of the markdown section (a 'not run' note without results)."""
+    if mosaic is None or inf is None:
+        return [
             "### Whole-slide dense inference\n\nNot run (--only-training, or the "
             "run stopped before)."
-        )
+        ]
+    per_1e8 = inf["map_s"] / (inf["tissue_px"] / 1e8)
+    rows_inf = [
+        ["tissue mask (Otsu on saturation, level-0 / 32)", f"{inf['tissue_s']:.1f}", ""],
+        [
+            "probability map: tile reads + dense model",
+            f"{inf['map_s']:.1f}",
+            f"{per_1e8:.2f} s per 1e8 tissue px",
+        ],
+        ["whole slide (mask + map + NMS)", f"{inf['slide_s']:.1f}", "target < 60 s"],
+        [
+            "writing the outputs (npy, PNG, pyramidal TIFF, CSV, GeoJSON)",
+            f"{inf['outputs_s']:.1f}",
+            "",
+        ],
+    ]
+    return [
+        f"### Whole-slide dense inference\n\n"
+        f"Slide: {mosaic.width} x {mosaic.height} px synthetic mosaic at 0.243 um/px "
+        f"({mosaic.gib:.2f} GiB pyramidal JPEG TIFF, {len(mosaic.levels)} levels, "
+        f"{mosaic.tissue_blocks}/{mosaic.blocks} blocks of {sz.block} px with tissue, "
+        f"written in {mosaic.seconds:.0f} s; tissue {inf['tissue_fraction']:.0%} of the "
+        f"slide = {inf['tissue_px'] / 1e9:.2f} G px). Checkpoint: the training runs' "
+        f"last.pt; dense mode, stride 32, patch {inf['patch']} px, tiles 2048 px + 224 px "
+        f"margin, tiles per pass: {inf['tiles_per_batch']}, "
+        f"{'bf16' if inf['amp'] else 'fp32'}, {infer_workers} tile-reading threads; map "
+        f"{inf['map'][1]} x {inf['map'][0]} ({inf['cells']} tissue cells), after a warm-up "
+        "on a small slide"
+        + (f"; peak GPU memory {inf['peak_gib']:.1f} GiB" if inf["peak_gib"] else "")
+        + ". NCRF reports 0.5-1 h per Camelyon16 slide.",
+        table(["stage", "seconds", "note"], rows_inf),
+    ]
+
+
+def report(
+    args: argparse.Namespace,
+    sz: Sizes,
+    stage: dict[str, float],
+    total: float,
+    n_regions: int,
+    train_rows: list[list],
+    agree_rows: list[list] | None,
+    agree: dict | None,
+    mosaic: Mosaic | None,
+    inf: dict | None,
+    infer_workers: int,
+) -> str:
+    """The markdown section (without the whole-slide part while mosaic/inf are None)."""
+    parts = _report_training(args, sz, stage, total, n_regions, train_rows)
+    parts += _report_agreement(sz, agree_rows, agree)
+    parts += _report_inference(sz, mosaic, inf, infer_workers)
     return "\n\n".join(parts)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--out",
@@ -766,7 +788,123 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="work folder (kept); default: a temporary folder, deleted at the end",
     )
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def bench_whole_slide(
+    work: Path,
+    data: Path,
+    ckpt: Path,
+    sz: Sizes,
+    device: str,
+    infer_workers: int,
+    stage: dict[str, float],
+) -> tuple[Mosaic, dict]:
+    """The mosaic slide, then its dense inference; their seconds go into `stage`."""
+    t = time.perf_counter()
+    log(f"mosaic slide {sz.big_side} x {sz.big_side}")
+    mosaic = write_mosaic_slide(
+        work / f"mosaic_{sz.big_side}.tif",
+        sz.big_side,
+        block=sz.block,
+        unique=sz.unique_blocks,
+        seed=1,
+    )
+    log(
+        f"  written in {mosaic.seconds:.1f} s: {mosaic.gib:.2f} GiB, {len(mosaic.levels)} "
+        f"levels, {mosaic.tissue_blocks}/{mosaic.blocks} tissue blocks"
+    )
+    stage["mosaic slide"] = time.perf_counter() - t
+    t = time.perf_counter()
+    warmup_slide = min((data / "training" / "images").glob("*.tif"))
+    inf = bench_inference(mosaic.path, warmup_slide, ckpt, work / "infer", device, infer_workers)
+    stage["inference"] = time.perf_counter() - t
+    return mosaic, inf
+
+
+def run_stages(
+    args: argparse.Namespace, sz: Sizes, work: Path, out: Path, infer_workers: int
+) -> None:
+    """Every stage in turn; the markdown section is written after the training stage with
+    --only-training, else after the agreement stage and again at the end."""
+    started = time.perf_counter()
+    stage: dict[str, float] = {}
+    t = time.perf_counter()
+    log(f"data: {sz.slides} synthetic slides {sz.slide_width} x {sz.slide_height} + shards")
+    data, shards, n_regions = make_shards(work, sz)
+    stage["data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    train_rows, ckpt = bench_training(shards, work, sz, args.device)
+    stage["training"] = time.perf_counter() - t
+    if args.only_training:
+        write_section(
+            out,
+            report(
+                args,
+                sz,
+                stage,
+                time.perf_counter() - started,
+                n_regions,
+                train_rows,
+                None,
+                None,
+                None,
+                None,
+                infer_workers,
+            ),
+        )
+        return
+
+    t = time.perf_counter()
+    log("dense vs patch agreement on 2 held-out slides")
+    agree_rows, agree = bench_agreement(work, ckpt, sz, args.device, infer_workers)
+    stage["agreement"] = time.perf_counter() - t
+    # written now as well, so that a later stage's failure does not lose it
+    write_section(
+        out,
+        report(
+            args,
+            sz,
+            stage,
+            time.perf_counter() - started,
+            n_regions,
+            train_rows,
+            agree_rows,
+            agree,
+            None,
+            None,
+            infer_workers,
+        ),
+    )
+
+    mosaic, inf = bench_whole_slide(work, data, ckpt, sz, args.device, infer_workers, stage)
+    total = time.perf_counter() - started
+    log(
+        "stages: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in stage.items())
+        + f"; total {total:.0f} s"
+    )
+    write_section(
+        out,
+        report(
+            args,
+            sz,
+            stage,
+            total,
+            n_regions,
+            train_rows,
+            agree_rows,
+            agree,
+            mosaic,
+            inf,
+            infer_workers,
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.device == "cuda":
         refuse_without_cuda()
     cpus = os.cpu_count() or 1
@@ -781,101 +919,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.tiny
         else Path("benchmarks/results/gpu.md")
     )
-    started = time.perf_counter()
-    stage: dict[str, float] = {}
     try:
-        t = time.perf_counter()
-        log(f"data: {sz.slides} synthetic slides {sz.slide_width} x {sz.slide_height} + shards")
-        data, shards, n_regions = make_shards(work, sz)
-        stage["data"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        train_rows, ckpt = bench_training(shards, work, sz, args.device)
-        stage["training"] = time.perf_counter() - t
-        if args.only_training:
-            write_section(
-                out,
-                report(
-                    args,
-                    sz,
-                    stage,
-                    time.perf_counter() - started,
-                    n_regions,
-                    train_rows,
-                    None,
-                    None,
-                    None,
-                    None,
-                    infer_workers,
-                ),
-            )
-            return
-
-        t = time.perf_counter()
-        log("dense vs patch agreement on 2 held-out slides")
-        agree_rows, agree = bench_agreement(work, ckpt, sz, args.device, infer_workers)
-        stage["agreement"] = time.perf_counter() - t
-        # written now as well, so that a later stage's failure does not lose it
-        write_section(
-            out,
-            report(
-                args,
-                sz,
-                stage,
-                time.perf_counter() - started,
-                n_regions,
-                train_rows,
-                agree_rows,
-                agree,
-                None,
-                None,
-                infer_workers,
-            ),
-        )
-
-        t = time.perf_counter()
-        log(f"mosaic slide {sz.big_side} x {sz.big_side}")
-        mosaic = write_mosaic_slide(
-            work / f"mosaic_{sz.big_side}.tif",
-            sz.big_side,
-            block=sz.block,
-            unique=sz.unique_blocks,
-            seed=1,
-        )
-        log(
-            f"  written in {mosaic.seconds:.1f} s: {mosaic.gib:.2f} GiB, {len(mosaic.levels)} "
-            f"levels, {mosaic.tissue_blocks}/{mosaic.blocks} tissue blocks"
-        )
-        stage["mosaic slide"] = time.perf_counter() - t
-        t = time.perf_counter()
-        warmup_slide = min((data / "training" / "images").glob("*.tif"))
-        inf = bench_inference(
-            mosaic.path, warmup_slide, ckpt, work / "infer", args.device, infer_workers
-        )
-        stage["inference"] = time.perf_counter() - t
-        total = time.perf_counter() - started
-        log(
-            "stages: "
-            + ", ".join(f"{k} {v:.0f} s" for k, v in stage.items())
-            + f"; total {total:.0f} s"
-        )
-
-        write_section(
-            out,
-            report(
-                args,
-                sz,
-                stage,
-                total,
-                n_regions,
-                train_rows,
-                agree_rows,
-                agree,
-                mosaic,
-                inf,
-                infer_workers,
-            ),
-        )
+        run_stages(args, sz, work, out, infer_workers)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

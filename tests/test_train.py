@@ -17,6 +17,7 @@ import torch
 import webdataset as wds
 from test_train_data import write_region_shards  # tests/ is on sys.path under pytest
 
+from etl.atomic import temporary_name
 from etl.evaluate.auc import binary_auc
 from training.config import TrainConfig
 from training.data.augment import Augment
@@ -139,6 +140,13 @@ def test_resume_after_kill_continues_exactly_from_the_checkpoint(shards, straigh
     assert proc.exitcode == -signal.SIGKILL
     done = torch.load(killed / "last.pt", weights_only=True)["epoch"]
     assert done == 1, "the run should have been killed part-way"
+    # Whether the kill tore a write is chance: leave for sure what a kill during the
+    # checkpoint's atomic write leaves, the killed process's temporary of last.pt
+    # (etl.atomic.temporary_name, with the child's pid), cut part-way.
+    ours = temporary_name(killed / "last.pt")
+    torn = ours.with_name(ours.name.removesuffix(f"-{os.getpid()}") + f"-{proc.pid}")
+    torn.write_bytes((killed / "last.pt").read_bytes()[:1000])
+    assert torn in list(killed.glob("*.tmp-*"))
     messages: list[str] = []
     resumed = train(config(shards, killed, epochs=2, resume=True), log=messages.append)
     assert f"resumed from {killed / 'last.pt'} after epoch {done}" in messages[0]
@@ -151,7 +159,7 @@ def test_resume_after_kill_continues_exactly_from_the_checkpoint(shards, straigh
     for k in w_straight:
         torch.testing.assert_close(w_resumed[k], w_straight[k], rtol=1e-4, atol=1e-5)
     assert [int(r["epoch"]) for r in read_csv(killed / "metrics.csv")] == [1, 2]
-    assert not list(killed.glob("*.tmp-*"))  # a temporary torn by the kill was cleaned up
+    assert not torn.exists() and not list(killed.glob("*.tmp-*"))  # the torn one was swept
     with pytest.raises(TrainError, match="--batch-size"):  # a resume must not change the run
         train(config(shards, killed, epochs=2, resume=True, batch_size=18), log=quiet)
 
