@@ -9,11 +9,18 @@ Two names per slide file: ``slide_stem`` (the file name without its slide suffix
 looking slides up and naming outputs after them) and ``key_stem`` (that name made safe for
 WebDataset keys and file names: no dots, which separate a key from its extension). Shard keys,
 QC thumbnails and inference outputs are named by ``key_stem``; it must not change, or keys of
-existing shards would.
+existing shards would. Different files can share a key stem (``a/s.tif`` and ``b/s.svs``, names
+that differ only in characters ``key_stem`` replaces): ``unique_key_stem`` gives every name
+after the first that took a stem the stem plus a short hash of the name (shard keys, inference
+outputs).
+
+``HEATMAP_SUFFIX`` is the one output of the project that ends like a slide (infer's heatmap
+TIFF); ``is_slide_name`` says no to it, so a folder of slides may also be the output folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 from os import PathLike
@@ -22,12 +29,14 @@ from pathlib import Path
 from etl.errors import PatchetlError
 
 __all__ = [
+    "HEATMAP_SUFFIX",
     "SLIDE_SUFFIXES",
     "SlidePathError",
     "find_slides",
     "is_slide_name",
     "key_stem",
     "slide_stem",
+    "unique_key_stem",
 ]
 
 SLIDE_SUFFIXES: tuple[str, ...] = (
@@ -43,6 +52,7 @@ SLIDE_SUFFIXES: tuple[str, ...] = (
     ".svslide",
     ".btf",
 )
+HEATMAP_SUFFIX = ".heatmap.tif"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -56,8 +66,9 @@ def _suffix(name: str) -> str | None:
 
 
 def is_slide_name(name: str | PathLike[str]) -> bool:
-    """Does the file name end with a slide suffix (any case)?"""
-    return _suffix(Path(name).name) is not None
+    """Does the file name end with a slide suffix (any case) and is it not a heatmap TIFF?"""
+    base = Path(name).name
+    return _suffix(base) is not None and not base.lower().endswith(HEATMAP_SUFFIX)
 
 
 def slide_stem(name: str | PathLike[str]) -> str:
@@ -71,6 +82,16 @@ def key_stem(name: str | PathLike[str]) -> str:
     """``slide_stem`` with every run of characters other than ``A-Za-z0-9_-`` replaced by ``_``
     (``"slide"`` if nothing is left): usable in a WebDataset key and as a file name."""
     return _UNSAFE.sub("_", slide_stem(name)) or "slide"
+
+
+def unique_key_stem(name: str, taken: dict[str, str]) -> str:
+    """``key_stem(name)``, unless another name took it first: then that stem plus ``-`` and the
+    first 8 hex digits of the SHA-1 of ``name``. ``taken`` (stem -> the name that took it) is
+    updated; pass the same dict for every name of one output."""
+    stem = key_stem(name)
+    if taken.setdefault(stem, name) != name:
+        stem = f"{stem}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return stem
 
 
 def find_slides(inputs: Iterable[str | PathLike[str]]) -> list[Path]:
