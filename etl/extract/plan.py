@@ -6,7 +6,6 @@ Nothing here reads pixels; preflight only opens each slide once to learn its siz
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Annotated, Any
 from etl.errors import OptionError
 from etl.extract.coords import Region
 from etl.options import opt
-from etl.wsi.formats import key_stem
+from etl.wsi.formats import unique_key_stem
 from etl.wsi.reader import SlideReader
 
 OUTSIDE_POLICIES = ("error", "skip", "pad")
@@ -178,10 +177,7 @@ def plan_split(
         if problem:
             plan.problems.append(PreflightProblem(source, split, r.index, r.image, problem))
             continue
-        stem = key_stem(r.image)
-        if stems.setdefault(stem, r.image) != r.image:
-            # Two different images would give the same keys: make this one's stem unique.
-            stem = f"{stem}-{hashlib.sha1(r.image.encode()).hexdigest()[:8]}"
+        stem = unique_key_stem(r.image, stems)  # two images never share keys
         x0, y0, extent = region_box(
             r.x, r.y, params.region_size, info.level_downsamples[params.level]
         )
