@@ -148,14 +148,24 @@ class EvaluateOptions:
     froc_method: Annotated[
         str,
         opt(
-            "Sensitivity at the 6 FP rates: interp (np.interp, as NCRF/MONAI) or step (the later "
-            "official script's bisect lookup)."
+            "FROC curve and score: camelyon16 (bit-identical to the challenge's "
+            "Evaluation_FROC.py as NCRF ran it: float32 hits, lowest threshold dropped), interp "
+            "(float64, only 0 dropped; np.interp) or step (interp's curve, the later official "
+            "script's bisect lookup)."
         ),
-    ] = "interp"
+    ] = "camelyon16"
     mask_tumor_value: Annotated[
         int | None,
         opt("Tumor value in mask TIFFs (default: the non-zero value of 0/1 or 0/255 masks)."),
     ] = None
+    allow_missing: Annotated[
+        bool,
+        opt(
+            "Score only the slides with predictions when slides of --truth or --slides have "
+            "none (listed as a warning); default: refuse.",
+            "--allow-missing",
+        ),
+    ] = False
     out: Annotated[str, opt("Writes evaluation.json and froc.png here.")] = "runs/eval"
 
 
@@ -179,3 +189,147 @@ class SynthOptions:
     region_size: Annotated[int, opt("Region side in level-0 pixels.")] = 768
     grid: Annotated[int, opt("Label grid per region (grid x grid cells).")] = 3
     val_fraction: Annotated[float, opt("Share of slides in the validation split.")] = 0.25
+
+
+@dataclass
+class CohortOptions:
+    """`patchetl coords`: which slides and annotations, where the coordinate files go, the split,
+    and how it runs (`etl.cohort`)."""
+
+    slides: Annotated[Path, opt("Folder of the slides (files with a slide suffix).")]
+    annotations: Annotated[
+        Path | None,
+        opt(
+            "Folder of annotations matched to slides by name: <slide>.xml (ASAP), "
+            "<slide>.geojson (QuPath), <slide>_mask.tif (tumor mask). Default: none (every slide "
+            "tumor-free)."
+        ),
+    ] = None
+    out: Annotated[
+        Path,
+        opt("MONAI datalist to write; <stem>_<split>.csv and <stem>.summary.json go next to it."),
+    ] = Path("dataset_0.json")
+    tumor_class: Annotated[
+        list[str], opt("QuPath class(es) that are tumor (glob pattern; repeat).")
+    ] = field(default_factory=lambda: ["Tumor"])
+    exclude_class: Annotated[
+        list[str], opt("QuPath class(es) never sampled (glob pattern; repeat).")
+    ] = field(default_factory=lambda: ["Ignore*"])
+    unannotated: Annotated[
+        str, opt("A slide without an annotation file: normal (tumor-free) or skip.")
+    ] = "normal"
+    val_fraction: Annotated[float, opt("Share of slides (patients) in the validation split.")] = (
+        0.25
+    )
+    test_fraction: Annotated[float, opt("Share of slides (patients) in a testing split.")] = 0.0
+    patients: Annotated[
+        Path | None, opt("CSV slide,patient: a patient's slides stay in one split.")
+    ] = None
+    seed: Annotated[int, opt("Random seed; same inputs + options + seed give identical files.")] = 0
+    workers: Annotated[int, opt("Worker processes (slides run in parallel).")] = CPUS
+    strict: Annotated[bool, opt("Treat warnings as errors.")] = False
+    slide_backend: SlideBackend = "auto"
+    progress: Progress = True
+
+    def validate(self) -> None:
+        problems = []
+        if self.unannotated not in ("normal", "skip"):
+            problems.append(f"--unannotated {self.unannotated!r}: use normal or skip")
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1):
+            problems.append("--val-fraction and --test-fraction: use shares in [0, 1)")
+        elif self.val_fraction + self.test_fraction >= 1:
+            problems.append(
+                f"--val-fraction {self.val_fraction} + --test-fraction {self.test_fraction} "
+                "leave no training slides: keep their sum below 1"
+            )
+        if self.workers < 1:
+            problems.append(f"--workers {self.workers}: use at least 1")
+        if problems:
+            raise OptionError("; ".join(problems))
+
+
+@dataclass
+class SamplingOptions:
+    """`patchetl coords`: where regions go and how their cells are labelled (level-0 pixels)."""
+
+    mode: Annotated[
+        str,
+        opt(
+            "sample: up to N regions centred in tumor and M in other tissue per slide (NCRF); "
+            "grid: every region of a regular grid over tissue."
+        ),
+    ] = "sample"
+    region_size: Annotated[int, opt("Region side in level-0 pixels.")] = 768
+    grid: Annotated[int, opt("Label grid per region (grid x grid cells).")] = 3
+    tumor_per_slide: Annotated[
+        int, opt("sample: regions centred in tumor per slide (at most).")
+    ] = 100
+    normal_per_slide: Annotated[
+        int, opt("sample: regions centred in tissue outside tumor per slide (at most).")
+    ] = 100
+    tumor_share: Annotated[
+        float | None,
+        opt(
+            "sample: share of tumor-centred regions in the output (e.g. 0.5); the larger class is "
+            "cut down at random. Default: as sampled."
+        ),
+    ] = None
+    max_regions: Annotated[
+        int, opt("sample: at most this many regions in all, classes cut alike (0: no limit).")
+    ] = 0
+    margin: Annotated[
+        int, opt("sample: normal centres lie at least this far from tumor (level-0 px).")
+    ] = 0
+    min_spacing: Annotated[
+        int, opt("sample: least distance between two centres of a slide (level-0 px).")
+    ] = 128
+    min_tissue: Annotated[
+        float, opt("Least tissue share of a region (tissue mask); 0: any tissue.")
+    ] = 0.25
+    stride: Annotated[
+        int | None, opt("grid: step between centres (level-0 px; default: the region size).")
+    ] = None
+    label_rule: Annotated[
+        str,
+        opt(
+            "Cell label: center (1 when the cell centre is in tumor, as NCRF/MONAI) or fraction "
+            "(1 when the tumor share of the cell is >= --label-threshold)."
+        ),
+    ] = "center"
+    label_threshold: Annotated[float, opt("fraction rule: least tumor share of a cell.")] = 0.5
+    tissue_downsample: Annotated[
+        int, opt("Tissue mask resolution (level-0 px per mask pixel).")
+    ] = 32
+
+    def validate(self) -> None:
+        problems = []
+        if self.mode not in ("sample", "grid"):
+            problems.append(f"--mode {self.mode!r}: use sample or grid")
+        if self.grid < 1 or self.region_size < self.grid or self.region_size % self.grid:
+            problems.append(
+                f"--region-size {self.region_size} is not a positive multiple of --grid "
+                f"{self.grid}: use e.g. --region-size 768 --grid 3"
+            )
+        if min(self.tumor_per_slide, self.normal_per_slide, self.max_regions, self.margin) < 0:
+            problems.append("counts, --max-regions and --margin: use values >= 0")
+        if self.min_spacing < 0 or (self.stride is not None and self.stride < 1):
+            problems.append("--min-spacing >= 0 and --stride >= 1, please")
+        if self.tumor_share is not None and not 0 < self.tumor_share < 1:
+            problems.append(f"--tumor-share {self.tumor_share}: use a share in (0, 1)")
+        if self.mode == "grid" and (self.tumor_share is not None or self.max_regions):
+            problems.append("--tumor-share and --max-regions apply to --mode sample only")
+        if not 0 <= self.min_tissue <= 1:
+            problems.append(f"--min-tissue {self.min_tissue}: use a share in [0, 1]")
+        if self.label_rule not in ("center", "fraction"):
+            problems.append(f"--label-rule {self.label_rule!r}: use center or fraction")
+        if not 0 < self.label_threshold <= 1:
+            problems.append(f"--label-threshold {self.label_threshold}: use a share in (0, 1]")
+        if self.tissue_downsample < 1:
+            problems.append(f"--tissue-downsample {self.tissue_downsample}: use at least 1")
+        if problems:
+            raise OptionError("; ".join(problems))
+
+    @property
+    def grid_stride(self) -> int:
+        """The grid mode's step between centres."""
+        return self.stride or self.region_size

@@ -101,11 +101,13 @@ def test_small_lesion_is_an_itc_and_a_large_one_is_not():
 
 def test_froc_interpolation_at_the_six_rates_on_a_known_curve():
     # 2 slides, 3 lesions (one missed), 4 false positives.
-    fps, sens, thr = froc_curve(np.array([0.9, 0.7, 0.5, 0.3]), np.array([0.8, 0.6, 0.0]), 3, 2)
+    fps, sens, thr = froc_curve(
+        np.array([0.9, 0.7, 0.5, 0.3]), np.array([0.8, 0.6, 0.0]), 3, 2, method="interp"
+    )
     assert thr.tolist() == [0.3, 0.5, 0.6, 0.7, 0.8, 0.9]
     assert fps.tolist() == [2.0, 1.5, 1.0, 1.0, 0.5, 0.5, 0.0]
     assert sens == pytest.approx([2 / 3, 2 / 3, 2 / 3, 1 / 3, 1 / 3, 0, 0])
-    score, at = froc_score(fps, sens)
+    score, at = froc_score(fps, sens, method="interp")
     assert at == pytest.approx([0, 1 / 3, 2 / 3, 2 / 3, 2 / 3, 2 / 3])  # np.interp on the curve
     assert score == pytest.approx(0.5)
     score, at = froc_score(fps, sens, method="step")  # the later official bisect lookup
@@ -118,9 +120,14 @@ def test_perfect_detector_scores_one(tmp_path):
     write_case(tmp_path, "tumor_001", lesions, [(0.9, 900, 900), (0.8, 2800, 1200)])
     write_case(tmp_path, "tumor_002", [square(1500, 300, 900)], [(0.7, 1900, 700)])
     write_case(tmp_path, "normal_001", None, [])
-    report = evaluate(tmp_path / "pred", [tmp_path / "truth"]).to_dict()
+    report = evaluate(tmp_path / "pred", [tmp_path / "truth"], method="interp").to_dict()
     assert report["froc"]["score"] == pytest.approx(1.0)
     assert report["froc"]["lesions"] == 3 and report["froc"]["lesions_hit"] == 3
+    # The challenge's script (the default) never counts the lowest pooled probability: with
+    # nothing lower (no miss, no ITC, no FP) the hit at 0.7 is lost, sensitivity 2/3.
+    official = evaluate(tmp_path / "pred", [tmp_path / "truth"]).to_dict()
+    assert official["froc"]["score"] == 2 / 3
+    assert official["settings"]["froc_method"] == "camelyon16"
     assert report["froc"]["false_positives"] == 0
     assert report["slide_auc"]["auc"] == pytest.approx(1.0)
     normal = next(r for r in report["slides"] if r["name"] == "normal_001")
@@ -235,8 +242,9 @@ def test_cli_writes_json_and_png_and_exits_zero(tmp_path):
     )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "evaluation.json").read_text())
-    # thresholds 0.3, 0.5, 0.9: FPs/slide 1.0, 0.5, 0 with sensitivity 1 throughout
-    assert report["froc"]["curve"]["fps_per_slide"] == [1.0, 0.5, 0.0, 0.0]
+    # camelyon16 (the default) drops the lowest pooled value, 0.3: thresholds 0.5, float32(0.9)
+    # give FPs/slide 0.5, 0 with sensitivity 1 throughout, then (0, 0)
+    assert report["froc"]["curve"]["fps_per_slide"] == [0.5, 0.0, 0.0]
     assert report["froc"]["score"] == pytest.approx(1.0)
     normal = next(r for r in report["slides"] if r["name"] == "normal_001")
     assert normal["max_prob_from"] == "prob.npy" and normal["max_prob"] == pytest.approx(0.2)

@@ -15,14 +15,27 @@ Radboud version of the same script), on numpy / scipy only.
   is a hit of that lesion (the lesion keeps its highest probability), on an ITC region it is
   ignored (neither hit nor false positive), elsewhere it is a false positive. Every detection
   on a normal slide is a false positive.
-- Curve: for every distinct non-zero probability t (the later script's ``set(...) - {0.0}``),
-  FPs per slide = #FP with prob >= t / #slides and sensitivity = #lesions hit with prob >= t /
-  #non-ITC lesions; then the point (0, 0). (The 2016 script skipped the lowest threshold,
-  ``all_probs[1:]``, which drops the lowest-scored detection; the later script fixed that.)
-- Score: the mean sensitivity at 0.25, 0.5, 1, 2, 4 and 8 FPs per slide. ``method="interp"``
-  (default): ``np.interp`` on the curve in increasing-FP order, as NCRF's and MONAI's
-  ``compute_froc_score`` do (the numbers they publish); ``method="step"``: the later Radboud
-  script's ``bisect_left`` lookup (the first curve point with at least that many FPs).
+- Curve and score, by ``method``:
+
+  - ``"camelyon16"`` (default): bit-identical to the challenge's ``Evaluation_FROC.py``
+    (computationalpathologygroup/Camelyon16, ``computeFROC``) followed by the score NCRF's copy
+    of it prints (``np.mean(np.interp([.25, .5, 1, 2, 4, 8], FPs[::-1], sens[::-1]))``), the
+    script behind published Camelyon16 numbers (MONAI's ``compute_froc_curve_data`` copies it
+    too). Two quirks are kept on purpose: hit
+    probabilities are float32 (``TP_probs = np.zeros(..., np.float32)``) while false-positive
+    ones stay float64, so a hit tied with false positives at a value float32 cannot hold
+    (0.3) counts at a threshold above them; and the lowest pooled probability is dropped as a
+    threshold (``all_probs[1:]``), so the lowest-scored detection never counts, unless a 0
+    is pooled: a missed lesion, or an ITC (the script pools one entry per label, ITCs
+    included, and an ITC's stays 0). Thresholds run in exact float64 order, as numpy 1.x
+    (which the challenge and NCRF ran) sorts the script's mix of float and float32.
+  - ``"interp"`` (this project's rule before ``"camelyon16"``, kept unchanged): thresholds
+    are every distinct non-zero probability (the later script's ``set(...) - {0.0}``), all in
+    float64, FPs per slide = #FP with prob >= t / #slides, sensitivity = #lesions hit with
+    prob >= t / #non-ITC lesions, then the point (0, 0); the score is the same ``np.interp``
+    at 0.25, 0.5, 1, 2, 4 and 8 FPs per slide, averaged.
+  - ``"step"``: the ``"interp"`` curve, each rate read with the later Radboud script's
+    ``bisect_left`` lookup (the first curve point with at least that many FPs).
 """
 
 from __future__ import annotations
@@ -38,10 +51,12 @@ from scipy import ndimage
 from etl.errors import PatchetlError
 
 __all__ = [
+    "DEFAULT_METHOD",
     "DILATION_UM",
     "EVAL_LEVEL",
     "FP_RATES",
     "ITC_UM",
+    "METHODS",
     "EvaluationError",
     "LesionMask",
     "Method",
@@ -57,7 +72,9 @@ EVAL_LEVEL = 5
 DILATION_UM = 75.0  # about 5 tumor cells
 ITC_UM = 275.0  # 200 um + the 75 um dilation
 FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-Method = Literal["interp", "step"]
+Method = Literal["camelyon16", "interp", "step"]
+METHODS: tuple[Method, ...] = ("camelyon16", "interp", "step")
+DEFAULT_METHOD: Method = "camelyon16"
 
 
 class EvaluationError(PatchetlError, ValueError):
@@ -193,36 +210,59 @@ def score_slide(
 
 
 def froc_curve(
-    fp_probs: np.ndarray, tp_probs: np.ndarray, n_lesions: int, n_slides: int
+    fp_probs: np.ndarray,
+    tp_probs: np.ndarray,
+    n_lesions: int,
+    n_slides: int,
+    method: Method = DEFAULT_METHOD,
+    *,
+    itc: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(FPs per slide, sensitivity, thresholds) in increasing-threshold order, then (0, 0).
 
     ``tp_probs``: one entry per non-ITC lesion of every slide (its best hit, 0 if missed);
     ``fp_probs``: every false positive. ``thresholds`` has one entry fewer (the final point
-    has none). Sensitivity is NaN when there is no lesion.
+    has none). Sensitivity is NaN when there is no lesion. ``method`` picks the thresholds
+    (module docstring). ``itc``: the number of ITC lesions; ``"camelyon16"`` pools a 0 for
+    them, as the script's ``TP_probs`` holds one entry per label, ITCs included.
     """
-    fp = np.sort(np.asarray(fp_probs, np.float64))
-    tp = np.sort(np.asarray(tp_probs, np.float64))
-    thresholds = np.unique(np.concatenate([fp, tp]))
-    thresholds = thresholds[thresholds != 0.0]
+    fp = np.sort(np.asarray(fp_probs, np.float64).ravel())
+    if method == "camelyon16":
+        tp = np.sort(np.asarray(tp_probs, np.float64).ravel().astype(np.float32))
+        zeros = np.zeros(1 if itc else 0)
+        pooled = np.unique(np.concatenate([fp, tp.astype(np.float64), zeros]))  # sorted(set())
+        thresholds = pooled[1:]  # all_probs[1:]
+        # float32 hits meet a float64 threshold in float32 (numpy casts the Python float
+        # scalar to the array's type); false positives always compare in float64.
+        n_tp = len(tp) - np.searchsorted(tp, thresholds.astype(np.float32), side="left")
+    else:
+        tp = np.sort(np.asarray(tp_probs, np.float64).ravel())
+        thresholds = np.unique(np.concatenate([fp, tp]))
+        thresholds = thresholds[thresholds != 0.0]
+        n_tp = len(tp) - np.searchsorted(tp, thresholds, side="left")
     n_fp = len(fp) - np.searchsorted(fp, thresholds, side="left")  # count of prob >= t
-    n_tp = len(tp) - np.searchsorted(tp, thresholds, side="left")
-    fps = np.append(n_fp, 0) / max(n_slides, 1)
-    sens = np.append(n_tp, 0) / n_lesions if n_lesions else np.full(len(thresholds) + 1, np.nan)
+    fps = np.append(n_fp, 0) / float(max(n_slides, 1))
+    if n_lesions:
+        sens = np.append(n_tp, 0) / float(n_lesions)
+    else:
+        sens = np.full(len(thresholds) + 1, np.nan)
     return fps, sens, thresholds
 
 
 def froc_score(
-    fps: np.ndarray, sens: np.ndarray, rates: Sequence[float] = FP_RATES, method: Method = "interp"
+    fps: np.ndarray,
+    sens: np.ndarray,
+    rates: Sequence[float] = FP_RATES,
+    method: Method = DEFAULT_METHOD,
 ) -> tuple[float, np.ndarray]:
     """(mean sensitivity at ``rates`` FPs per slide, the sensitivities) from a ``froc_curve``."""
     fps_r, sens_r = np.asarray(fps, np.float64)[::-1], np.asarray(sens, np.float64)[::-1]
-    if method == "interp":
+    if method in ("camelyon16", "interp"):
         at = np.interp(rates, fps_r, sens_r)
     elif method == "step":
         at = np.array(
             [sens_r[min(bisect.bisect_left(fps_r.tolist(), r), len(sens_r) - 1)] for r in rates]
         )
     else:
-        raise EvaluationError(f"FROC method {method!r}: use 'interp' or 'step'")
+        raise EvaluationError(f"FROC method {method!r}: use one of {', '.join(METHODS)}")
     return float(np.mean(at)), at

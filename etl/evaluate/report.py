@@ -1,9 +1,14 @@
 """The evaluation report: typed, written as ``evaluation.json`` + ``froc.png``, summarised.
 
 ``EvaluationReport.to_dict()`` is the JSON (field names are its keys, in order:
-``settings``, ``froc``, ``slide_auc``, ``patch``, ``slides``, ``warnings``); numbers that are
-undefined (NaN) are null. ``patch`` holds the patch-level metrics that the training side adds
-(``training.patch_eval``), or null.
+``settings``, ``froc``, ``slide_auc``, ``patch``, ``slides``, ``warnings``,
+``missing_predictions``); numbers that are undefined (NaN) are null. ``patch`` holds the
+patch-level metrics that the training side adds (``training.patch_eval``), or null.
+``missing_predictions`` lists the slides of the ground truth (or of ``--slides``) that had no
+predictions and were not scored (only with ``--allow-missing``; otherwise evaluation refuses).
+
+``write_report`` writes into a folder that ``etl.atomic.output_folder`` created and proved
+writable, and still turns any failure to write into an ``EvaluationError`` naming the file.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from etl.atomic import atomic_file
+from etl.atomic import atomic_file, output_folder
+from etl.evaluate.froc import EvaluationError
 from etl.evaluate.plot import plot_froc
 
 __all__ = [
     "EvaluationReport",
     "FrocCurve",
     "FrocSummary",
+    "MissingSlide",
     "Settings",
     "SlideAuc",
     "SlideRow",
@@ -51,6 +58,7 @@ class Settings:
     itc_major_axis_um: float
     froc_method: str
     fp_rates: list[float]
+    allow_missing: bool = False
 
 
 @dataclass
@@ -110,6 +118,18 @@ class SlideRow:
 
 
 @dataclass
+class MissingSlide:
+    """A slide with ground truth (``truth``) or in ``--slides`` (``slide``) but no predictions."""
+
+    name: str
+    truth: str | None
+    slide: str | None
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.truth or self.slide})"
+
+
+@dataclass
 class EvaluationReport:
     """Everything ``evaluate`` found; ``patch`` is filled in by the patch-level evaluation."""
 
@@ -119,6 +139,7 @@ class EvaluationReport:
     patch: dict[str, Any] | None
     slides: list[SlideRow]
     warnings: list[str]
+    missing_predictions: list[MissingSlide] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as ``evaluation.json`` holds it."""
@@ -127,8 +148,18 @@ class EvaluationReport:
 
 def write_report(report: EvaluationReport, out: str | PathLike[str]) -> tuple[Path, Path]:
     """Write ``<out>/evaluation.json`` and ``<out>/froc.png`` (atomically); return their paths."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(Path(out))
+    try:
+        return _write(report, out)
+    except OSError as exc:
+        where = exc.filename or out
+        raise EvaluationError(
+            f"{where}: cannot write the evaluation report ({exc.strerror or exc}); pass --out "
+            "with a folder you can write to"
+        ) from None
+
+
+def _write(report: EvaluationReport, out: Path) -> tuple[Path, Path]:
     froc = report.froc
 
     def nan(v: float | None) -> float:

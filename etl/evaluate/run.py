@@ -6,6 +6,12 @@ split into hits, ITC-ignored and false positives (``etl.evaluate.froc``), and it
 slide AUC (the maximum of its probability map, else of its candidates). Then the cohort's FROC
 curve and score, and the AUC of tumor vs normal slides. The result is an
 ``EvaluationReport`` (``etl.evaluate.report``). numpy / scipy / PIL only (no torch).
+
+The cohort is every slide with a ground-truth file and, with ``slides``, every slide of that
+folder. A slide of the cohort without predictions is refused (the FROC and AUC of a subset are
+not the cohort's), listing them all, unless ``allow_missing``: then they are listed in the
+report's warnings and ``missing_predictions``. Truth files that cannot be used are all listed
+in one error; nothing is scored from a partial truth.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import numpy as np
 
 from etl.evaluate.auc import binary_auc
 from etl.evaluate.froc import (
+    DEFAULT_METHOD,
     DILATION_UM,
     EVAL_LEVEL,
     FP_RATES,
     ITC_UM,
+    METHODS,
     EvaluationError,
     Method,
     SlideScore,
@@ -42,14 +50,17 @@ from etl.evaluate.report import (
     EvaluationReport,
     FrocCurve,
     FrocSummary,
+    MissingSlide,
     Settings,
     SlideAuc,
     SlideRow,
     json_number,
 )
-from etl.evaluate.truth import load_truth
+from etl.evaluate.truth import load_truth, truth_files
 
 __all__ = ["evaluate"]
+
+LISTED = 20  # names an error or warning lists before "and N more"
 
 
 def _check_inputs(
@@ -71,8 +82,48 @@ def _check_inputs(
         raise EvaluationError(f"{slides}: slide folder not found (--slides)")
     if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
         raise EvaluationError(f"--mpp {mpp}: use a positive micrometres-per-pixel value")
-    if method not in ("interp", "step"):
-        raise EvaluationError(f"--froc-method {method!r}: use interp or step")
+    if method not in METHODS:
+        raise EvaluationError(f"--froc-method {method!r}: use one of {', '.join(METHODS)}")
+
+
+def _listing(items: Sequence[str]) -> str:
+    more = f"\n  ... and {len(items) - LISTED} more" if len(items) > LISTED else ""
+    return "".join(f"\n  {item}" for item in items[:LISTED]) + more
+
+
+def _missing(
+    names: set[str], folders: list[Path], index: dict[str, list[Path]]
+) -> list[MissingSlide]:
+    """The cohort's slides (truth files, the slide folder) that have no predictions."""
+    truths = truth_files(folders)
+    absent = (set(truths) | set(index)) - names
+    return [
+        MissingSlide(
+            name,
+            str(truths[name]) if name in truths else None,
+            str(index[name][0]) if name in index else None,
+        )
+        for name in sorted(absent)
+    ]
+
+
+def _check_missing(
+    pred: Path, missing: list[MissingSlide], allow: bool, warnings: list[str]
+) -> None:
+    if not missing:
+        return
+    listing = _listing([m.describe() for m in missing])
+    if not allow:
+        raise EvaluationError(
+            f"{len(missing)} slide(s) of the ground truth or --slides have no predictions in "
+            f"{pred} (no <name>.candidates.csv):{listing}\nrun `patchetl infer` on them with "
+            "--out pointing there, or pass --allow-missing to score only the slides that have "
+            "predictions"
+        )
+    warnings.append(
+        f"{len(missing)} slide(s) have no predictions and are not scored (--allow-missing):"
+        f"{listing}"
+    )
 
 
 def _score_one(
@@ -144,7 +195,8 @@ def _froc(
     """The cohort's FROC curve and score (undefined, with a warning, without lesions)."""
     fp = np.concatenate([s.fp_probs for s in scores])
     tp = np.concatenate([s.tp_probs for s in scores])
-    fps, sens, thresholds = froc_curve(fp, tp, len(tp), len(scores))
+    itc = sum(s.itc for s in scores)
+    fps, sens, thresholds = froc_curve(fp, tp, len(tp), len(scores), method, itc=itc)
     if len(tp):
         froc, at = froc_score(fps, sens, FP_RATES, method)
     else:
@@ -165,7 +217,7 @@ def _froc(
         tumor_slides=tumor_slides,
         lesions=len(tp),
         lesions_hit=int((tp > 0).sum()),
-        itc=sum(s.itc for s in scores),
+        itc=itc,
         false_positives=len(fp),
         curve=curve,
     )
@@ -178,13 +230,15 @@ def evaluate(
     slides: str | PathLike[str] | None = None,
     mpp: float | None = None,
     level: int = EVAL_LEVEL,
-    method: Method = "interp",
+    method: Method = DEFAULT_METHOD,
     mask_tumor_value: int | None = None,
+    allow_missing: bool = False,
 ) -> EvaluationReport:
     """Score every slide of ``pred`` that has ``<name>.candidates.csv``.
 
     ``truth``: folders of ground truth; ``slides``: folder of the slides (level-0 size and
-    mpp; default: the maps' sidecars); ``mpp``: overrides every slide's mpp.
+    mpp; default: the maps' sidecars); ``mpp``: overrides every slide's mpp;
+    ``allow_missing``: score without the cohort's slides that have no predictions.
     """
     pred = Path(pred)
     folders = [Path(t) for t in truth]
@@ -192,15 +246,28 @@ def evaluate(
     _check_inputs(pred, folders, slides_dir, mpp, method)
     files = candidate_files(pred)
     index = slide_index(slides_dir)
+    warnings: list[str] = []
+    missing = _missing({name for name, _ in files}, folders, index)
+    _check_missing(pred, missing, allow_missing, warnings)
     scores: list[SlideScore] = []
     rows: list[SlideRow] = []
-    warnings: list[str] = []
+    problems: list[str] = []
     for name, path in files:
-        score, row = _score_one(
-            name, path, pred, folders, index, mpp, level, mask_tumor_value, warnings
-        )
+        try:
+            score, row = _score_one(
+                name, path, pred, folders, index, mpp, level, mask_tumor_value, warnings
+            )
+        except EvaluationError as exc:
+            problems.append(str(exc))
+            continue
         scores.append(score)
         rows.append(row)
+    if len(problems) == 1:
+        raise EvaluationError(problems[0])
+    if problems:
+        raise EvaluationError(
+            f"{len(problems)} slides cannot be evaluated (nothing was scored):{_listing(problems)}"
+        )
     labels = np.array([r.tumor for r in rows], float)
     tumor_slides = int(labels.sum())
     froc = _froc(scores, tumor_slides, method, folders, warnings)
@@ -218,6 +285,7 @@ def evaluate(
         itc_major_axis_um=ITC_UM,
         froc_method=method,
         fp_rates=list(FP_RATES),
+        allow_missing=allow_missing,
     )
     return EvaluationReport(
         settings=settings,
@@ -228,4 +296,5 @@ def evaluate(
         patch=None,
         slides=rows,
         warnings=warnings,
+        missing_predictions=missing,
     )

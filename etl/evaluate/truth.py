@@ -5,10 +5,15 @@ tumor minus the ``_2`` holes, rasterised at the pixel centres) or a mask TIFF
 (``<name>_mask.tif``, ``<name>_Mask.tif``, ``<name>_mask.tiff``; sampled at the pixel centres);
 a slide without one is a normal slide. A mask's tumor value is 1 or 255 when that is its only
 non-zero value; label masks need it given.
+
+A truth file that cannot be used is an ``EvaluationError`` naming the file, and for an XML the
+annotation (name, group, index in file order) and the fix: unreadable, not XML, a coordinate
+that is not a finite number, fewer than 3 vertices, a polygon wholly outside the slide.
 """
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -17,20 +22,47 @@ from pathlib import Path
 import numpy as np
 
 from etl.evaluate.froc import EVAL_LEVEL, EvaluationError
-from etl.wsi.annotations import AnnotationError, Annotations, read_annotations
+from etl.wsi.annotations import (
+    EXCLUSION_GROUPS,
+    AnnotationError,
+    Annotations,
+    read_annotations,
+)
 from etl.wsi.masks import MaskError, read_mask_level, tumor_mask
 
-__all__ = ["SlideTruth", "find_truth", "load_truth", "rasterize_polygons", "read_mask_tiff"]
+__all__ = [
+    "TRUTH_SUFFIXES",
+    "SlideTruth",
+    "find_truth",
+    "load_truth",
+    "rasterize_polygons",
+    "read_mask_tiff",
+    "truth_files",
+]
+
+# <name><suffix>, in the order of preference
+TRUTH_SUFFIXES = (".xml", "_mask.tif", "_Mask.tif", "_mask.tiff")
 
 
 def find_truth(name: str, folders: Sequence[Path]) -> Path | None:
     """The ground-truth file of slide ``name``: ``<name>.xml``, else a mask TIFF, else None."""
-    patterns = (f"{name}.xml", f"{name}_mask.tif", f"{name}_Mask.tif", f"{name}_mask.tiff")
-    for pattern in patterns:
+    for suffix in TRUTH_SUFFIXES:
         for folder in folders:
-            if (folder / pattern).is_file():
-                return folder / pattern
+            if (folder / f"{name}{suffix}").is_file():
+                return folder / f"{name}{suffix}"
     return None
+
+
+def truth_files(folders: Sequence[Path]) -> dict[str, Path]:
+    """Every slide with a ground-truth file in ``folders``: name -> its file (``find_truth``)."""
+    names = {
+        path.name[: -len(suffix)]
+        for folder in folders
+        for suffix in TRUTH_SUFFIXES
+        for path in folder.glob(f"*{suffix}")
+        if path.is_file() and len(path.name) > len(suffix)
+    }
+    return {name: path for name in sorted(names) if (path := find_truth(name, folders))}
 
 
 def _annotations(path: str | PathLike[str]) -> Annotations:
@@ -38,9 +70,59 @@ def _annotations(path: str | PathLike[str]) -> Annotations:
         return read_annotations(path)
     except AnnotationError as exc:
         raise EvaluationError(str(exc)) from None
+    except OSError as exc:
+        raise EvaluationError(
+            f"{path}: cannot read the ground truth ({exc.strerror or exc}); make it readable "
+            "or remove it (a slide without a truth file is a normal slide)"
+        ) from None
 
 
-def _rasterize(ann: Annotations, width: int, height: int, downsample: int) -> np.ndarray:
+def _which(path: Path, hole: bool, k: int) -> str:
+    """The k-th tumor (``hole``: exclusion) polygon of an ASAP file as its annotation: name,
+    group and index in file order (the order ``read_annotations`` keeps)."""
+    kind = "exclusion" if hole else "tumor"
+    try:
+        entries = list(ET.parse(path).getroot().iter("Annotation"))
+    except (OSError, ET.ParseError):
+        return f"{kind} polygon {k + 1}"
+    same = [
+        (i, a)
+        for i, a in enumerate(entries)
+        if (a.get("PartOfGroup", "") in EXCLUSION_GROUPS) == hole
+    ]
+    if k >= len(same):
+        return f"{kind} polygon {k + 1}"
+    i, a = same[k]
+    return (
+        f"annotation {a.get('Name', f'#{i}')!r} (group {a.get('PartOfGroup', '')!r}, "
+        f"index {i} in file order)"
+    )
+
+
+def _check_polygons(path: Path, ann: Annotations, width: int, height: int) -> None:
+    """Non-finite coordinates or a polygon wholly off the slide: an error naming the annotation."""
+    for hole, polygons in ((False, ann.tumor), (True, ann.holes)):
+        for k, poly in enumerate(polygons):
+            bad = np.flatnonzero(~np.isfinite(poly).all(axis=1))
+            if len(bad):
+                x, y = poly[bad[0]]
+                raise EvaluationError(
+                    f"{path}: {_which(path, hole, k)}: vertex {bad[0] + 1} (by Order) has "
+                    f"X={x}, Y={y}, not a finite number; fix or remove that coordinate"
+                )
+            (x0, y0), (x1, y1) = poly.min(axis=0), poly.max(axis=0)
+            if x1 < 0 or y1 < 0 or x0 >= width or y0 >= height:
+                raise EvaluationError(
+                    f"{path}: {_which(path, hole, k)} lies wholly outside the slide "
+                    f"(x {x0:g}..{x1:g}, y {y0:g}..{y1:g}; the slide is {width}x{height} px at "
+                    "level 0); check that the file belongs to this slide, or remove the annotation"
+                )
+
+
+def _rasterize(
+    path: Path, ann: Annotations, width: int, height: int, downsample: int
+) -> np.ndarray:
+    _check_polygons(path, ann, width, height)
     mask: np.ndarray = tumor_mask(ann.tumor, width, height, downsample, holes=ann.holes) > 0
     return mask
 
@@ -50,7 +132,7 @@ def rasterize_polygons(
 ) -> np.ndarray:
     """Bool tumor mask of an ASAP XML at ``downsample``: pixel centres inside tumor polygons
     and outside the exclusion (``_2``) polygons. Shape ``(ceil(H/ds), ceil(W/ds))``."""
-    return _rasterize(_annotations(path), width, height, downsample)
+    return _rasterize(Path(path), _annotations(path), width, height, downsample)
 
 
 def _tumor_value(path: Path, values: np.ndarray, tumor_value: int | None) -> int | None:
@@ -119,6 +201,7 @@ def load_truth(
                 f"{path}); {hint}"
             )
         ann = _annotations(path)
-        return SlideTruth(path, _rasterize(ann, *size0, downsample), bool(ann.tumor), size0)
+        tumor = _rasterize(path, ann, *size0, downsample)
+        return SlideTruth(path, tumor, bool(ann.tumor), size0)
     tumor, mask_size0, has_tumor = read_mask_tiff(path, downsample, tumor_value)
     return SlideTruth(path, tumor, has_tumor, size0 or mask_size0)
