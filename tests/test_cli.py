@@ -39,8 +39,8 @@ FLAGS = {
     "--amp --no-amp --channels-last --no-channels-last --compile --prefetch "
     "--no-prefetch --augment --no-augment --pretrained --resume --no-resume --seed "
     "--max-bad --progress --no-progress --record-keys --no-record-keys",
-    "evaluate": "--pred --truth --slides --mpp --froc-method --mask-tumor-value --checkpoint "
-    "--shards --device --workers --out",
+    "evaluate": "--pred --truth --slides --mpp --froc-method --mask-tumor-value --allow-missing "
+    "--checkpoint --shards --device --workers --out",
     "infer": "--checkpoint --ckpt --out --mode --level --stride --patch-size --tile-size "
     "--margin --batch-size --tiles-per-batch --workers --device --amp --no-amp "
     "--tissue-downsample --tissue-threshold --tissue-min-area --nms-radius "
