@@ -67,7 +67,7 @@ def remove_temporaries(folder: str | Path) -> int:
     return n
 
 
-def output_folder(path: str | Path, option: str = "--out") -> Path:
+def output_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
     """Create the folder ``path`` (with its parents) and prove that a file can be written and
     removed in it; raises :class:`OutputFolderError` naming the folder, ``option`` and the fix.
     The probe is a temporary (``temporary_name``), so a kill leaves what `remove_temporaries`
