@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -340,3 +341,120 @@ def test_patch_eval_matches_a_manual_pass_over_the_shards(tmp_path):
     assert result["auc"] == pytest.approx(binary_auc(t, p), abs=1e-9)
     assert result["accuracy"] == pytest.approx(np.mean((p >= 0.5) == (t >= 0.5)))
     assert result["checkpoint_epoch"] == 2
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def cli(tmp_path: Path, *extra: str):
+    from training.cli import app
+
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]
+    return CliRunner().invoke(app, [*args, *extra])
+
+
+def test_truth_slides_without_predictions_are_refused_unless_allowed(tmp_path):
+    write_case(tmp_path, "tumor_001", [square(500, 500, 800)], [(0.9, 900, 900)])
+    write_asap_xml(tmp_path / "truth" / "tumor_002.xml", [square(1500, 300, 900)])  # no preds
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "normal_009.tif").write_bytes(b"")  # a slide without predictions
+    out = tmp_path / "eval"
+    base = ["--slides", str(tmp_path / "slides"), "--out", str(out)]
+    result = cli(tmp_path, *base)
+    assert result.exit_code == 2, result.output
+    assert "2 slide(s) of the ground truth or --slides have no predictions" in result.output
+    assert f"tumor_002 ({tmp_path / 'truth' / 'tumor_002.xml'})" in result.output
+    assert f"normal_009 ({tmp_path / 'slides' / 'normal_009.tif'})" in result.output
+    assert "--allow-missing" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+    result = cli(tmp_path, *base, "--allow-missing")
+    assert result.exit_code == 0, result.output
+    assert "warning: 2 slide(s) have no predictions and are not scored" in result.output
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["missing_predictions"] == [
+        {"name": "normal_009", "truth": None, "slide": str(tmp_path / "slides" / "normal_009.tif")},
+        {"name": "tumor_002", "truth": str(tmp_path / "truth" / "tumor_002.xml"), "slide": None},
+    ]
+    assert report["settings"]["allow_missing"] is True
+    assert [r["name"] for r in report["slides"]] == ["tumor_001"]
+    assert any("not scored" in w for w in report["warnings"])
+    assert list(report)[:6] == ["settings", "froc", "slide_auc", "patch", "slides", "warnings"]
+
+
+def asap(coords: str) -> str:
+    return (
+        '<?xml version="1.0"?><ASAP_Annotations><Annotations>'
+        '<Annotation Name="Lesion 7" PartOfGroup="_0"><Coordinates>'
+        f"{coords}</Coordinates></Annotation></Annotations></ASAP_Annotations>"
+    )
+
+
+def vertices(*xy: tuple[object, object]) -> str:
+    return "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate(xy))
+
+
+SQUARE = ((500, 500), (1300, 500), (1300, 1300), (500, 1300))
+MALFORMED = {
+    "truncated": (asap(vertices(*SQUARE))[:150], "not a valid XML file"),
+    "not xml": ("Tumor: 500,500 1300,500 1300,1300", "not a valid XML file"),
+    "nan": (asap(vertices((500, 500), ("NaN", 500), *SQUARE[2:])), "NaN or infinite"),
+    "non-numeric": (asap(vertices((500, 500), ("12a", 500), *SQUARE[2:])), "without numeric X"),
+    "2-point": (asap(vertices(*SQUARE[:2])), "needs at least 3"),
+    "off the slide": (asap(vertices((-900, -900), (-100, -900), (-100, -100))), "outside"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_asap_xml_is_a_clear_error_naming_file_and_annotation(tmp_path, case):
+    text, expected = MALFORMED[case]
+    write_case(tmp_path, "tumor_001", None, [(0.9, 900, 900)])
+    write_case(tmp_path, "tumor_002", [square(500, 500, 800)], [(0.9, 900, 900)])
+    (tmp_path / "truth" / "tumor_001.xml").write_text(text)
+    result = cli(tmp_path, "--out", str(tmp_path / "eval"))
+    assert result.exit_code == 2, result.output
+    assert str(tmp_path / "truth" / "tumor_001.xml") in result.output
+    assert expected in result.output and "Traceback" not in result.output
+    if "XML" not in expected:
+        assert "'Lesion 7' (#0, group _0)" in result.output  # the annotation: name, index, group
+    assert not (tmp_path / "eval").exists()
+
+
+def test_every_unusable_truth_file_is_listed_in_one_error(tmp_path):
+    for name in ("tumor_001", "tumor_002", "tumor_003"):
+        write_case(tmp_path, name, [square(500, 500, 800)], [(0.9, 900, 900)])
+    (tmp_path / "truth" / "tumor_001.xml").write_text(MALFORMED["truncated"][0])
+    (tmp_path / "truth" / "tumor_003.xml").write_text(MALFORMED["nan"][0])
+    with pytest.raises(EvaluationError) as info:
+        evaluate(tmp_path / "pred", [tmp_path / "truth"])
+    message = str(info.value)
+    assert message.startswith("2 slides cannot be evaluated (nothing was scored):")
+    assert "tumor_001.xml: not a valid XML file" in message
+    assert "tumor_003.xml: annotation 'Lesion 7'" in message and "tumor_002" not in message
+
+
+def test_out_that_is_a_file_is_refused_before_anything_is_written(tmp_path):
+    write_case(tmp_path, "tumor_001", [square(500, 500, 800)], [(0.9, 900, 900)])
+    (tmp_path / "taken").write_text("not a folder")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "eval"):
+        result = cli(tmp_path, "--out", str(out))
+        assert result.exit_code == 2, result.output
+        assert f"{tmp_path / 'taken'}" in result.output and "Traceback" not in result.output
+        assert "folder" in result.output
+    assert (tmp_path / "taken").read_text() == "not a folder"
+
+
+def test_out_that_cannot_be_written_is_refused(tmp_path):
+    write_case(tmp_path, "tumor_001", [square(500, 500, 800)], [(0.9, 900, 900)])
+    if os.geteuid() != 0:
+        out = tmp_path / "locked" / "eval"
+        out.parent.mkdir()
+        out.parent.chmod(0o555)  # a read-only folder
+    elif Path("/sys").is_dir():
+        out = Path("/sys/patchetl-evaluate-test")  # the kernel refuses files here, even to root
+    else:
+        pytest.skip("running as root without /sys: no folder this process cannot write")
+    result = cli(tmp_path, "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert str(out) in result.output and "cannot be written" in result.output
+    assert "Traceback" not in result.output and not out.exists()

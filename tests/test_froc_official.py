@@ -244,3 +244,9 @@ def test_random_candidate_sets_are_identical_to_the_official_script():
         score = assert_identical(slides)
         differ += score != ours(slides, "interp")[2]
     assert differ >= 10  # the sets do exercise what sets the methods apart
+
+
+def test_the_official_method_is_the_default_of_the_command_and_the_functions():
+    from etl.config import EvaluateOptions
+
+    assert EvaluateOptions().froc_method == DEFAULT_METHOD == "camelyon16"

@@ -160,6 +160,7 @@ def _score_one(
         mask = evaluation_mask(truth.tumor, use_mpp, level)
         if not truth.has_tumor:
             warnings.append(f"{name}: {truth.path} holds no tumor; scored as a normal slide")
+    warnings.extend(truth.notes)
     score = score_slide(name, det, mask, source=str(path))
     if not truth.has_tumor:
         score.tumor = False

@@ -6,14 +6,14 @@ tumor minus the ``_2`` holes, rasterised at the pixel centres) or a mask TIFF
 a slide without one is a normal slide. A mask's tumor value is 1 or 255 when that is its only
 non-zero value; label masks need it given.
 
-A truth file that cannot be used is an ``EvaluationError`` naming the file, and for an XML the
-annotation (name, group, index in file order) and the fix: unreadable, not XML, a coordinate
-that is not a finite number, fewer than 3 vertices, a polygon wholly outside the slide.
+A truth file that cannot be used is an ``EvaluationError`` naming the file and the fix; for an
+XML, ``etl.wsi.annotations`` checks every polygon against the slide's size and lists each
+problem with its annotation (name, index, group): not XML or truncated, coordinates that are
+not finite numbers, fewer than 3 distinct vertices, a polygon wholly outside the slide.
 """
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -22,12 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from etl.evaluate.froc import EVAL_LEVEL, EvaluationError
-from etl.wsi.annotations import (
-    EXCLUSION_GROUPS,
-    AnnotationError,
-    Annotations,
-    read_annotations,
-)
+from etl.wsi.annotations import AnnotationError, Annotations, read_annotations
 from etl.wsi.masks import MaskError, read_mask_level, tumor_mask
 
 __all__ = [
@@ -65,64 +60,20 @@ def truth_files(folders: Sequence[Path]) -> dict[str, Path]:
     return {name: path for name in sorted(names) if (path := find_truth(name, folders))}
 
 
-def _annotations(path: str | PathLike[str]) -> Annotations:
+def _annotations(path: str | PathLike[str], size0: tuple[int, int]) -> Annotations:
+    """The checked polygons of an ASAP file (``etl.wsi.annotations``: every problem of the file,
+    each naming the annotation and the fix, raised together) for a slide of ``size0``."""
     try:
-        return read_annotations(path)
+        return read_annotations(path, slide_size=size0)
     except AnnotationError as exc:
         raise EvaluationError(str(exc)) from None
     except OSError as exc:
         raise EvaluationError(
-            f"{path}: cannot read the ground truth ({exc.strerror or exc}); make it readable "
-            "or remove it (a slide without a truth file is a normal slide)"
+            f"{path}: cannot read the ground truth ({exc.strerror or exc}); make the file readable"
         ) from None
 
 
-def _which(path: Path, hole: bool, k: int) -> str:
-    """The k-th tumor (``hole``: exclusion) polygon of an ASAP file as its annotation: name,
-    group and index in file order (the order ``read_annotations`` keeps)."""
-    kind = "exclusion" if hole else "tumor"
-    try:
-        entries = list(ET.parse(path).getroot().iter("Annotation"))
-    except (OSError, ET.ParseError):
-        return f"{kind} polygon {k + 1}"
-    same = [
-        (i, a)
-        for i, a in enumerate(entries)
-        if (a.get("PartOfGroup", "") in EXCLUSION_GROUPS) == hole
-    ]
-    if k >= len(same):
-        return f"{kind} polygon {k + 1}"
-    i, a = same[k]
-    return (
-        f"annotation {a.get('Name', f'#{i}')!r} (group {a.get('PartOfGroup', '')!r}, "
-        f"index {i} in file order)"
-    )
-
-
-def _check_polygons(path: Path, ann: Annotations, width: int, height: int) -> None:
-    """Non-finite coordinates or a polygon wholly off the slide: an error naming the annotation."""
-    for hole, polygons in ((False, ann.tumor), (True, ann.holes)):
-        for k, poly in enumerate(polygons):
-            bad = np.flatnonzero(~np.isfinite(poly).all(axis=1))
-            if len(bad):
-                x, y = poly[bad[0]]
-                raise EvaluationError(
-                    f"{path}: {_which(path, hole, k)}: vertex {bad[0] + 1} (by Order) has "
-                    f"X={x}, Y={y}, not a finite number; fix or remove that coordinate"
-                )
-            (x0, y0), (x1, y1) = poly.min(axis=0), poly.max(axis=0)
-            if x1 < 0 or y1 < 0 or x0 >= width or y0 >= height:
-                raise EvaluationError(
-                    f"{path}: {_which(path, hole, k)} lies wholly outside the slide "
-                    f"(x {x0:g}..{x1:g}, y {y0:g}..{y1:g}; the slide is {width}x{height} px at "
-                    "level 0); check that the file belongs to this slide, or remove the annotation"
-                )
-
-
-def _rasterize(
-    path: Path, ann: Annotations, width: int, height: int, downsample: int
-) -> np.ndarray:
-    _check_polygons(path, ann, width, height)
+def _rasterize(ann: Annotations, width: int, height: int, downsample: int) -> np.ndarray:
     mask: np.ndarray = tumor_mask(ann.tumor, width, height, downsample, holes=ann.holes) > 0
     return mask
 
@@ -132,7 +83,7 @@ def rasterize_polygons(
 ) -> np.ndarray:
     """Bool tumor mask of an ASAP XML at ``downsample``: pixel centres inside tumor polygons
     and outside the exclusion (``_2``) polygons. Shape ``(ceil(H/ds), ceil(W/ds))``."""
-    return _rasterize(Path(path), _annotations(path), width, height, downsample)
+    return _rasterize(_annotations(path, (width, height)), width, height, downsample)
 
 
 def _tumor_value(path: Path, values: np.ndarray, tumor_value: int | None) -> int | None:
@@ -173,12 +124,14 @@ def read_mask_tiff(
 @dataclass(frozen=True)
 class SlideTruth:
     """A slide's truth at the evaluation level: ``tumor`` mask (None: no truth file),
-    whether the file holds any tumor, and the level-0 size it gave (masks know it)."""
+    whether the file holds any tumor, the level-0 size it gave (masks know it), and the
+    warnings reading it gave (e.g. a polygon reaching outside the slide)."""
 
     path: Path | None
     tumor: np.ndarray | None
     has_tumor: bool
     size0: tuple[int, int] | None
+    notes: tuple[str, ...] = ()
 
 
 def load_truth(
@@ -200,8 +153,9 @@ def load_truth(
                 f"{name}: the level-0 size of the slide is unknown (needed to rasterise "
                 f"{path}); {hint}"
             )
-        ann = _annotations(path)
-        tumor = _rasterize(path, ann, *size0, downsample)
-        return SlideTruth(path, tumor, bool(ann.tumor), size0)
+        ann = _annotations(path, size0)
+        tumor = _rasterize(ann, *size0, downsample)
+        notes = tuple(str(w) for w in ann.warnings)
+        return SlideTruth(path, tumor, bool(ann.tumor), size0, notes)
     tumor, mask_size0, has_tumor = read_mask_tiff(path, downsample, tumor_value)
     return SlideTruth(path, tumor, has_tumor, size0 or mask_size0)
