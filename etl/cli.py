@@ -1,4 +1,4 @@
-"""The ETL commands of `patchetl` (synth, inspect, extract, verify, qc).
+"""The ETL commands of `patchetl` (synth, coords, inspect, extract, verify, qc).
 
 Thin layer: options come from the config dataclasses (`etl.command` derives them), each
 command calls functions that tests call directly and prints their results. Never imports
@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING
 import typer
 
 from etl.command import command, fail
-from etl.config import CoordsOptions, ExtractRunOptions, QcOptions, SynthOptions, VerifyOptions
+from etl.config import (
+    CohortOptions,
+    CoordsOptions,
+    ExtractRunOptions,
+    QcOptions,
+    SamplingOptions,
+    SynthOptions,
+    VerifyOptions,
+)
 from etl.extract.plan import ExtractParams
 
 if TYPE_CHECKING:
@@ -63,6 +71,7 @@ def synth(opts: SynthOptions) -> None:
         region_size=opts.region_size,
         grid=opts.grid,
         val_fraction=opts.val_fraction,
+        artefacts=opts.artefacts,
         progress=report,
     )
     n_tumor = sum(s.has_tumor for s in cohort.slides)
@@ -73,6 +82,44 @@ def synth(opts: SynthOptions) -> None:
     typer.echo(
         f"coordinates: {cohort.dataset_json} (and {cohort.csv_paths['all'].name}); "
         f"use --data-root {cohort.root}"
+    )
+
+
+@command(app)
+def coords(cohort: CohortOptions, sampling: SamplingOptions) -> None:
+    """Make a coordinate file (MONAI datalist, CSVs, summary) from slides and their annotations.
+
+    Exits 2 listing every problem of the inputs (warnings too with --strict); nothing is
+    written then.
+    """
+    from etl.cohort.run import make_coords
+    from etl.cohort.writers import summary_table
+    from etl.progress import progress_bar
+
+    bar = progress_bar(unit="slides", enabled=cohort.progress, transient=True)
+    with bar:
+        task = bar.add_task("coords", total=None)
+        result = make_coords(
+            cohort,
+            sampling,
+            on_slide=lambda _: bar.advance(task),
+            on_start=lambda n: bar.update(task, total=n),
+        )
+    typer.echo(summary_table(result.summary["slides"]))
+    for warning in result.warnings:
+        warn(f"warning: {warning}")
+    totals = result.summary["totals"]
+    splits = ", ".join(
+        f"{name} {row['regions']} ({row['slides']} slides)"
+        for name, row in totals["splits"].items()
+    )
+    typer.echo(
+        f"wrote {result.paths.datalist}: {totals['regions']} regions, {totals['tumor_regions']} "
+        f"centred in tumor; {splits}"
+    )
+    typer.echo(
+        f"also {', '.join(p.name for p in result.paths.csvs.values())} and "
+        f"{result.paths.summary.name}; extract with --data-root {cohort.slides}"
     )
 
 

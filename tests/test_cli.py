@@ -25,7 +25,7 @@ from training.config import InferConfig, TrainConfig
 # dataclass field must not rename an option unnoticed.
 FLAGS = {
     "synth": "--out --slides --width --height --tumor-fraction --seed --mpp --downsample "
-    "--vendor --quality --regions-per-slide --region-size --grid --val-fraction",
+    "--vendor --quality --regions-per-slide --region-size --grid --val-fraction --artefacts",
     "inspect": "--json --csv --data-root --location-order --anchor --region-size --split",
     "extract": "--json --csv --out --data-root --split --region-size --level --format "
     "--quality --shard-size --part-size --seed --outside --workers --backend "
