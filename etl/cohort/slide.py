@@ -1,0 +1,163 @@
+"""One slide of a cohort, start to end: open it, read its truth, find tissue, place and label
+its regions. Runs in a worker process; only low-resolution levels are read, never level 0
+(unless the slide has no coarser level).
+
+The random stream of a slide is seeded by ``(seed, crc32(slide name))``: a slide's regions do
+not change when other slides join or leave the cohort.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import cast
+
+import numpy as np
+
+from etl.cohort.geometry import TissueShares
+from etl.cohort.inputs import Problem, SlideInput
+from etl.cohort.labels import cell_labels
+from etl.cohort.sampling import Sampled, grid_regions, sample_regions
+from etl.cohort.truth import SlideTruth, load_truth
+from etl.config import CohortOptions, SamplingOptions
+from etl.wsi.reader import Backend, SlideError, open_slide
+from etl.wsi.tissue import TissueMask, tissue_mask
+
+__all__ = ["SlideOutcome", "process_slide", "slide_rng"]
+
+
+@dataclass
+class SlideOutcome:
+    """What one slide gave: its facts, regions (centres (x, y), centre-in-tumor flags, labels
+    column by column), what was asked and left out, and its problems. ``keep`` marks the regions
+    that survive the cohort-wide balance."""
+
+    name: str
+    image: str
+    width: int = 0
+    height: int = 0
+    mpp: float | None = None
+    annotation: str | None = None
+    kind: str = "none"
+    tissue_px: float = 0.0
+    tumor_px: float = 0.0
+    has_tumor: bool = False
+    centres: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    tumor: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))
+    asked: dict[str, int] = field(default_factory=dict)
+    left_out: dict[str, int] = field(default_factory=dict)
+    ignored: dict[str, int] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    seconds: float = 0.0
+    keep: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+
+    @property
+    def failed(self) -> bool:
+        return any(not p.warning for p in self.problems)
+
+
+def slide_rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+
+
+def _shortfall(out: SlideOutcome, sampled: Sampled, path: SlideInput) -> None:
+    """Warn when a class got fewer regions than asked (too little tissue or tumor for them)."""
+    reasons = sorted(sampled.left_out.items(), key=lambda kv: -kv[1])[:3]
+    why = ", ".join(f"{reason}: {n}" for reason, n in reasons) or "no candidate area"
+    for cls in ("tumor", "normal"):
+        got = int((sampled.tumor == (cls == "tumor")).sum())
+        asked = sampled.asked.get(cls, 0)
+        if got < asked:
+            out.problems.append(
+                Problem(
+                    path.path,
+                    "",
+                    f"{got} of {asked} {cls} region(s): too little "
+                    f"{'tumor' if cls == 'tumor' else 'tissue outside tumor'} for the counts "
+                    f"asked (candidates left out: {why})",
+                    f"lower --{cls}-per-slide, --min-tissue, --min-spacing or --margin",
+                    warning=True,
+                )
+            )
+
+
+def _place(
+    out: SlideOutcome,
+    item: SlideInput,
+    truth: SlideTruth,
+    tissue: TissueMask,
+    cohort: CohortOptions,
+    sampling: SamplingOptions,
+) -> None:
+    shares = TissueShares(tissue)
+    if sampling.mode == "grid":
+        sampled = grid_regions(truth, shares, out.width, out.height, sampling)
+    else:
+        rng = slide_rng(cohort.seed, out.name)
+        sampled = sample_regions(truth, shares, out.width, out.height, sampling, rng)
+        _shortfall(out, sampled, item)
+    out.centres, out.tumor = sampled.centres, sampled.tumor
+    out.asked, out.left_out = sampled.asked, sampled.left_out
+    out.labels = cell_labels(
+        truth,
+        sampled.centres,
+        sampling.region_size,
+        sampling.grid,
+        sampling.label_rule,
+        sampling.label_threshold,
+    )
+    out.keep = np.ones(len(sampled.centres), dtype=bool)
+
+
+def process_slide(
+    item: SlideInput, cohort: CohortOptions, sampling: SamplingOptions
+) -> SlideOutcome:
+    """Regions and labels of one slide; problems are recorded in the outcome, never raised."""
+    start = time.perf_counter()
+    out = SlideOutcome(item.name, item.path.name, kind=item.kind)
+    out.annotation = str(item.annotation) if item.annotation else None
+    try:
+        with open_slide(item.path, backend=cast("Backend", cohort.slide_backend)) as reader:
+            out.width, out.height = reader.dimensions
+            out.mpp = reader.mpp[0] if reader.mpp else None
+            truth, problems = load_truth(
+                item, (out.width, out.height), cohort.tumor_class, cohort.exclude_class
+            )
+            out.problems += problems
+            if truth is None:
+                return out
+            tissue = tissue_mask(reader, downsample=sampling.tissue_downsample)
+    except SlideError as exc:
+        message = str(exc).removeprefix(f"{item.path}: ")
+        out.problems.append(Problem(item.path, "", message, "check or replace the slide file"))
+        return out
+    out.ignored, out.has_tumor = truth.ignored, truth.has_tumor
+    ds = sampling.tissue_downsample
+    out.tumor_px = float(truth.raster(out.width, out.height, ds).sum()) * ds * ds
+    out.tissue_px = float(tissue.mask.sum()) * tissue.downsample[0] * tissue.downsample[1]
+    if not tissue.mask.any():
+        out.problems.append(
+            Problem(
+                item.path,
+                "",
+                "no tissue found",
+                "check the slide; it gives no region",
+                warning=True,
+            )
+        )
+    if min(out.width, out.height) < sampling.region_size:
+        out.problems.append(
+            Problem(
+                item.path,
+                "",
+                f"slide ({out.width} x {out.height}) is smaller than a region "
+                f"({sampling.region_size})",
+                "use a smaller --region-size",
+                warning=True,
+            )
+        )
+    _place(out, item, truth, tissue, cohort, sampling)
+    out.seconds = time.perf_counter() - start
+    return out
