@@ -189,6 +189,14 @@ class SynthOptions:
     region_size: Annotated[int, opt("Region side in level-0 pixels.")] = 768
     grid: Annotated[int, opt("Label grid per region (grid x grid cells).")] = 3
     val_fraction: Annotated[float, opt("Share of slides in the validation split.")] = 0.25
+    artefacts: Annotated[
+        bool,
+        opt(
+            "Add scan artefacts: pen marks (blue, green, black ink), black scan borders, dust "
+            "on glass, air bubbles; listed per slide in synth.json, never under a region centre.",
+            "--artefacts",
+        ),
+    ] = False
 
 
 @dataclass

@@ -9,7 +9,11 @@
     dataset_0.csv, dataset_0_training.csv, dataset_0_validation.csv
     synth.json                                           parameters and per-slide facts
 
-Normal slides have neither XML nor mask. The split is by slide. Everything is deterministic:
+Normal slides have neither XML nor mask. With ``artefacts=True`` every slide also carries pen
+marks, scan borders, dust and air bubbles (``etl.synth.artefacts``); synth.json then lists
+them per slide (kind, detail, level-0 outline polygon) and no region is centred on one.
+Without it the files are exactly those of a cohort made before artefacts existed. The split is
+by slide. Everything is deterministic:
 slide i (0-based, synth.json order) uses the seed ``(seed, i)`` and its regions
 ``(seed, i, 1)``; the same options give byte-identical files. Synthetic data is for tests and
 demos: production code never imports ``etl.synth``.
@@ -221,7 +225,14 @@ def _write_one_slide(
     width, height, mpp, seed = params["width"], params["height"], params["mpp"], params["seed"]
     region_size, grid = params["region_size"], params["grid"]
     has_tumor = name.startswith("tumor")
-    scene = make_scene(width, height, mpp=mpp, has_tumor=has_tumor, seed=(seed, index))
+    scene = make_scene(
+        width,
+        height,
+        mpp=mpp,
+        has_tumor=has_tumor,
+        seed=(seed, index),
+        artefacts=params.get("artefacts", False),
+    )
     ext = ".svs" if params["vendor"] == "aperio" else ".tif"
     path = root / "training" / "images" / f"{name}{ext}"
     dims = write_slide(
@@ -262,6 +273,8 @@ def _write_one_slide(
         mask=mask,
     )
     facts = _slide_facts(slide, scene, root, split, dims, [seed, index], centres, labels)
+    if params.get("artefacts"):
+        facts["artefacts"] = [a.facts() for a in scene.artefacts]
     return slide, entries, facts
 
 
@@ -281,10 +294,12 @@ def synth_cohort(
     region_size: int = 768,
     grid: int = 3,
     val_fraction: float = 0.25,
+    artefacts: bool = False,
     progress: Callable[[SynthSlide], None] | None = None,
 ) -> SynthCohort:
     """Write ``n_slides`` synthetic slides, their ground truth and coordinate files under
-    ``out``; ``progress`` is called with each slide once it is written."""
+    ``out``; ``artefacts``: add scan artefacts to every slide; ``progress`` is called with each
+    slide once it is written."""
     _validate(
         n_slides,
         width,
@@ -314,6 +329,8 @@ def synth_cohort(
         grid=grid,
         val_fraction=val_fraction,
     )
+    if artefacts:  # only then: synth.json stays byte-identical without artefacts
+        params["artefacts"] = True
     root = Path(out)
     for d in ("images", "annotations", "masks"):
         (root / "training" / d).mkdir(parents=True, exist_ok=True)

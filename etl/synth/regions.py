@@ -4,7 +4,8 @@
 ``[x - region_size // 2, x - region_size // 2 + region_size)`` (same in y) and lies inside the
 slide; labels list the ``grid x grid`` cells column by column (k = grid * col + row), a cell
 being tumor when its centre is inside a tumor polygon (``points_in_polygons``). On tumor slides
-half the centres are in or at the border of lesions.
+half the centres are in or at the border of lesions. On a slide with artefacts no centre lies
+within ``ARTEFACT_CLEARANCE * region_size`` of one (so the centre cell of a 3 x 3 grid is clear).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from etl.synth.artefacts import artefact_distance
 from etl.synth.scene import SlideScene
 from etl.wsi.annotations import points_in_polygons
 
-__all__ = ["region_labels", "sample_regions"]
+__all__ = ["ARTEFACT_CLEARANCE", "region_labels", "sample_regions"]
+
+ARTEFACT_CLEARANCE = 0.25  # share of the region size between a centre and any artefact
 
 
 def region_labels(
@@ -43,7 +47,8 @@ def region_labels(
 def sample_regions(
     scene: SlideScene, n: int, region_size: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """(n, 2) int (x, y) region centres: on tissue, regions inside the slide, no duplicates.
+    """(n, 2) int (x, y) region centres: on tissue and clear of artefacts, regions inside the
+    slide, no duplicates.
 
     On tumor slides about half are tumor centred (half of those at lesion borders, so that
     some labels are mixed); the rest are on normal tissue.
@@ -62,8 +67,14 @@ def sample_regions(
                 seen.add((int(x), int(y)))
                 chosen.append((int(x), int(y)))
 
+    def clear(p: np.ndarray) -> np.ndarray:
+        if not scene.artefacts or not len(p):
+            return p
+        away = artefact_distance(scene.artefacts, p[:, 0], p[:, 1])
+        return p[away > ARTEFACT_CLEARANCE * region_size]
+
     def on_tissue(p: np.ndarray) -> np.ndarray:
-        return p[scene.tissue_distance(p[:, 0], p[:, 1]) > 0] if len(p) else p
+        return clear(p[scene.tissue_distance(p[:, 0], p[:, 1]) > 0]) if len(p) else p
 
     polys = scene.polygons
     n_tumor = n // 2 if polys else 0
@@ -85,5 +96,5 @@ def sample_regions(
         pts = on_tissue(rng.uniform(lo, hi + 1, size=(20 * n, 2)))
         take(pts[~points_in_polygons(pts, polys)] if polys else pts, n)
     if len(chosen) < n:  # almost no tissue in reach: fall back to any position
-        take(rng.uniform(lo, hi + 1, size=(50 * n, 2)), n)
+        take(clear(rng.uniform(lo, hi + 1, size=(50 * n, 2))), n)
     return np.array(chosen, dtype=np.int64).reshape(-1, 2)

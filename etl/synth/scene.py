@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from etl.synth.artefacts import Artefact, make_artefacts, paint_artefacts
 from etl.synth.lesions import tumor_polygons
 from etl.synth.textures import (
     NORMAL,
@@ -56,6 +57,7 @@ class SlideScene:
     h_vec: np.ndarray
     e_vec: np.ndarray
     bg_od: np.ndarray
+    artefacts: list[Artefact] = field(default_factory=list)  # pen, borders, dust, bubbles
 
     @property
     def _ragged_px(self) -> float:
@@ -122,6 +124,8 @@ class SlideScene:
             hema = alpha * (hema * (0.85 + 0.15 * grain) + base) * f[1]
             eos = alpha * eos * f[2]
             od = [od[c] + hema * self.h_vec[c] + eos * self.e_vec[c] for c in range(3)]
+        if self.artefacts:
+            od = paint_artefacts(self.artefacts, od, x0, y0, grain, self._soft_px)
         return _transmitted(od, h, w)
 
     def render(self) -> np.ndarray:
@@ -263,8 +267,11 @@ def make_scene(
     mpp: float = 0.243,
     has_tumor: bool = True,
     seed: int | Sequence[int] = 0,
+    artefacts: bool = False,
 ) -> SlideScene:
-    """Draw a slide's tissue, stain and lesions (cheap; pixels are rendered per tile later)."""
+    """Draw a slide's tissue, stain and lesions (cheap; pixels are rendered per tile later);
+    ``artefacts``: add pen marks, scan borders, dust and air bubbles (``etl.synth.artefacts``),
+    drawn last, so the rest of the scene is the same either way."""
     rng = np.random.default_rng(seed)
     textures = make_textures(rng, mpp)
     cell, fields, threshold, slope = tissue_fields(rng, width, height)
@@ -290,6 +297,8 @@ def make_scene(
     )
     if has_tumor:
         scene.polygons = tumor_polygons(rng, scene)
+    if artefacts:
+        scene.artefacts = make_artefacts(rng, scene)
     return scene
 
 
@@ -300,8 +309,9 @@ def render_slide(
     mpp: float = 0.243,
     has_tumor: bool = True,
     seed: int | Sequence[int] = 0,
+    artefacts: bool = False,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Level-0 RGB array (height, width, 3) and tumor polygons of the slide ``write_slide``
     writes."""
-    scene = make_scene(width, height, mpp=mpp, has_tumor=has_tumor, seed=seed)
+    scene = make_scene(width, height, mpp=mpp, has_tumor=has_tumor, seed=seed, artefacts=artefacts)
     return scene.render(), scene.polygons

@@ -1,15 +1,23 @@
 """Low-resolution views of a slide: downsampled reads, thumbnails and the tissue mask.
 
 The tissue mask follows NCRF's ``tissue_mask_gen.py`` (also what MONAI's tumor_detection
-example feeds its masked inference): at a low resolution, a pixel is tissue when
+example feeds its masked inference), hardened against what real scans carry. At a low
+resolution, a pixel is tissue when
 
 - its HSV saturation is above the Otsu threshold of the saturation histogram (or a fixed
   ``threshold``), and never below ``min_saturation`` (so a blank slide, whose saturation is
-  only noise, has no tissue instead of half of it);
+  only noise, has no tissue instead of half of it; dust and air bubbles on glass are grey);
 - it is not background in all of R, G and B (each channel above its own Otsu threshold);
-- every channel is above ``rgb_min`` (drops black pen marks and scanner artefacts).
+- it is no artefact: every channel above ``rgb_min`` (black ink, black scan borders), and its
+  hue outside ``ink_hues`` where saturated (blue and green ink: hematoxylin absorbs green at
+  least as much as red, so stained tissue has R >= G and a hue of about 240-360 or 0-30
+  degrees, blue ink G > R, green ink G largest); artefact pixels, grown by
+  ``artefact_margin`` pixels (their fringes mix with tissue), are left out of every Otsu
+  histogram too, so a large pen mark or border does not move the thresholds.
 
-Connected pieces smaller than ``min_area`` level-0 square pixels are dropped.
+A morphological opening (``opening`` pixels; 3 x 3 square) then removes lines thinner than
+the structuring element (a bubble's rim, a hair), and connected pieces smaller than
+``min_area`` level-0 square pixels (dust) are dropped.
 
 Geometry: mask pixel (r, c) covers level-0 pixels ``[c*ds_x, (c+1)*ds_x) x [r*ds_y, (r+1)*ds_y)``
 where ``(ds_x, ds_y) = TissueMask.downsample``. Only numpy and scipy: no torch here.
@@ -28,8 +36,11 @@ from etl.wsi.downsample import block_mean
 from etl.wsi.reader import SlideReader
 
 __all__ = [
+    "INK_HUES",
     "LowRes",
     "TissueMask",
+    "artefact_pixels",
+    "hue",
     "otsu_threshold",
     "read_low_res",
     "saturation",
@@ -39,6 +50,7 @@ __all__ = [
 ]
 
 STRIP_BYTES = 64 << 20  # bound on one strip read while downsampling a level
+INK_HUES = (70.0, 240.0)  # degrees: saturated pixels with a hue in [lo, hi) are ink
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,17 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return sat
 
 
+def hue(rgb: np.ndarray) -> np.ndarray:
+    """HSV hue of uint8 RGB in degrees, float32 in [0, 360) (0 where the pixel is grey)."""
+    c = rgb.astype(np.float32)
+    r, g, b = c[..., 0], c[..., 1], c[..., 2]
+    hi, lo = c.max(axis=-1), c.min(axis=-1)
+    span = np.where(hi > lo, hi - lo, np.float32(1))
+    h = np.where(hi == r, (g - b) / span, np.where(hi == g, (b - r) / span + 2, (r - g) / span + 4))
+    out: np.ndarray = (h * np.float32(60)) % np.float32(360)
+    return out
+
+
 def otsu_threshold(
     values: np.ndarray, bins: int = 256, value_range: tuple[float, float] = (0, 1)
 ) -> float:
@@ -115,24 +138,66 @@ def otsu_threshold(
     return float(edges[int(np.argmax(between)) + 1])
 
 
+def artefact_pixels(
+    rgb: np.ndarray,
+    *,
+    rgb_min: int = 50,
+    ink_hues: tuple[float, float] | None = INK_HUES,
+    ink_saturation: float = 0.1,
+    margin: int = 1,
+) -> np.ndarray:
+    """Bool mask of what is not tissue whatever its saturation: dark pixels (any channel at
+    most ``rgb_min``), saturated (> ``ink_saturation``) pixels with a hue in ``ink_hues``
+    (None: no ink rule), both grown by ``margin`` pixels."""
+    out: np.ndarray = np.any(rgb <= rgb_min, axis=-1)
+    if ink_hues is not None:
+        h = hue(rgb)
+        out |= (h >= ink_hues[0]) & (h < ink_hues[1]) & (saturation(rgb) > ink_saturation)
+    if margin > 0 and out.any():
+        out = ndimage.binary_dilation(out, np.ones((3, 3), bool), iterations=margin)
+    return out
+
+
 def tissue_from_rgb(
     rgb: np.ndarray,
     *,
     threshold: float | None = None,
     min_saturation: float = 0.05,
     rgb_min: int = 50,
+    ink_hues: tuple[float, float] | None = INK_HUES,
+    ink_saturation: float = 0.1,
+    artefact_margin: int = 1,
+    opening: int = 1,
 ) -> tuple[np.ndarray, float]:
-    """(bool tissue mask, saturation threshold used) of a low-resolution uint8 RGB image."""
+    """(bool tissue mask, saturation threshold used) of a low-resolution uint8 RGB image.
+
+    The rules are the module's; ``opening`` = 0 and ``artefact_margin`` = 0 with
+    ``ink_hues=None`` keep only NCRF's (Otsu thresholds then skip dark pixels only).
+    """
+    artefact = artefact_pixels(
+        rgb,
+        rgb_min=rgb_min,
+        ink_hues=ink_hues,
+        ink_saturation=ink_saturation,
+        margin=artefact_margin,
+    )
+    valid = ~artefact
     sat = saturation(rgb)
-    thr = otsu_threshold(sat) if threshold is None else float(threshold)
+    thr = otsu_threshold(sat[valid]) if threshold is None else float(threshold)
     thr = max(thr, min_saturation)
-    tissue = sat > thr
+    tissue = (sat > thr) & valid
     background = np.ones(rgb.shape[:2], dtype=bool)
     for c in range(3):
         channel = rgb[..., c]
-        background &= channel > otsu_threshold(channel, value_range=(0, 256))
+        background &= channel > otsu_threshold(channel[valid], value_range=(0, 256))
     tissue &= ~background
-    tissue &= (rgb > rgb_min).all(axis=-1)
+    if opening > 0 and tissue.any():  # keep the pieces with a part thicker than the opening
+        labels, n = ndimage.label(tissue)
+        thick = ndimage.binary_opening(tissue, np.ones((3, 3), bool), iterations=opening)
+        keep = np.zeros(n + 1, bool)
+        keep[labels[thick]] = True
+        keep[0] = False
+        tissue = keep[labels]
     return tissue, thr
 
 
@@ -195,17 +260,29 @@ def tissue_mask(
     min_saturation: float = 0.05,
     rgb_min: int = 50,
     min_area: float = 256 * 256,
+    ink_hues: tuple[float, float] | None = INK_HUES,
+    ink_saturation: float = 0.1,
+    artefact_margin: int = 1,
+    opening: int = 1,
 ) -> TissueMask:
     """Tissue mask of a slide at about ``downsample`` level-0 px per mask pixel.
 
     ``threshold``: fixed saturation threshold in [0, 1] instead of Otsu's. ``min_area``:
-    drop connected tissue pieces smaller than this many level-0 square pixels.
+    drop connected tissue pieces smaller than this many level-0 square pixels. The other
+    rules are ``tissue_from_rgb``'s (see the module docstring).
     """
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise OptionError(f"tissue threshold {threshold}: use a saturation in [0, 1]")
     low = read_low_res(reader, downsample)
     mask, thr = tissue_from_rgb(
-        low.rgb, threshold=threshold, min_saturation=min_saturation, rgb_min=rgb_min
+        low.rgb,
+        threshold=threshold,
+        min_saturation=min_saturation,
+        rgb_min=rgb_min,
+        ink_hues=ink_hues,
+        ink_saturation=ink_saturation,
+        artefact_margin=artefact_margin,
+        opening=opening,
     )
     if min_area > 0 and mask.any():
         labels, n = ndimage.label(mask)
