@@ -45,6 +45,7 @@ def train(cfg: TrainConfig) -> None:
 @command(app)
 def evaluate(opts: EvaluateOptions, patch: PatchEvalOptions) -> None:
     """Score inference outputs: lesion FROC (Camelyon16 rules), slide AUC, patch AUC."""
+    from etl.atomic import output_folder
     from etl.evaluate.report import summary_lines, write_report
     from etl.evaluate.run import evaluate as run_evaluation
 
@@ -55,7 +56,10 @@ def evaluate(opts: EvaluateOptions, patch: PatchEvalOptions) -> None:
         mpp=opts.mpp,
         method=cast("Method", opts.froc_method),
         mask_tumor_value=opts.mask_tumor_value,
+        allow_missing=opts.allow_missing,
     )
+    # after the input checks (bad input creates nothing), before the slow patch-level pass
+    output_folder(opts.out)
     if patch.checkpoint is not None and patch.shards is not None:
         from training.patch_eval import evaluate_patches
 
