@@ -9,6 +9,8 @@
   (x first), one split per file, with a header line. CSVs of splits not written are removed.
 - ``<stem>.summary.json``: the options, totals and, per slide, tissue and tumor area, regions
   per class, what was asked, left out and why, ignored annotations and warnings.
+
+All of them are written to temporaries and renamed together once complete (the datalist last).
 """
 
 from __future__ import annotations
@@ -17,17 +19,30 @@ import csv
 import io
 import json
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from etl.atomic import atomic_file, write_json_atomic
+from etl.atomic import atomic_path
 from etl.cohort.slide import SlideOutcome
 from etl.cohort.splits import SPLITS
+from etl.errors import PatchetlError
 
-__all__ = ["OutputPaths", "datalist_entries", "slide_summary", "summary_table", "write_outputs"]
+__all__ = [
+    "OutputError",
+    "OutputPaths",
+    "datalist_entries",
+    "slide_summary",
+    "summary_table",
+    "write_outputs",
+]
 
 Entry = dict[str, Any]
+
+
+class OutputError(PatchetlError, OSError):
+    """An output file cannot be written; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -100,24 +115,35 @@ def _csv_text(rows: list[Entry], n_labels: int) -> str:
 def write_outputs(
     out: Path, entries: dict[str, list[Entry]], n_labels: int, summary: dict[str, Any]
 ) -> OutputPaths:
-    """Write the datalist, one CSV per split and the summary next to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Write the datalist, one CSV per split and the summary next to ``out``: every file goes to
+    a temporary first, and only when all are complete are they renamed (the datalist last), so
+    a failed write leaves the previous outputs as they were. Raises :class:`OutputError`."""
     csvs = {split: out.with_name(f"{out.stem}_{split}.csv") for split in entries}
-    for split in SPLITS:
-        if split not in entries:
-            out.with_name(f"{out.stem}_{split}.csv").unlink(missing_ok=True)
-    for split, path in csvs.items():
-        with atomic_file(path, "w", encoding="utf-8", newline="") as fh:
-            fh.write(_csv_text(entries[split], n_labels))
     paths = OutputPaths(out, csvs, out.with_name(f"{out.stem}.summary.json"))
     summary["outputs"] = {
         "datalist": out.name,
         "csv": {k: v.name for k, v in csvs.items()},
         "summary": paths.summary.name,
     }
-    write_json_atomic(paths.summary, summary)
-    with atomic_file(out, "w", encoding="utf-8") as fh:
-        fh.write(_datalist_text(entries))
+    texts = {out: _datalist_text(entries), paths.summary: json.dumps(summary, indent=1)}
+    texts.update({path: _csv_text(entries[split], n_labels) for split, path in csvs.items()})
+    target = out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with ExitStack() as stack:  # renames on exit, in reverse: the datalist last
+            for target, text in texts.items():
+                tmp = stack.enter_context(atomic_path(target))
+                tmp.write_text(text, encoding="utf-8")
+            target = out
+        for split in SPLITS:
+            if split not in entries:
+                target = out.with_name(f"{out.stem}_{split}.csv")
+                target.unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"{target}: cannot write it ({exc.strerror or exc}); the previous outputs are left "
+            "as they were; check the folder's space and permissions"
+        ) from None
     return paths
 
 
