@@ -11,12 +11,16 @@ own slides and checkpoint and reports, over the map pixels inside tissue:
 - mean and largest absolute difference;
 - "same call": the share of map pixels on the same side of 0.5 in both modes, and the share
   called tumor (>= 0.5) in each.
+
+`compare_slides` runs the batch: a slide without tissue has nothing to compare and is skipped
+with a note; a slide that cannot be read is a failure of that slide only, and the rest still run.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,7 @@ import numpy as np
 from etl.atomic import write_json_atomic
 from training.config import InferConfig
 from training.infer.predictor import Predictor
-from training.infer.run import infer_slide
+from training.infer.run import SLIDE_FAILURES, failure, infer_slide
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,65 @@ def compare_slide(path: str | Path, predictor: Predictor, cfg: InferConfig) -> S
     )
 
 
+@dataclass
+class AgreementRun:
+    """A batch of slides compared: the slides with tissue, those without, those that failed."""
+
+    results: list[SlideAgreement] = field(default_factory=list)
+    no_tissue: list[Path] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def problems(self, total: Agreement, min_r: float) -> list[str]:
+        """Why the check fails (empty: it passes): slides that failed, no slide with tissue,
+        or a pooled r below ``min_r`` (an undefined r fails too)."""
+        out = []
+        if self.failed:
+            out.append(
+                f"{len(self.failed)} slide(s) could not be read (listed above; the others were "
+                "compared): " + "; ".join(self.failed)
+            )
+        if not self.results:
+            out.append(
+                f"no slide has tissue to compare ({len(self.no_tissue)} without tissue, "
+                f"{len(self.failed)} failed): give slides with tissue"
+            )
+        elif not total.pearson >= min_r:
+            out.append(
+                f"dense and patch maps agree with r = {total.pearson:.4f} inside tissue, below "
+                f"--min-r {min_r}: dense inference does not reproduce this checkpoint's "
+                "patch predictions here (a model trained on small patches leans on context "
+                "that a patch alone lacks); use --mode patch for this checkpoint, or train "
+                "with --patch-size 224"
+            )
+        return out
+
+
+def compare_slides(
+    paths: Sequence[Path],
+    predictor: Predictor,
+    cfg: InferConfig,
+    echo: Callable[[str], None] = print,
+    warn: Callable[[str], None] = print,
+) -> AgreementRun:
+    """`compare_slide` on each slide; a slide without tissue is skipped with a note, one that
+    cannot be read is recorded as failed, and the others still run."""
+    run = AgreementRun()
+    for path in paths:
+        try:
+            result = compare_slide(path, predictor, cfg)
+        except SLIDE_FAILURES as exc:
+            run.failed.append(failure(path, exc))
+            warn(f"error: {run.failed[-1]}")
+            continue
+        if result.agreement.cells == 0:
+            run.no_tissue.append(Path(path))
+            echo(f"note: {path}: no tissue found, nothing to compare; skipped")
+            continue
+        run.results.append(result)
+        echo(f"{Path(path).name}: compared {result.agreement.cells} tissue map pixels")
+    return run
+
+
 def pooled(results: list[SlideAgreement]) -> Agreement:
     if not results:
         return Agreement.of(np.zeros(0), np.zeros(0))
@@ -117,7 +180,7 @@ def _json_safe(row: dict) -> dict:
 
 def write_report(
     path: str | Path,
-    results: list[SlideAgreement],
+    run: AgreementRun,
     total: Agreement,
     cfg: InferConfig,
     min_r: float,
@@ -138,8 +201,10 @@ def write_report(
                     "patch_seconds": s.patch_seconds,
                 }
             )
-            for s in results
+            for s in run.results
         ],
+        "no_tissue": [str(p) for p in run.no_tissue],
+        "failed": run.failed,
     }
     write_json_atomic(path, doc)
     return Path(path)

@@ -23,6 +23,7 @@ from PIL import Image
 
 from etl.atomic import atomic_file, atomic_path
 from etl.evaluate.nms import candidates_csv, candidates_geojson
+from etl.wsi.formats import HEATMAP_SUFFIX
 from etl.wsi.pyramid import pyramid_levels, write_pyramid
 from etl.wsi.tissue import LowRes
 from training.config import InferConfig
@@ -154,7 +155,7 @@ def write_outputs(
             "prob.npy",
             "prob.json",
             "heatmap.png",
-            "heatmap.tif",
+            HEATMAP_SUFFIX[1:],  # "heatmap.tif": a folder listing of slides skips these
             "candidates.csv",
             "candidates.geojson",
         )

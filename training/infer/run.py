@@ -3,12 +3,15 @@
 `infer_slide` computes one slide's result (nothing written): the tissue mask and thumbnail
 (`etl.wsi.tissue`), the map geometry (`geometry`), the probability map (`tiling`, running the
 `predictor`), and NMS candidates at level-0 map pixel centres (`etl.evaluate.nms`).
-`run_inference` does that for every slide and writes each one's outputs (`outputs`); a slide
-that cannot be read is reported and the others still run.
+`run_inference` does that for every slide and writes each one's outputs (`outputs`): it checks
+`--out` before any work, names each slide's outputs uniquely (`output_names`), and a slide that
+cannot be read or written (any reader's error, OpenSlide's included) is a failure of that slide
+only: it is reported, the others still run, and the caller exits 1 with the list.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -17,10 +20,12 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
+from openslide import OpenSlideError
 
+from etl.atomic import output_folder
 from etl.evaluate.nms import Candidate, nms
 from etl.progress import progress_bar
-from etl.wsi.formats import find_slides, key_stem
+from etl.wsi.formats import find_slides, key_stem, unique_key_stem
 from etl.wsi.reader import Backend, SlideError, open_slide
 from etl.wsi.tissue import LowRes, TissueMask, thumbnail, tissue_mask
 from training.config import InferConfig
@@ -29,6 +34,15 @@ from training.infer.geometry import MapGeometry, plan_tiles, tile_cells
 from training.infer.outputs import write_outputs
 from training.infer.predictor import Predictor, make_predictor
 from training.infer.tiling import predict_map
+
+# What reading one slide can raise when the file is bad: our readers' SlideError, OpenSlide's
+# own error from a read (a corrupt tile of a format only OpenSlide reads), a --level it lacks.
+SLIDE_FAILURES = (SlideError, OpenSlideError, InferError)
+
+
+def failure(path: Path, exc: BaseException) -> str:
+    """One slide's failure as a line that names the slide."""
+    return str(exc) if str(path) in str(exc) else f"{path}: cannot read this slide: {exc}"
 
 
 @dataclass
@@ -71,11 +85,13 @@ def infer_slide(
     predictor: Predictor,
     cfg: InferConfig,
     on_tiles: Callable[[int], Callable[[int], None]] | None = None,
+    name: str | None = None,
 ) -> SlideResult:
     """Tissue mask, probability map and candidates of one slide (nothing is written).
 
     ``on_tiles(total)`` is called once the tile count is known and returns a per-tile callback.
-    Raises :class:`SlideError` for a missing or unreadable slide.
+    ``name`` names the outputs (default: the slide's ``key_stem``). Raises one of
+    ``SLIDE_FAILURES`` for a missing or unreadable slide.
     """
     path = Path(path)
     backend = cast(Backend, cfg.slide_backend)
@@ -136,7 +152,7 @@ def infer_slide(
     times["total"] = time.perf_counter() - t0
     return SlideResult(
         path=path,
-        name=key_stem(path.name),
+        name=name or key_stem(path.name),
         dimensions=dims,
         mpp=mpp,
         geometry=geometry,
@@ -155,6 +171,31 @@ def slide_paths(inputs: Sequence[str | Path]) -> list[Path]:
     return find_slides(inputs)
 
 
+def _previous_slide(out: Path, name: str) -> str | None:
+    """The slide whose outputs ``<out>/<name>.*`` are (from its sidecar), or None."""
+    try:
+        slide = json.loads((out / f"{name}.prob.json").read_text(encoding="utf-8")).get("slide")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return slide if isinstance(slide, str) else None
+
+
+def output_names(paths: Sequence[Path], out: str | Path) -> dict[Path, str]:
+    """The name of each slide's outputs: its ``key_stem``, unless another slide took that name
+    first, in this batch or in ``out`` by an earlier run (its sidecar names another file); then
+    ``unique_key_stem`` adds a hash of the slide's absolute path. Nothing is ever overwritten
+    by another slide's outputs."""
+    taken: dict[str, str] = {}
+    names = {}
+    for path in paths:
+        full = str(path.resolve())
+        stem = key_stem(path.name)
+        if stem not in taken and (before := _previous_slide(Path(out), stem)) is not None:
+            taken[stem] = before
+        names[path] = unique_key_stem(full, taken)
+    return names
+
+
 def run_inference(
     cfg: InferConfig,
     slides: Sequence[str | Path],
@@ -163,13 +204,22 @@ def run_inference(
 ) -> tuple[list[dict[str, Path]], list[str]]:
     """Infer every slide; returns (outputs per finished slide, failure messages).
 
-    A bad checkpoint or option raises a ``PatchetlError`` before any slide is read; a slide
-    that cannot be read is reported in the failures and the others still run.
+    A bad checkpoint, option or ``--out`` raises a ``PatchetlError`` before any slide is read;
+    a slide that cannot be read or written is reported in the failures and the others still
+    run.
     """
     cfg.validate()
     paths = slide_paths(slides)
+    out = output_folder(cfg.out, "--out")
+    names = output_names(paths, out)
+    for path, name in names.items():
+        if name != key_stem(path.name):
+            echo(
+                f"note: {path}: another slide has the output name {key_stem(path.name)}; "
+                f"this one's outputs are {out}/{name}.*"
+            )
     cfg, predictor = make_predictor(cfg)
-    device, amp = predictor.device, predictor.amp
+    extra = {"device": predictor.device.type, "amp": predictor.amp}
     done, failed = [], []
     with progress_bar(unit="tiles", enabled=cfg.progress) as bar:
         for path in paths:
@@ -179,21 +229,28 @@ def run_inference(
                 return lambda k: bar.advance(task, k)
 
             try:
-                result = infer_slide(path, predictor, cfg, on_tiles)
-            except (SlideError, InferError) as exc:
-                failed.append(str(exc))
-                warn(f"error: {exc}")
+                result = infer_slide(path, predictor, cfg, on_tiles, names[path])
+                outputs = write_outputs(result, out, cfg, extra)
+            except SLIDE_FAILURES as exc:
+                failed.append(failure(path, exc))
+            except OSError as exc:  # writing: disk full, a file in the way, ...
+                failed.append(f"{path}: cannot write its outputs in {out}: {exc}")
+            else:
+                for w in result.warnings:
+                    warn(f"warning: {w}")
+                done.append(outputs)
+                echo(_done_line(path, result, outputs))
                 continue
-            for w in result.warnings:
-                warn(f"warning: {w}")
-            outputs = write_outputs(result, cfg.out, cfg, {"device": device.type, "amp": amp})
-            done.append(outputs)
-            rate = result.seconds["model"] / max(result.tissue_pixels / 1e8, 1e-9)
-            echo(
-                f"{path.name}: map {result.geometry.cols}x{result.geometry.rows} "
-                f"(stride {result.geometry.stride:g} px), tissue "
-                f"{result.tissue.fraction:.1%}, {len(result.candidates)} candidate(s), "
-                f"{result.seconds['model']:.1f} s model ({rate:.1f} s per 1e8 tissue px) "
-                f"-> {outputs['prob.npy'].parent}/{result.name}.*"
-            )
+            warn(f"error: {failed[-1]}")
     return done, failed
+
+
+def _done_line(path: Path, result: SlideResult, outputs: dict[str, Path]) -> str:
+    rate = result.seconds["model"] / max(result.tissue_pixels / 1e8, 1e-9)
+    return (
+        f"{path.name}: map {result.geometry.cols}x{result.geometry.rows} "
+        f"(stride {result.geometry.stride:g} px), tissue "
+        f"{result.tissue.fraction:.1%}, {len(result.candidates)} candidate(s), "
+        f"{result.seconds['model']:.1f} s model ({rate:.1f} s per 1e8 tissue px) "
+        f"-> {outputs['prob.npy'].parent}/{result.name}.*"
+    )
