@@ -38,7 +38,7 @@ FLAGS = {
     "--weight-decay --warmup-epochs --workers --shuffle-buffer --decode --device "
     "--amp --no-amp --channels-last --no-channels-last --compile --prefetch "
     "--no-prefetch --augment --no-augment --pretrained --resume --no-resume --seed "
-    "--max-bad --progress --no-progress --record-keys --no-record-keys",
+    "--max-bad --max-bad-fraction --progress --no-progress --record-keys --no-record-keys",
     "evaluate": "--pred --truth --slides --mpp --froc-method --mask-tumor-value --allow-missing "
     "--checkpoint --shards --device --workers --out",
     "infer": "--checkpoint --ckpt --out --mode --level --stride --patch-size --tile-size "

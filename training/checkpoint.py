@@ -6,7 +6,9 @@ so it loads with `torch.load(weights_only=True)` (`training.model.read_weights`,
 of weight files). It is written through a temporary file and renamed (`etl.atomic`): a visible
 checkpoint is always complete, whatever kills the run; `best.pt` is an atomic copy of the
 best epoch's `last.pt`. A resume restores everything, so it continues exactly as the
-uninterrupted run would; settings that change what the checkpoint means cannot change.
+uninterrupted run would; settings that change what the checkpoint means cannot change. An
+empty, truncated, foreign or incomplete `last.pt` is a `CheckpointError` naming the file.
+`--out` is proven writable (`etl.atomic.output_folder`) before the first epoch.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from etl.atomic import atomic_file, atomic_path, remove_temporaries
+from etl.atomic import atomic_file, atomic_path, output_folder, remove_temporaries
 from training.config import FIXED_ON_RESUME, TrainConfig
 from training.distributed import Dist
 from training.errors import TrainError
@@ -29,6 +31,7 @@ from training.metrics import RunRecord
 from training.model import CheckpointError, read_weights
 
 CHECKPOINT_FORMAT = 1
+RESUME_FIX = "use another --out, or delete the file to start the run again"
 
 
 def rng_state() -> dict[str, Any]:
@@ -99,25 +102,32 @@ def restore_run(
             + ", ".join(f"--{k.replace('_', '-')} ({old[k]} -> {getattr(cfg, k)})" for k in changed)
             + "; use the checkpoint's values or a new --out"
         )
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"])
-    return RunRecord(
-        epoch=int(ckpt["epoch"]),
-        history=list(ckpt["history"]),
-        best=float(ckpt["best"]),
-        bad_total=int(ckpt["bad_total"]),
-    )
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        return RunRecord(
+            epoch=int(ckpt["epoch"]),
+            history=list(ckpt["history"]),
+            best=float(ckpt["best"]),
+            bad_total=int(ckpt["bad_total"]),
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())[:300]
+        raise CheckpointError(
+            f"{path}: not a complete training checkpoint of this model ({what}) "
+            f"(--resume: {RESUME_FIX})"
+        ) from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A training checkpoint (`last.pt`, `best.pt`) as written by `run_state`."""
-    fix = "use another --out or delete it"
-    ckpt = read_weights(path, "--resume", fix)
+    ckpt = read_weights(path, "--resume", RESUME_FIX)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
-            f"{path}: not a patchetl training checkpoint (format {CHECKPOINT_FORMAT}); {fix}"
+            f"{path}: not a patchetl training checkpoint (format {CHECKPOINT_FORMAT}) "
+            f"(--resume: {RESUME_FIX})"
         )
     return ckpt
 
@@ -131,16 +141,17 @@ def resume_run(
     log: Callable[[str], None],
 ) -> RunRecord:
     """Prepare `--out`: continue the run in `<out>/last.pt` with --resume (a new record when
-    there is none), refuse to clobber it without. Rank 0 creates the folder and removes what a
-    run killed while writing left there."""
+    there is none), refuse to clobber it without. Every rank proves the folder writable (each
+    writes its own files there); rank 0 then removes what a run killed while writing left."""
     out = Path(cfg.out)
     last = out / "last.pt"
     if last.exists() and not cfg.resume:
         raise TrainError(
             f"{last} exists: pass --resume to continue that run, or choose another --out"
         )
+    output_folder(out, "--out")
+    dd.barrier()  # every probe is gone before rank 0 sweeps temporaries
     if dd.main:
-        out.mkdir(parents=True, exist_ok=True)
         remove_temporaries(out)
     dd.barrier()
     if not last.exists():

@@ -82,6 +82,13 @@ class TrainConfig:
     ] = False
     seed: Annotated[int, opt("Seed of every random draw.")] = 0
     max_bad: Annotated[int, opt("Stop when more corrupt samples than this were skipped.")] = 100
+    max_bad_fraction: Annotated[
+        float,
+        opt(
+            "Stop after an epoch whose share of corrupt samples (training and validation) is "
+            "above this."
+        ),
+    ] = 0.05
     progress: Progress = True
     record_keys: Annotated[
         bool,
@@ -102,6 +109,11 @@ class TrainConfig:
             raise TrainError(
                 f"--batch-size {self.batch_size} is smaller than one region "
                 f"({self.grid}x{self.grid} = {self.grid**2} patches)"
+            )
+        if not 0 <= self.max_bad_fraction <= 1 or self.max_bad < 0:
+            raise TrainError(
+                f"--max-bad-fraction {self.max_bad_fraction} / --max-bad {self.max_bad}: use a "
+                "fraction in [0, 1] and a count >= 0"
             )
         if self.epochs < 1 or self.patch_size < 16:
             raise TrainError("--epochs must be >= 1 and --patch-size >= 16")

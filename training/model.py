@@ -91,17 +91,34 @@ def read_weights(
 ) -> Any:
     """The object in a weight file, loaded safely on the CPU (`weights_only=True`).
 
-    `option` and `fix` name the file's role and what to do in the error.
+    `option` and `fix` name the file's role and what to do in the error, which reads
+    `<file>: <what> (<option>: <fix>)`.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointNotFoundError(f"{option} {path}: no such file ({fix})")
+        raise CheckpointNotFoundError(f"{path}: no such file ({option}: {fix})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and format errors all mean "not a weight file"
         raise CheckpointError(
-            f"{option} {path}: not a readable torch checkpoint ({exc}); {fix}"
+            f"{path}: not a readable torch checkpoint, {_unreadable(path, exc)} ({option}: {fix})"
         ) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why torch could not load ``path``, in a few words."""
+    text = str(exc)
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if "central directory" in text or "zip archive" in text:
+        return "the file is truncated or damaged (its zip archive is incomplete)"
+    if "Weights only load failed" in text:
+        return (
+            "the file is not a torch file, or holds more than tensors and plain values "
+            "(loaded weights-only, for safety)"
+        )
+    first = text.strip().splitlines()[0][:200] if text.strip() else ""
+    return f"the file is not a torch file ({type(exc).__name__}{': ' + first if first else ''})"
 
 
 def _state_dict(obj: Any) -> Any:
@@ -151,16 +168,15 @@ def load_model(
     state = _state_dict(ckpt)
     if state is None:
         raise CheckpointError(
-            f"--checkpoint {path}: expected a patchetl checkpoint or a state "
-            f"dict, got {type(ckpt).__name__}"
+            f"{path}: expected a patchetl checkpoint or a state dict, got "
+            f"{type(ckpt).__name__} (--checkpoint: use a checkpoint written by `patchetl train`)"
         )
     model = build_model()
     problem = _mismatch(state, model.state_dict())
     if problem:
         raise CheckpointError(
-            f"--checkpoint {path}: not a checkpoint of this model "
-            f"(FCResNet18, 1 output): {problem}. Use a checkpoint written by "
-            "`patchetl train`"
+            f"{path}: not a checkpoint of this model (FCResNet18, 1 output): {problem} "
+            "(--checkpoint: use a checkpoint written by `patchetl train`)"
         )
     model.load_state_dict(state)
     info = (
@@ -177,21 +193,19 @@ def load_pretrained(model: FCResNet18, path: str | Path) -> None:
     The 1000-class `fc` layer of an ImageNet file is dropped (our head stays random); a file
     written by this trainer (a checkpoint or a bare state dict with the 1x1 head) loads whole.
     """
-    fix = "use torchvision's resnet18 weights"
-    ckpt = read_weights(
-        path, "--pretrained", "give a local torchvision resnet18 state dict; nothing is downloaded"
-    )
+    fix = "give a local torchvision resnet18 state dict; nothing is downloaded"
+    ckpt = read_weights(path, "--pretrained", fix)
     state = _state_dict(ckpt)
     if state is None:
         raise CheckpointError(
-            f"--pretrained {path}: expected a state dict, got {type(ckpt).__name__}; {fix}"
+            f"{path}: expected a state dict, got {type(ckpt).__name__} (--pretrained: {fix})"
         )
     own = model.state_dict()
     if any(k.startswith("fc.") and v.shape != own[k].shape for k, v in state.items() if k in own):
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # ImageNet head
     problem = _mismatch(state, own, optional=("fc.",))
     if problem:
-        raise CheckpointError(f"--pretrained {path}: not a ResNet18 state dict ({problem}); {fix}")
+        raise CheckpointError(f"{path}: not a ResNet18 state dict: {problem} (--pretrained: {fix})")
     model.load_state_dict(state, strict=False)
 
 

@@ -83,12 +83,14 @@ class Trainer:
             self.optimizer, cosine_with_warmup(cfg.epochs * steps, warmup)
         )
         self.record = RunRecord()
+        self.seen = 0  # samples (good and bad) this rank has been given, for the bad share
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
     def note_bad(self, batch: PatchBatch, epoch: int) -> None:
-        """List a batch's bad samples; stop beyond --max-bad."""
+        """Count a batch's samples; list its bad ones; stop beyond --max-bad."""
         bad = batch.regions.bad
+        self.seen += len(batch.regions.keys)
         if not bad:
             return
         self.record.bad_total += len(bad)
@@ -100,6 +102,30 @@ class Trainer:
                 f"(limit --max-bad {self.cfg.max_bad}), e.g. {bad[0]}; all are "
                 f"listed in {self.out}/bad-samples-rank*.txt. Check the shards "
                 "with `patchetl verify FOLDER`, or raise --max-bad"
+            )
+
+    def check_epoch(self, row: dict, seen: int) -> None:
+        """Stop when an epoch had no valid training (or validation) sample, or a share of
+        corrupt samples above --max-bad-fraction: its weights would mean nothing. ``row`` and
+        ``seen`` are summed over ranks, so every rank stops alike."""
+        cfg, epoch = self.cfg, row["epoch"]
+        where = f"all listed in {self.out}/bad-samples-rank*.txt"
+        fix = "check the shards with `patchetl verify FOLDER` and extract them again"
+        for option, split, key in (
+            ("--train", cfg.train, "train_patches"),
+            ("--val", cfg.val, "val_patches"),
+        ):
+            if key in row and row[key] == 0:
+                raise TrainError(
+                    f"{split}: epoch {epoch} had no valid {option[2:]} sample; every one was "
+                    f"corrupt or unreadable ({where}) ({fix})"
+                )
+        share = row["bad_samples"] / max(seen, 1)
+        if share > cfg.max_bad_fraction:
+            raise TrainError(
+                f"{cfg.train}: epoch {epoch}: {row['bad_samples']} of {seen} samples "
+                f"({share:.1%}) were corrupt or unreadable, above --max-bad-fraction "
+                f"{cfg.max_bad_fraction} ({where}) ({fix}, or raise --max-bad-fraction)"
             )
 
     def fit(self) -> dict:
@@ -116,12 +142,14 @@ class Trainer:
             unit="steps", enabled=cfg.progress and dd.main, info=True, transient=True
         ) as bar:
             for epoch in range(self.record.epoch, cfg.epochs):
-                bad_before = self.record.bad_total
+                bad_before, seen_before = self.record.bad_total, self.seen
                 row = {"epoch": epoch + 1, **train_epoch(self, model, epoch, bar)}
                 row.update(evaluate(self, epoch, bar))
-                row["bad_samples"] = int(
-                    dd.all_sum([self.record.bad_total - bad_before], self.device)[0]
+                bad, seen = dd.all_sum(
+                    [self.record.bad_total - bad_before, self.seen - seen_before], self.device
                 )
+                row["bad_samples"] = int(bad)
+                self.check_epoch(row, int(seen))  # before anything of this epoch is saved
                 best = self.record.add(row)
                 if metrics is not None:  # rank 0: checkpoints, CSV, TensorBoard, the log
                     save_epoch(
