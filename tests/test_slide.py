@@ -131,16 +131,27 @@ DIRECT_KINDS: dict[str, dict] = {
 
 
 def write_pyramid(
-    path: Path, *, tables: str | None = None, svs: bool = False, levels: int = LEVELS, **kw
+    path: Path,
+    *,
+    tables: str | None = None,
+    svs: bool = False,
+    levels: int = LEVELS,
+    image: np.ndarray | None = None,
+    **kw,
 ) -> Path:
-    """Tiled pyramidal TIFF, each level its own top-level page (reduced-image flagged)."""
-    img = _image()
+    """Tiled pyramidal TIFF, each level its own top-level page (reduced-image flagged).
+
+    image: level 0 (default: the 1500 x 1100 test image).
+    """
+    img = _image() if image is None else image
     with tifffile.TiffWriter(path) as tw:
         for i in range(levels):
             lv = img[:: 2**i, :: 2**i]
             page_kw: dict = dict(subfiletype=0 if i == 0 or svs else 1)
             if i == 0 and svs:
-                page_kw["description"] = SVS_DESC
+                page_kw["description"] = SVS_DESC.replace(
+                    "1500x1100", f"{lv.shape[1]}x{lv.shape[0]}"
+                )
             if i == 0 and not svs:
                 page_kw["resolution"] = (1e4 / 0.243, 1e4 / 0.25)
                 page_kw["resolutionunit"] = "centimeter"
@@ -238,6 +249,7 @@ def test_direct_reader_matches_openslide_level0(slides, name):
         assert isinstance(r, TiffTileReader) and r.backend == "tiff"
         _assert_same_as_openslide(r, slides[name], 0, _regions(W, H, 1, 12, seed=1))
         assert r.fallback_reads == 0  # level 0 is always direct
+        assert r.tiles_doubted == 0  # good tiles pass the damage checks: no OpenSlide reads
 
 
 @pytest.mark.parametrize("name", ["jpeg_ycbcr", "jpeg_tables_ycbcr", "lzw", "svs"])
@@ -248,6 +260,7 @@ def test_direct_reader_matches_openslide_level1_aligned(slides, name):
         _assert_same_as_openslide(r, slides[name], 1, _regions(lw, lh, 2, 6, seed=2))
         _assert_same_as_openslide(r, slides[name], 2, _regions(*r.level_dimensions[2], 4, 2, 3))
         assert r.fallback_reads == 0  # level-0 coordinates on the level grid: direct
+        assert r.tiles_doubted == 0
 
 
 def test_unaligned_level1_reads_fall_back_to_openslide(slides):

@@ -14,6 +14,22 @@ Two implementations:
 - :class:`OpenSlideReader` wraps OpenSlide: the reference, and the fallback for every
   other format.
 
+Damaged tiles fail where OpenSlide fails. imagecodecs hides the decoder warnings that
+OpenSlide turns into errors (libjpeg's "Premature end of JPEG file", libtiff's LZW "not
+terminated with EOI code"), so the direct reader checks for what causes them, at a few
+microseconds per good tile: all of the tile's bytes are in the file; a JPEG tile ends with
+its end-of-image marker, has no marker and no run of 128 zero bytes inside its compressed
+data, and does not end in the flat grey block libjpeg paints once the data runs out; an
+LZW, deflate or zstd tile decodes to exactly one tile of pixels (an LZW stream must stop at
+its end code). A tile that fails a check, or that its decoder rejects, is read through
+OpenSlide instead: OpenSlide's pixels where it returns pixels, else a :class:`SlideError`
+naming the file, the level and the tile. A false alarm costs one OpenSlide read of that
+tile. Not caught: flipped bits that upset the JPEG decoder without any of these signs (a
+bad Huffman code, or data running out inside the last MCU of the tile).
+
+A read error leaves an OpenSlide handle failing every later call, so both readers reopen
+it after one: a damaged tile fails only the reads that touch it.
+
 :func:`open_slide` picks one. Readers are not thread-safe and not picklable: each worker
 process opens its own.
 """
@@ -23,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import operator
+import re
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
@@ -62,8 +79,19 @@ DIRECT_VENDORS = frozenset({"generic-tiff", "aperio"})
 DIRECT_COMPRESSIONS = frozenset({1, 5, 7, 8, 32946, 50000})
 _PHOTOMETRIC_RGB = 2
 _PHOTOMETRIC_YCBCR = 6
+_COMPRESSION_NONE = 1
+_COMPRESSION_LZW = 5
 _COMPRESSION_JPEG = 7
 _SUBFILETYPE_REDUCED = 1
+_PREDICTOR_HORIZONTAL = 2
+# a marker inside JPEG compressed data: 0xFF then anything but a stuffed 0x00, a restart
+# marker (0xD0-0xD7) or another fill 0xFF
+_JPEG_STRAY_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_EOI = b"\xff\xd9"
+_JPEG_ZERO_RUN = bytes(128)
+# zero bytes after an LZW stream: a missing or cut end-of-information code then decodes
+# to more than one tile of pixels instead of stopping where the tile is full
+_LZW_PAD = bytes(4)
 
 
 class SlideError(PatchetlError, OSError):
@@ -72,6 +100,10 @@ class SlideError(PatchetlError, OSError):
 
 class UnsupportedSlide(SlideError):
     """The direct TIFF reader cannot read this file pixel-identically (use OpenSlide)."""
+
+
+class _Doubtful(Exception):
+    """A tile the direct decoder cannot vouch for: OpenSlide decides (never leaves here)."""
 
 
 def composite_over_white(rgba: np.ndarray) -> np.ndarray:
@@ -116,11 +148,15 @@ def _check_file(path: Path) -> None:
         raise SlideError(f"{path}: is not a file (expected a slide file such as .tif or .svs)")
 
 
-def _open_openslide(path: Path) -> openslide.OpenSlide:
-    """Open with OpenSlide, turning its errors into a SlideError that names the file."""
+def _open_openslide(path: Path, cache_bytes: int | None = None) -> openslide.OpenSlide:
+    """Open with OpenSlide, turning its errors into a SlideError that names the file.
+
+    cache_bytes: a private tile cache of that size (OpenSlide >= 4.0; older ones lack it),
+    or None for OpenSlide's shared default cache.
+    """
     _check_file(path)
     try:
-        return openslide.OpenSlide(str(path))
+        slide = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError as exc:
         raise SlideError(
             f"{path}: not a slide OpenSlide can read (unrecognised or unsupported format: "
@@ -130,6 +166,10 @@ def _open_openslide(path: Path) -> openslide.OpenSlide:
         raise SlideError(
             f"{path}: OpenSlide cannot open this slide (unsupported variant or corrupt file): {exc}"
         ) from exc
+    if cache_bytes is not None:
+        with contextlib.suppress(AttributeError, openslide.OpenSlideError):
+            slide.set_cache(openslide.OpenSlideCache(int(cache_bytes)))
+    return slide
 
 
 class SlideReader(ABC):
@@ -142,6 +182,8 @@ class SlideReader(ABC):
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
     mpp: tuple[float, float] | None
+    _slide: openslide.OpenSlide | None = None  # None after close() or a failed read
+    _openslide_cache_bytes: int | None = None
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -179,6 +221,24 @@ class SlideReader(ABC):
             f"levels={self.level_dimensions})"
         )
 
+    def _read_openslide(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+        """OpenSlide's read; its error becomes a SlideError naming the region.
+
+        OpenSlide errors are sticky (after one, every call on that handle fails), so the
+        handle is dropped and reopened at the next read.
+        """
+        if self._slide is None:
+            self._slide = _open_openslide(self.path, self._openslide_cache_bytes)
+        try:
+            return read_region_openslide_rgb(self._slide, x0, y0, level, w, h)
+        except openslide.OpenSlideError as exc:
+            self._slide.close()
+            self._slide = None
+            raise SlideError(
+                f"{self.path}: OpenSlide cannot read level {level} at ({x0}, {y0}), "
+                f"{w} x {h}: {exc} (a damaged slide: copy it again from its source)"
+            ) from exc
+
     def _check_args(self, x0: int, y0: int, level: int, w: int, h: int) -> tuple[int, ...]:
         x0, y0, level, w, h = (operator.index(v) for v in (x0, y0, level, w, h))
         if not 0 <= level < self.level_count:
@@ -198,11 +258,9 @@ class OpenSlideReader(SlideReader):
 
     def __init__(self, path: str | Path, *, tile_cache_bytes: int = DEFAULT_TILE_CACHE_BYTES):
         self.path = Path(path)
-        self._slide: openslide.OpenSlide | None = _open_openslide(self.path)
-        slide = self._slide
-        # a private cache of the requested size (OpenSlide >= 4.0; older ones lack it)
-        with contextlib.suppress(AttributeError, openslide.OpenSlideError):
-            slide.set_cache(openslide.OpenSlideCache(int(tile_cache_bytes)))
+        self._closed = False
+        self._openslide_cache_bytes = int(tile_cache_bytes)
+        self._slide = slide = _open_openslide(self.path, self._openslide_cache_bytes)
         self.vendor = slide.properties.get(openslide.PROPERTY_NAME_VENDOR) or "unknown"
         self.level_count = slide.level_count
         self.level_dimensions = tuple((int(w), int(h)) for w, h in slide.level_dimensions)
@@ -210,12 +268,13 @@ class OpenSlideReader(SlideReader):
         self.mpp = _mpp_from_properties(slide.properties)
 
     def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
-        if self._slide is None:
+        if self._closed:
             raise ValueError(f"{self.path}: reader is closed")
         x0, y0, level, w, h = self._check_args(x0, y0, level, w, h)
-        return read_region_openslide_rgb(self._slide, x0, y0, level, w, h)
+        return self._read_openslide(x0, y0, level, w, h)
 
     def close(self) -> None:
+        self._closed = True
         if self._slide is not None:
             self._slide.close()
             self._slide = None
@@ -265,7 +324,7 @@ class _Level:
     tiles_down: int
     offsets: tuple[int, ...]
     bytecounts: tuple[int, ...]
-    decode: Callable[[bytes, int], np.ndarray]
+    decode: Callable[[bytes], np.ndarray]  # raises _Doubtful for a tile it cannot vouch for
 
 
 def _level_pages(pages: list[tifffile.TiffPage], vendor: str) -> list[tifffile.TiffPage]:
@@ -303,6 +362,7 @@ def _why_not_direct(page: tifffile.TiffPage) -> str | None:
         (page.planarconfig == 1, "separate colour planes"),
         (page.imagedepth == 1 and page.tiledepth == 1, "volumetric tiles"),
         (page.fillorder == 1, "fill order LSB2MSB"),
+        (page.predictor in (1, _PREDICTOR_HORIZONTAL), f"predictor {page.predictor}"),
         (page.tags.valueof(274, 1) == 1, "orientation other than top-left"),
         (not page.subifds, "SubIFD pyramid"),
         (page.databytecounts and min(page.databytecounts) > 0, "missing (zero-length) tiles"),
@@ -313,27 +373,98 @@ def _why_not_direct(page: tifffile.TiffPage) -> str | None:
     return None
 
 
-def _make_decoder(page: tifffile.TiffPage) -> Callable[[bytes, int], np.ndarray]:
-    """Tile bytes -> (tile_h, tile_w, 3) uint8 RGB, decoded as libtiff/OpenSlide does."""
+def _jpeg_doubt(data: bytes) -> str | None:
+    """Why libjpeg may warn on this JPEG tile (OpenSlide fails on any warning), or None.
+
+    Its warnings on tiles come from compressed data that is cut short (no end-of-image
+    marker: "Premature end of JPEG file"), broken by a marker, or overwritten so that the
+    decoder runs out of data ("premature end of data segment"). A scan of the bytes, no
+    decoding; the decoder's flat grey block (see _make_jpeg_decoder) catches the rest.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return "it does not start with a JPEG start-of-image marker"
+    if not data.endswith(_JPEG_EOI):
+        return "it does not end with a JPEG end-of-image marker (cut short or overwritten)"
+    start = _jpeg_scan_start(data)
+    if start is None:
+        return "its JPEG headers are broken (no start-of-scan segment)"
+    stray = _JPEG_STRAY_MARKER.search(data, start, len(data) - 2)
+    if stray is not None:
+        marker, at = stray.group()[1], stray.start()
+        return f"a 0x{marker:02X} marker inside its compressed data (byte {at})"
+    zeros = data.find(_JPEG_ZERO_RUN, start, len(data) - 2)
+    if zeros >= 0:  # never seen in standard-table data; overwritten disk blocks look so
+        return f"a run of zero bytes inside its compressed data (byte {zeros}: overwritten?)"
+    return None
+
+
+def _jpeg_scan_start(data: bytes) -> int | None:
+    """Offset of the compressed data: the byte after the first start-of-scan header."""
+    i, n = 2, len(data)
+    while i + 4 <= n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        end = i + 2 + ((data[i + 2] << 8) | data[i + 3])
+        if marker == 0xDA:
+            return end
+        i = end
+    return None
+
+
+def _make_jpeg_decoder(page: tifffile.TiffPage) -> Callable[[bytes], np.ndarray]:
     shape = (page.tilelength, page.tilewidth, 3)
+    # OpenSlide forces the JPEG colour space from PhotometricInterpretation (RGB data is not
+    # colour-converted, YCbCr is), whatever markers the stream carries.
+    colorspace = "RGB" if page.photometric == _PHOTOMETRIC_RGB else "YCBCR"
+    tables = page.jpegtables
+
+    def decode_jpeg(data: bytes) -> np.ndarray:
+        doubt = _jpeg_doubt(data)
+        if doubt is not None:
+            raise _Doubtful(doubt)
+        tile = imagecodecs.jpeg8_decode(
+            data, tables=tables, colorspace=colorspace, outcolorspace="RGB"
+        ).reshape(shape)
+        # when the compressed data runs out, libjpeg leaves every later 8 x 8 block at
+        # value 128 (and warns); a tile whose last block is exactly that gets a second look
+        if (tile[-8:, -8:] == 128).all():
+            raise _Doubtful("it ends in a flat grey block, as when its compressed data runs out")
+        return tile
+
+    return decode_jpeg
+
+
+def _make_decoder(page: tifffile.TiffPage) -> Callable[[bytes], np.ndarray]:
+    """Tile bytes -> (tile_h, tile_w, 3) uint8 RGB, decoded as libtiff/OpenSlide does.
+
+    The decoder raises :class:`_Doubtful` for a tile libtiff or libjpeg would warn about or
+    reject, and lets decoder errors through; the reader then asks OpenSlide.
+    """
     if page.compression == _COMPRESSION_JPEG:
-        # OpenSlide forces the JPEG colour space from PhotometricInterpretation (RGB data is
-        # not colour-converted, YCbCr is), whatever markers the stream carries.
-        colorspace = "RGB" if page.photometric == _PHOTOMETRIC_RGB else "YCBCR"
-        tables = page.jpegtables
+        return _make_jpeg_decoder(page)
+    shape = (page.tilelength, page.tilewidth, 3)
+    size = shape[0] * shape[1] * shape[2]
+    compression = page.compression
+    decompress = (
+        None if compression == _COMPRESSION_NONE else tifffile.TIFF.DECOMPRESSORS[compression]
+    )
+    horizontal = page.predictor == _PREDICTOR_HORIZONTAL
 
-        def decode_jpeg(data: bytes, index: int) -> np.ndarray:
-            tile = imagecodecs.jpeg8_decode(
-                data, tables=tables, colorspace=colorspace, outcolorspace="RGB"
-            )
-            return tile.reshape(shape)
-
-        return decode_jpeg
-
-    def decode_other(data: bytes, index: int) -> np.ndarray:
-        # tifffile handles LZW/deflate/zstd and the horizontal predictor
-        tile = page.decode(data, index)[0]
-        return np.asarray(tile, dtype=np.uint8).reshape(shape)
+    def decode_other(data: bytes) -> np.ndarray:
+        if decompress is None:
+            raw = data
+        else:  # room for one byte more: a stream that does not stop at one tile shows
+            padded = data + _LZW_PAD if compression == _COMPRESSION_LZW else data
+            raw = decompress(padded, out=size + 1)
+        if len(raw) != size:
+            what = "holds" if decompress is None else "decodes to"
+            raise _Doubtful(f"it {what} {len(raw)} bytes of pixels, not {size}")
+        tile = np.frombuffer(raw, np.uint8).reshape(shape)
+        if horizontal:  # TIFF predictor 2: differences along each row, per sample
+            tile = imagecodecs.delta_decode(tile, axis=1)
+        return tile
 
     return decode_other
 
@@ -382,9 +513,9 @@ class TiffTileReader(SlideReader):
         _check_file(self.path)
         self.tiles_decoded = 0  # tiles decoded so far (each costs a read + a decode)
         self.fallback_reads = 0  # reads delegated to OpenSlide
+        self.tiles_doubted = 0  # tiles that failed a check and went to OpenSlide
         self._cache = _TileCache(tile_cache_bytes)
         self._tif: tifffile.TiffFile | None = None
-        self._slide: openslide.OpenSlide | None = None
         try:
             self._tif = tifffile.TiffFile(self.path)
         except (tifffile.TiffFileError, ValueError, OSError) as exc:
@@ -439,9 +570,8 @@ class TiffTileReader(SlideReader):
             # OpenSlide maps level-0 x to x / ds (a double) and paints the tiles at that
             # offset; only whole-pixel offsets are plain copies we can reproduce.
             if not (ds.is_integer() and x0 % int(ds) == 0 and y0 % int(ds) == 0):
-                assert self._slide is not None
                 self.fallback_reads += 1
-                return read_region_openslide_rgb(self._slide, x0, y0, level, w, h)
+                return self._read_openslide(x0, y0, level, w, h)
             lx, ly = x0 // int(ds), y0 // int(ds)
         return self._assemble(self._levels[level], level, lx, ly, w, h)
 
@@ -471,15 +601,36 @@ class TiffTileReader(SlideReader):
             self._fh.seek(lv.offsets[index])
             data = self._fh.read(lv.bytecounts[index])
             try:
-                tile = lv.decode(data, index)
-            except Exception as exc:
-                raise SlideError(
-                    f"{self.path}: cannot decode tile {index} of level {level} "
-                    f"(TIFF page {lv.page_index}): {exc}"
-                ) from exc
+                if len(data) != lv.bytecounts[index]:
+                    raise _Doubtful(
+                        f"the file ends {lv.bytecounts[index] - len(data)} bytes short of it"
+                    )
+                tile = lv.decode(data)
+            except Exception as exc:  # a doubt or a decoder error: OpenSlide decides
+                doubt = str(exc) if isinstance(exc, _Doubtful) else f"the decoder says {exc}"
+                tile = self._tile_from_openslide(lv, level, index, doubt)
             tile.flags.writeable = False
             self.tiles_decoded += 1
             self._cache.put(key, tile)
+        return tile
+
+    def _tile_from_openslide(self, lv: _Level, level: int, index: int, doubt: str) -> np.ndarray:
+        """OpenSlide's pixels of a tile the direct decoder doubts, or the SlideError of both."""
+        self.tiles_doubted += 1
+        col, row = index % lv.tiles_across, index // lv.tiles_across
+        ds = round(self.level_downsamples[level])  # direct reads: level 0 or integer ds
+        try:
+            tile = self._read_openslide(
+                col * lv.tile_w * ds, row * lv.tile_h * ds, level, lv.tile_w, lv.tile_h
+            )
+        except SlideError as exc:
+            raise SlideError(
+                f"{self.path}: level {level} tile {index} (column {col}, row {row}; TIFF page "
+                f"{lv.page_index}, {lv.bytecounts[index]} bytes at offset {lv.offsets[index]}) "
+                f"is damaged: {doubt}; OpenSlide cannot read it either: {exc.__cause__ or exc}. "
+                "Copy the slide again from its source, or leave out the regions on this tile"
+            ) from exc
+        log.debug("%s: level %d tile %d read through OpenSlide: %s", self.path, level, index, doubt)
         return tile
 
     @property
