@@ -173,7 +173,7 @@ def test_corrupt_sample_is_skipped_counted_and_max_bad_stops(tmp_path):
     with wds.TarWriter(str(shard), encoder=False) as sink:
         for s in samples:
             sink.write({k: v for k, v in s.items() if k != "__url__"})
-    cfg = dict(TINY, train=str(folder), epochs=1)
+    cfg = dict(TINY, train=str(folder), epochs=1, max_bad_fraction=0.5)  # 1 of 6 is bad
     result = train(TrainConfig(out=str(tmp_path / "ok"), max_bad=5, **cfg), log=quiet)
     row = result["history"][0]
     assert row["bad_samples"] == 1 and row["train_patches"] == 5 * 9 and row["train_steps"] == 2
