@@ -109,7 +109,8 @@ def _balance(outcomes: Sequence[SlideOutcome], sampling: SamplingOptions, seed: 
 
 def _options(cohort: CohortOptions, sampling: SamplingOptions) -> dict[str, Any]:
     merged = {**dataclasses.asdict(cohort), **dataclasses.asdict(sampling)}
-    merged.pop("progress")
+    for key in ("progress", "workers"):  # how it runs, never what it writes
+        merged.pop(key)
     return {k: str(v) if isinstance(v, Path) else v for k, v in merged.items()}
 
 
@@ -184,7 +185,7 @@ def make_coords(
     notes = split_warnings + _balance(usable, sampling, cohort.seed)
     problems += [Problem(cohort.slides, "", note, warning=True) for note in notes]
     entries = datalist_entries(usable, split_of)
-    if not entries:
+    if not entries and not any(not p.warning for p in problems):
         problems.append(
             Problem(
                 cohort.slides,

@@ -90,7 +90,6 @@ def slide_summary(o: SlideOutcome, split: str | None) -> dict[str, Any]:
         "left_out": o.left_out,
         "ignored_annotations": o.ignored,
         "warnings": [str(p) for p in o.problems if p.warning],
-        "seconds": round(o.seconds, 3),
     }
 
 
