@@ -89,8 +89,7 @@ def synth(opts: SynthOptions) -> None:
 def coords(cohort: CohortOptions, sampling: SamplingOptions) -> None:
     """Make a coordinate file (MONAI datalist, CSVs, summary) from slides and their annotations.
 
-    Exits 2 listing every problem of the inputs (warnings too with --strict); nothing is
-    written then.
+    Exits 2 listing every problem of the inputs (--strict: warnings too); writes nothing then.
     """
     from etl.cohort.run import make_coords
     from etl.cohort.writers import summary_table

@@ -26,6 +26,11 @@ from training.config import InferConfig, TrainConfig
 FLAGS = {
     "synth": "--out --slides --width --height --tumor-fraction --seed --mpp --downsample "
     "--vendor --quality --regions-per-slide --region-size --grid --val-fraction --artefacts",
+    "coords": "--slides --annotations --out --tumor-class --exclude-class --unannotated "
+    "--val-fraction --test-fraction --patients --seed --workers --strict --no-strict "
+    "--slide-backend --progress --no-progress --mode --region-size --grid --tumor-per-slide "
+    "--normal-per-slide --tumor-share --max-regions --margin --min-spacing --min-tissue "
+    "--stride --label-rule --label-threshold --tissue-downsample",
     "inspect": "--json --csv --data-root --location-order --anchor --region-size --split",
     "extract": "--json --csv --out --data-root --split --region-size --level --format "
     "--quality --shard-size --part-size --seed --outside --workers --backend "
