@@ -247,3 +247,17 @@ def test_self_crossing_check_finds_crossings_touches_and_folds_and_passes_simple
 def test_a_missing_file_is_named(tmp_path: Path):
     with pytest.raises(AnnotationError, match="not found"):
         read_annotations(tmp_path / "missing.xml")
+
+
+def test_evaluation_reads_qupath_geojson_truth_as_it_reads_the_same_xml(tmp_path):
+    from etl.evaluate.truth import load_truth
+
+    xml_dir, geo_dir = tmp_path / "xml", tmp_path / "geo"
+    xml_dir.mkdir()
+    geo_dir.mkdir()
+    write_asap_xml(xml_dir / "s.xml", [np.array(SQUARE, float)])
+    (geo_dir / "s.geojson").write_text(json.dumps([feature("Tumor", SQUARE)]))
+    xml = load_truth("s", [xml_dir], (512, 512), 32, None, "")
+    geo = load_truth("s", [geo_dir], (512, 512), 32, None, "")
+    assert geo.path == geo_dir / "s.geojson" and geo.has_tumor
+    assert geo.tumor.sum() > 0 and np.array_equal(geo.tumor, xml.tumor)

@@ -1,7 +1,8 @@
 """Ground truth of one slide at the evaluation level: which file, and its tumor mask.
 
 A slide ``<name>``'s truth is looked up in the truth folders: ``<name>.xml`` (ASAP polygons,
-tumor minus the ``_2`` holes, rasterised at the pixel centres) or a mask TIFF
+tumor minus the ``_2`` holes, rasterised at the pixel centres), ``<name>.geojson`` (QuPath,
+class ``Tumor``, read alike) or a mask TIFF
 (``<name>_mask.tif``, ``<name>_Mask.tif``, ``<name>_mask.tiff``; sampled at the pixel centres);
 a slide without one is a normal slide. A mask's tumor value is 1 or 255 when that is its only
 non-zero value; label masks need it given.
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 # <name><suffix>, in the order of preference
-TRUTH_SUFFIXES = (".xml", "_mask.tif", "_Mask.tif", "_mask.tiff")
+TRUTH_SUFFIXES = (".xml", ".geojson", "_mask.tif", "_Mask.tif", "_mask.tiff")
 
 
 def find_truth(name: str, folders: Sequence[Path]) -> Path | None:
@@ -147,7 +148,7 @@ def load_truth(
     path = find_truth(name, folders)
     if path is None:
         return SlideTruth(None, None, False, size0)
-    if path.suffix.lower() == ".xml":
+    if path.suffix.lower() in (".xml", ".geojson"):  # polygons (etl.wsi.annotations)
         if size0 is None:
             raise EvaluationError(
                 f"{name}: the level-0 size of the slide is unknown (needed to rasterise "
