@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -36,15 +37,16 @@ Accept = Callable[[np.ndarray, np.ndarray, Counter[str]], np.ndarray]
 @dataclass
 class Sampled:
     """A slide's region centres (x, y), sorted by (y, x), whether each centre is in tumor, what
-    was asked and why candidates (sample) or grid positions (grid) were left out."""
+    was asked and why candidates were left out, by class (sample: ``tumor``, ``normal``; grid:
+    ``grid``, counting grid positions with tissue)."""
 
     centres: np.ndarray
     tumor: np.ndarray
     asked: dict[str, int] = field(default_factory=dict)
-    left_out: dict[str, int] = field(default_factory=dict)
+    left_out: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, centres: np.ndarray, tumor: np.ndarray, **kw: dict[str, int]) -> Sampled:
+    def of(cls, centres: np.ndarray, tumor: np.ndarray, **kw: Any) -> Sampled:
         c = np.asarray(centres, dtype=np.int64).reshape(-1, 2)
         order = np.lexsort((c[:, 0], c[:, 1]))
         return cls(c[order], np.asarray(tumor, dtype=bool)[order], **kw)
@@ -159,7 +161,7 @@ def sample_regions(
     tumor_map, normal_map = _candidate_maps(s, ds)
     window = region_window(width, height, opts.region_size)
     index = SpacingIndex(opts.min_spacing)
-    rejected: Counter[str] = Counter()
+    rejected: dict[str, Counter[str]] = {"tumor": Counter(), "normal": Counter()}
     tumor = _draw(
         rng,
         np.flatnonzero(tumor_map),
@@ -169,7 +171,7 @@ def sample_regions(
         _tumor_accept(s),
         index,
         window,
-        rejected,
+        rejected["tumor"],
     )
     normal = _draw(
         rng,
@@ -180,7 +182,7 @@ def sample_regions(
         _normal_accept(s),
         index,
         window,
-        rejected,
+        rejected["normal"],
     )
     flags = np.r_[np.ones(len(tumor), bool), np.zeros(len(normal), bool)]
     asked = {
@@ -191,8 +193,12 @@ def sample_regions(
         np.array(tumor + normal, dtype=np.int64),
         flags,
         asked=asked,
-        left_out={k: v for k, v in sorted(rejected.items()) if v},
+        left_out={cls: _counts(c) for cls, c in rejected.items()},
     )
+
+
+def _counts(counter: Counter[str]) -> dict[str, int]:
+    return {k: v for k, v in sorted(counter.items()) if v}
 
 
 def grid_positions(lo: int, hi: int, stride: int) -> np.ndarray:
@@ -226,5 +232,5 @@ def grid_regions(
         centres,
         truth.tumor(centres),
         asked={},
-        left_out={k: v for k, v in sorted(rejected.items()) if v},
+        left_out={"grid": _counts(rejected)},
     )

@@ -47,7 +47,7 @@ class SlideOutcome:
     tumor: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))
     asked: dict[str, int] = field(default_factory=dict)
-    left_out: dict[str, int] = field(default_factory=dict)
+    left_out: dict[str, dict[str, int]] = field(default_factory=dict)
     ignored: dict[str, int] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
@@ -64,11 +64,11 @@ def slide_rng(seed: int, name: str) -> np.random.Generator:
 
 def _shortfall(out: SlideOutcome, sampled: Sampled, path: SlideInput) -> None:
     """Warn when a class got fewer regions than asked (too little tissue or tumor for them)."""
-    reasons = sorted(sampled.left_out.items(), key=lambda kv: -kv[1])[:3]
-    why = ", ".join(f"{reason}: {n}" for reason, n in reasons) or "no candidate area"
     for cls in ("tumor", "normal"):
         got = int((sampled.tumor == (cls == "tumor")).sum())
         asked = sampled.asked.get(cls, 0)
+        reasons = sorted(sampled.left_out.get(cls, {}).items(), key=lambda kv: -kv[1])[:3]
+        why = ", ".join(f"{reason}: {n}" for reason, n in reasons) or "no candidate area"
         if got < asked:
             out.problems.append(
                 Problem(
