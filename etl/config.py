@@ -326,6 +326,8 @@ class SamplingOptions:
             problems.append(f"--tumor-share {self.tumor_share}: use a share in (0, 1)")
         if self.mode == "grid" and (self.tumor_share is not None or self.max_regions):
             problems.append("--tumor-share and --max-regions apply to --mode sample only")
+        if self.mode == "sample" and self.stride is not None:
+            problems.append("--stride applies to --mode grid only")
         if not 0 <= self.min_tissue <= 1:
             problems.append(f"--min-tissue {self.min_tissue}: use a share in [0, 1]")
         if self.label_rule not in ("center", "fraction"):

@@ -574,3 +574,37 @@ def test_a_write_cut_short_by_the_file_size_limit_leaves_the_previous_outputs_wh
     assert sorted(tmp_path.glob("d*")) == files
     assert {p: p.read_bytes() for p in files} == before
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_slides_and_annotations_may_share_a_folder(cohort, tmp_path):
+    both = tmp_path / "both"
+    both.mkdir()
+    for name in ("tumor_001.tif", "tumor_002.tif", "normal_001.tif"):
+        (both / name).symlink_to(cohort["images"] / name)
+    (both / "tumor_001.xml").symlink_to(cohort["xml"] / "tumor_001.xml")
+    (both / "tumor_002_mask.tif").symlink_to(cohort["masks"] / "tumor_002_mask.tif")
+    result = make_coords(
+        CohortOptions(
+            slides=both, annotations=both, out=tmp_path / "d.json", workers=1, progress=False
+        ),
+        SamplingOptions(
+            region_size=REGION, tumor_per_slide=4, normal_per_slide=4, tissue_downsample=DS
+        ),
+    )
+    kinds = {s["slide"]: s["annotation_kind"] for s in result.summary["slides"]}
+    assert kinds == {"normal_001": "none", "tumor_001": "xml", "tumor_002": "mask"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stride", "100"], "--stride applies to --mode grid only"),
+        (["--mode", "grid", "--tumor-share", "0.5"], "apply to --mode sample only"),
+        (["--region-size", "100"], "not a positive multiple of --grid"),
+        (["--unannotated", "maybe"], "use normal or skip"),
+        (["--val-fraction", "0.6", "--test-fraction", "0.5"], "leave no training slides"),
+    ],
+)
+def test_bad_options_exit_2_before_any_work(tmp_path, args, message):
+    res = invoke(["coords", "--slides", tmp_path, "--out", tmp_path / "d.json", *args])
+    assert res.exit_code == 2 and message in res.output, res.output

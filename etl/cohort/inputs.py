@@ -4,8 +4,9 @@ An annotation file belongs to the slide whose name (``slide_stem``) it carries:
 ``<name>.xml`` (ASAP), ``<name>.geojson`` / ``<name>.json`` (QuPath; ``<name>.<slide suffix>
 .geojson`` too, as QuPath scripts often name them), ``<name>_mask.tif`` / ``_Mask.tif`` /
 ``_mask.tiff`` (tumor mask). An annotation file without a slide, two files for one slide and a
-file of another type are errors; hidden files are skipped. A slide without a file is
-tumor-free, or left out with ``unannotated="skip"``.
+file of another type are errors; hidden files are skipped. Slides and annotations may share a
+folder (``<name>_mask.tif`` next to slide ``<name>`` is its mask, not a slide). A slide without
+a file is tumor-free, or left out with ``unannotated="skip"``.
 
 Every problem of a cohort is a :class:`Problem` (file, entry, message, fix; error or warning);
 the run collects all of them and raises one :class:`CohortError`.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from etl.errors import PatchetlError
 from etl.wsi.annotations import ANNOTATION_SUFFIXES, AnnotationProblem
-from etl.wsi.formats import find_slides, slide_stem
+from etl.wsi.formats import find_slides, is_slide_name, slide_stem
 
 __all__ = [
     "MASK_SUFFIXES",
@@ -112,6 +113,8 @@ def _annotation_files(
         if path.name.startswith(".") or path.is_dir():
             continue
         name = _annotation_name(path)
+        if name is None and is_slide_name(path.name):
+            continue  # slides and annotations may share a folder
         if name is None:
             problems.append(
                 Problem(
@@ -142,8 +145,11 @@ def match_inputs(
     """(slides to use, slides skipped for having no annotation, problems), slides by name."""
     problems: list[Problem] = []
     paths = find_slides([slides])
+    stems = {slide_stem(p) for p in paths}
     by_name: dict[str, Path] = {}
     for path in paths:
+        if (_annotation_name(path) or "") in stems:
+            continue  # <slide>_mask.tif next to <slide>: a mask, not a slide
         first = by_name.setdefault(slide_stem(path), path)
         if first != path:
             problems.append(
