@@ -11,6 +11,7 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
+from scipy import ndimage
 from typer.testing import CliRunner
 
 from etl.cli import app
@@ -19,7 +20,7 @@ from etl.synth.scene import make_scene, render_slide
 from etl.synth.slide import write_slide
 from etl.wsi.annotations import points_in_polygons, read_asap_xml, write_asap_xml
 from etl.wsi.downsample import block_mean
-from etl.wsi.masks import read_mask
+from etl.wsi.masks import read_mask, tumor_mask
 
 W, H, MPP, SEED = 2048, 1536, 0.243, 3
 
@@ -329,3 +330,124 @@ def test_asap_xml_roundtrip_and_points_in_polygons(tmp_path):
     assert len(read_asap_xml(path)) == 1
     with pytest.raises(ValueError, match="not found"):
         read_asap_xml(tmp_path / "missing.xml")
+
+
+# --------------------------------------------------------------------------- artefacts
+def _edge_distance(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Distance of each (x, y) point to the outline of ``polygon`` (independent of etl)."""
+    a, b = polygon, np.roll(polygon, -1, axis=0)
+    d = b - a
+    rel = points[:, None, :] - a[None]
+    t = np.clip((rel * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-12), 0, 1)
+    return np.hypot(*(rel - t[..., None] * d).transpose(2, 0, 1)).min(axis=1)
+
+
+@pytest.fixture(scope="module")
+def dirty(tmp_path_factory):
+    """Two slides (tumor, normal) with artefacts; regions of 384 px."""
+    out = tmp_path_factory.mktemp("dirty")
+    opts = dict(n_slides=2, width=1536, height=1024, mpp=1.0, seed=1, regions_per_slide=12)
+    return synth_cohort(out, region_size=384, artefacts=True, **opts), opts
+
+
+def test_artefacts_are_listed_and_no_region_is_centred_on_one(dirty):
+    cohort, _ = dirty
+    meta = json.loads((cohort.root / "synth.json").read_text())
+    assert meta["params"]["artefacts"] is True
+    kinds = set()
+    for slide, facts in zip(cohort.slides, meta["slides"], strict=True):
+        arts = [np.asarray(a["polygon"]) for a in facts["artefacts"]]
+        kinds |= {a["kind"] for a in facts["artefacts"]}
+        centres = np.array(
+            [e["location"][::-1] for _, e in _entries(cohort) if e["image"] == slide.path.name],
+            float,
+        )
+        assert len(centres) == 12
+        for poly in arts:
+            assert not points_in_polygons(centres, [poly]).any()
+            assert _edge_distance(centres, poly).min() >= 0.25 * 384 - 1  # ARTEFACT_CLEARANCE
+        for lesion in read_asap_xml(slide.xml) if slide.xml else []:
+            assert not points_in_polygons(lesion, arts).any()  # lesions stay clear of them
+            assert not any(points_in_polygons(a, [lesion]).any() for a in arts)
+    assert kinds == {"pen", "border", "dust", "bubble"}
+
+
+def test_artefacts_are_painted_over_an_unchanged_scene(dirty):
+    cohort, opts = dirty
+    facts = json.loads((cohort.root / "synth.json").read_text())["slides"][0]
+    w, h, seed = opts["width"], opts["height"], (opts["seed"], 0)
+    clean = make_scene(w, h, mpp=1.0, has_tumor=True, seed=seed)
+    dirty_scene = make_scene(w, h, mpp=1.0, has_tumor=True, seed=seed, artefacts=True)
+    assert len(clean.polygons) == len(dirty_scene.polygons) > 0
+    assert all(
+        np.array_equal(a, b) for a, b in zip(clean.polygons, dirty_scene.polygons, strict=True)
+    )
+    a, b = clean.render(), dirty_scene.render()
+    touched = tumor_mask([np.asarray(art["polygon"]) for art in facts["artefacts"]], w, h, 1)
+    touched = touched.astype(bool)
+    near = ndimage.binary_dilation(touched, iterations=4)  # soft edges: a pixel or two
+    np.testing.assert_array_equal(a[~near], b[~near])
+    assert (a[touched] != b[touched]).any(axis=-1).mean() > 0.9
+
+
+def test_written_slides_show_the_artefacts(dirty):
+    cohort, opts = dirty
+    meta = json.loads((cohort.root / "synth.json").read_text())
+    w, h, ds = opts["width"], opts["height"], 4
+    seen = set()
+    for slide, facts in zip(cohort.slides, meta["slides"], strict=True):
+        with openslide.OpenSlide(str(slide.path)) as osr:
+            low = np.asarray(osr.get_thumbnail((w // ds, h // ds)).convert("RGB"), float)
+        for art in facts["artefacts"]:
+            core = tumor_mask([np.asarray(art["polygon"])], w, h, ds).astype(bool)
+            core = ndimage.binary_erosion(core, iterations=2, border_value=1)
+            if not core.any() or art["kind"] == "dust":
+                continue
+            seen.add(f"{art['kind']} {art['detail']}")
+            r, g, b = low[core].mean(axis=0)
+            if art["detail"] == "blue":
+                assert b > r + 60 and b > g + 30, (r, g, b)
+            elif art["detail"] == "green":
+                assert g > r + 30 and g > b + 20, (r, g, b)
+            elif art["kind"] == "bubble":  # a faint grey disc
+                assert min(r, g, b) > 180 and max(r, g, b) - min(r, g, b) < 15, (r, g, b)
+            else:  # black ink, the scan border
+                assert max(r, g, b) < 60, (art["kind"], r, g, b)
+    assert {"pen blue", "pen green", "pen black", "bubble "} <= seen, seen
+
+
+def test_artefacts_are_deterministic_and_optional(dirty, cohort, tmp_path):
+    first, opts = dirty
+    again = synth_cohort(tmp_path, region_size=384, artefacts=True, **opts)
+    files = sorted(p.relative_to(first.root) for p in first.root.rglob("*") if p.is_file())
+    assert len(files) == 9  # 2 slides, 1 XML, 1 mask, dataset JSON, 3 CSVs, synth.json
+    for rel in files:
+        assert (first.root / rel).read_bytes() == (again.root / rel).read_bytes(), rel
+    meta = json.loads((cohort.root / "synth.json").read_text())  # made without artefacts
+    assert "artefacts" not in meta["params"]
+    assert not any("artefacts" in facts for facts in meta["slides"])
+
+
+def test_cli_synth_artefacts(tmp_path):
+    args = [
+        "synth",
+        "--out",
+        str(tmp_path),
+        "--slides",
+        "1",
+        "--width",
+        "768",
+        "--height",
+        "768",
+        "--mpp",
+        "0.5",
+        "--region-size",
+        "192",
+        "--regions-per-slide",
+        "3",
+        "--artefacts",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "synth.json").read_text())
+    assert meta["params"]["artefacts"] is True and meta["slides"][0]["artefacts"]

@@ -51,9 +51,10 @@ class Mark:
     od: np.ndarray  # (3,) float32
     ring: float = 0.0
 
-    def distance(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Signed distance (px) of level-0 points to the mark's edge: < 0 inside."""
-        d = _line_distance(x, y, self.line)
+    def distance(self, x: np.ndarray, y: np.ndarray, limit: float = np.inf) -> np.ndarray:
+        """Signed distance (px) of level-0 points to the mark's edge: < 0 inside (exact up to
+        ``limit``; farther points may get any larger value)."""
+        d = _line_distance(x, y, self.line, limit + self.half_width)
         if self.ring > 0:
             d = np.abs(d - self.ring)
         out: np.ndarray = d - self.half_width
@@ -74,15 +75,21 @@ class Artefact:
         return {"kind": self.kind, "detail": self.detail, "polygon": self.outline.tolist()}
 
 
-def _line_distance(x: np.ndarray, y: np.ndarray, line: np.ndarray) -> np.ndarray:
-    """Distance of points (x, y) (broadcastable arrays) to the polyline ``line``."""
+def _line_distance(
+    x: np.ndarray, y: np.ndarray, line: np.ndarray, limit: float = np.inf
+) -> np.ndarray:
+    """Distance of points (x, y) (broadcastable arrays) to the polyline ``line``; segments
+    farther than ``limit`` from the points' bounding box are skipped (inf where none is near)."""
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
     if len(line) == 1:
         out: np.ndarray = np.hypot(x - line[0, 0], y - line[0, 1])
         return out
     best = np.full(np.broadcast_shapes(x.shape, y.shape), np.inf)
+    lo_x, hi_x, lo_y, hi_y = x.min() - limit, x.max() + limit, y.min() - limit, y.max() + limit
     for (ax, ay), (bx, by) in itertools.pairwise(line):
+        if max(ax, bx) < lo_x or min(ax, bx) > hi_x or max(ay, by) < lo_y or min(ay, by) > hi_y:
+            continue
         dx, dy = bx - ax, by - ay
         t = np.clip(((x - ax) * dx + (y - ay) * dy) / max(dx * dx + dy * dy, 1e-12), 0.0, 1.0)
         np.minimum(best, np.hypot(x - ax - t * dx, y - ay - t * dy), out=best)
@@ -106,27 +113,30 @@ def paint_artefacts(
     grain: np.ndarray,
     soft: float,
 ) -> list[np.ndarray]:
-    """``od`` (planar R, G, B densities of the (h, w) tile at (x0, y0)) plus the artefacts'.
+    """Add the artefacts' optical density to ``od`` (planar R, G, B densities of the (h, w)
+    tile at (x0, y0)), in place; returns it.
 
     Coverage ramps over ``soft`` px at each edge; ``grain`` (the tile's unit noise) makes ink
-    streaky and dust uneven.
+    streaky and dust uneven. Each mark is computed on the part of the tile it can reach only.
     """
     h, w = grain.shape
-    px = np.arange(x0, x0 + w, dtype=np.float64)[None, :] + 0.5
-    py = np.arange(y0, y0 + h, dtype=np.float64)[:, None] + 0.5
     for art in artefacts:
         for mark in art.marks:
             reach = mark.half_width + mark.ring + soft
             (xmin, ymin), (xmax, ymax) = mark.line.min(axis=0), mark.line.max(axis=0)
-            if xmax + reach < x0 or xmin - reach > x0 + w or ymax + reach < y0:
+            j0, j1 = max(0, math.floor(xmin - reach) - x0), min(w, math.ceil(xmax + reach) - x0)
+            i0, i1 = max(0, math.floor(ymin - reach) - y0), min(h, math.ceil(ymax + reach) - y0)
+            if j0 >= j1 or i0 >= i1:
                 continue
-            if ymin - reach > y0 + h:
-                continue
-            cover = np.clip(0.5 - mark.distance(px, py) / soft, 0.0, 1.0).astype(np.float32)
+            px = np.arange(x0 + j0, x0 + j1, dtype=np.float64)[None, :] + 0.5
+            py = np.arange(y0 + i0, y0 + i1, dtype=np.float64)[:, None] + 0.5
+            d = mark.distance(px, py, limit=soft)
+            cover = np.clip(0.5 - d / soft, 0.0, 1.0).astype(np.float32)
             if not cover.any():
                 continue
-            cover *= 1.0 + 0.12 * grain
-            od = [od[c] + cover * mark.od[c] for c in range(3)]
+            cover *= 1.0 + 0.12 * grain[i0:i1, j0:j1]
+            for c in range(3):
+                od[c][i0:i1, j0:j1] += cover * mark.od[c]
     return od
 
 
