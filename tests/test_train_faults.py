@@ -28,7 +28,9 @@ pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
 ]
 
-TINY = dict(batch_size=36, patch_size=28, grid=3, optimizer="adamw", warmup_epochs=0, workers=0)
+TINY: dict[str, Any] = dict(
+    batch_size=36, patch_size=28, grid=3, optimizer="adamw", warmup_epochs=0, workers=0
+)
 TINY_ARGS = [
     "--batch-size", "36", "--patch-size", "28", "--optimizer", "adamw", "--warmup-epochs", "0",
     "--workers", "0", "--device", "cpu", "--no-progress", "--epochs", "1",
@@ -141,7 +143,7 @@ def test_a_share_of_corrupt_samples_above_max_bad_fraction_stops(tmp_path):
     folder = tmp_path / "training"
     write_region_shards(folder, 8, region=96, shard_size=8, seed=4)
     corrupt(folder, {"s00002", "s00005"})  # 2 of 8 = 25 %, far below --max-bad 100
-    base = dict(TINY, train=str(folder), epochs=1, progress=False, device="cpu")
+    base: dict[str, Any] = dict(TINY, train=str(folder), epochs=1, progress=False, device="cpu")
     with pytest.raises(TrainError, match=r"2 of 8 samples \(25.0%\).*--max-bad-fraction 0.1"):
         train(TrainConfig(out=str(tmp_path / "strict"), max_bad_fraction=0.1, **base), quiet)
     assert not (tmp_path / "strict" / "last.pt").exists()
