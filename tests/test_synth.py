@@ -6,6 +6,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openslide
@@ -238,7 +239,7 @@ def test_split_is_by_slide_and_synth_json(cohort):
 
 
 def test_same_seed_gives_identical_files(tmp_path):
-    opts = dict(
+    opts: dict[str, Any] = dict(
         n_slides=1,
         width=1024,
         height=768,
@@ -346,7 +347,9 @@ def _edge_distance(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
 def dirty(tmp_path_factory):
     """Two slides (tumor, normal) with artefacts; regions of 384 px."""
     out = tmp_path_factory.mktemp("dirty")
-    opts = dict(n_slides=2, width=1536, height=1024, mpp=1.0, seed=1, regions_per_slide=12)
+    opts: dict[str, Any] = dict(
+        n_slides=2, width=1536, height=1024, mpp=1.0, seed=1, regions_per_slide=12
+    )
     return synth_cohort(out, region_size=384, artefacts=True, **opts), opts
 
 

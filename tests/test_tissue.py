@@ -9,6 +9,7 @@ slides without artefacts the mask is NCRF's (Otsu on saturation) as before.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ W, H, MPP, SEED, DS = 2048, 1536, 1.0, 0, 16
 # square here) would drop whole tissue pieces. Dust specks stay well below this one.
 MIN_AREA = 64 * 64
 SQUARE = np.ones((3, 3), bool)
-OPTS = dict(n_slides=2, width=W, height=H, mpp=MPP, seed=SEED, regions_per_slide=8)
+OPTS: dict[str, Any] = dict(n_slides=2, width=W, height=H, mpp=MPP, seed=SEED, regions_per_slide=8)
 
 
 @pytest.fixture(scope="module")
