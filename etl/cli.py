@@ -126,23 +126,29 @@ def coords(cohort: CohortOptions, sampling: SamplingOptions) -> None:
 def inspect_command(coords: CoordsOptions) -> None:
     """Validate a coordinate file and summarise it per split, slide and label.
 
-    Exits 2 when there are errors or missing slides; warnings alone exit 0.
+    Every slide found is opened as extract's preflight opens it. Exits 2 when there are
+    errors, missing or unreadable slides; warnings alone exit 0.
     """
     from etl.extract.coords import inspect_report, parse_coordinates
+    from etl.extract.plan import inspect_slides
+    from etl.wsi.reader import open_slide
 
     table = parse_coordinates(coords.path, **coords.parse_options())
-    typer.echo(inspect_report(table))
+    infos = inspect_slides({r.slide for r in table.regions if r.exists}, open_slide)
+    unreadable = {path: info.error for path, info in infos.items() if info.error}
+    typer.echo(inspect_report(table, unreadable))
     missing = table.slides_missing()
-    if table.errors or missing:
+    if table.errors or missing or unreadable:
         fail(
-            f"{coords.path}: {len(table.errors)} error(s), {len(missing)} missing slide(s) "
-            "(listed above)"
+            f"{coords.path}: {len(table.errors)} error(s), {len(missing)} missing slide(s), "
+            f"{len(unreadable)} unreadable slide(s) (listed above)"
         )
 
 
 @command(app)
 def extract(coords: CoordsOptions, params: ExtractParams, run: ExtractRunOptions) -> None:
     """Read every region once from its slide and write labelled regions into WebDataset shards."""
+    from etl.atomic import output_folder
     from etl.extract.run import extract_splits, plan_extraction
     from etl.progress import progress_bar
 
@@ -157,6 +163,7 @@ def extract(coords: CoordsOptions, params: ExtractParams, run: ExtractRunOptions
     )
     for warning in table.warnings:
         warn(f"warning: {warning}")
+    output_folder(run.out)  # after preflight (which writes nothing), before any region is read
     bar = progress_bar(unit="regions", enabled=run.progress)
     with bar:
         jobs: list[tuple[SplitPlan, Path, Callable[[int], None]]] = [
@@ -178,6 +185,7 @@ def extract(coords: CoordsOptions, params: ExtractParams, run: ExtractRunOptions
             overwrite=run.overwrite,
             slide_backend=run.slide_backend,
             tile_cache_bytes=run.tile_cache_mb << 20,
+            check_sha256=run.check_sha256,
         )
     for r in results:
         _echo_split(r)
@@ -193,6 +201,10 @@ def _echo_split(r: SplitResult) -> None:
         f"{r.folder}  (skipped {len(r.skipped)}, failed {len(r.failed)}, "
         f"{r.seconds:.1f} s, {r.rate:.1f} regions/s{resumed})"
     )
+    for name, why in r.repaired.items():
+        typer.echo(f"  repaired {name} ({why}): rebuilt byte-identical to manifest.json")
+    for message in r.warnings:
+        warn(f"warning: {message}")
     for f in r.failed:
         typer.secho(
             f"  failed: {f['image']} entry {f['index']} (x={f['x']}, y={f['y']}): {f['reason']}",
@@ -217,9 +229,11 @@ def verify(opts: VerifyOptions) -> None:
 @command(app)
 def qc(coords: CoordsOptions, opts: QcOptions) -> None:
     """Thumbnails of each slide with its regions drawn (coloured by label) and tissue outline."""
+    from etl.atomic import output_folder
     from etl.extract.coords import load_regions
     from etl.qc import qc_table
 
+    output_folder(opts.out)  # a file or an unwritable folder stops here, before any work
     table = load_regions(coords.path, **coords.parse_options())
     results = qc_table(
         table,

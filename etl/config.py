@@ -100,7 +100,22 @@ class ExtractRunOptions:
     overwrite: Annotated[bool, opt("Delete an extraction with other parameters in --out.")] = False
     slide_backend: SlideBackend = "auto"
     tile_cache_mb: Annotated[int, opt("Decoded-tile cache per worker, MiB.")] = 256
+    check_sha256: Annotated[
+        bool,
+        opt(
+            "A rerun on a finished split hashes its shards against manifest.json before calling "
+            "it done (sizes are always checked); a damaged or missing shard is rebuilt."
+        ),
+    ] = True
     progress: Progress = True
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise OptionError(f"--workers {self.workers}: use at least 1 worker process")
+        if self.tile_cache_mb < 0:
+            raise OptionError(f"--tile-cache-mb {self.tile_cache_mb}: use 0 or more MiB")
+        if self.backend not in ("loky", "dask"):
+            raise OptionError(f"--backend {self.backend!r}: use loky or dask")
 
 
 @dataclass

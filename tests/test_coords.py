@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
 from click.testing import Result
 from typer.testing import CliRunner
 
@@ -47,6 +49,13 @@ def entry(
 def touch(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"")
+    return path
+
+
+def tiny_slide(path: Path) -> Path:
+    """A 512 x 512 tiled TIFF that opens as a slide (as extract's preflight opens it)."""
+    glass = np.full((512, 512, 3), 240, np.uint8)
+    tifffile.imwrite(path, glass, tile=(256, 256), photometric="rgb")
     return path
 
 
@@ -436,8 +445,8 @@ def test_duplicates_warn_are_counted_and_first_kept(tmp_path: Path) -> None:
 
 
 def test_inspect_report_and_cli_counts(tmp_path: Path) -> None:
-    touch(tmp_path / "tumor_001.tif")
-    touch(tmp_path / "normal_001.tif")
+    tiny_slide(tmp_path / "tumor_001.tif")
+    tiny_slide(tmp_path / "normal_001.tif")
     path = write_json(
         tmp_path / "d.json",
         {
@@ -470,6 +479,23 @@ def test_inspect_report_and_cli_counts(tmp_path: Path) -> None:
     result = invoke(["inspect", "--json", str(path), "--data-root", str(tmp_path)])
     assert result.exit_code == 2
     assert "MISSING" in result.output and "1 missing slide(s)" in result.output
+
+
+def test_inspect_opens_every_slide_as_preflight_does(tmp_path: Path) -> None:
+    """A file that exists but is no slide (/etc/passwd, an empty file) is reported, exit 2."""
+    tiny_slide(tmp_path / "tumor_001.tif")
+    touch(tmp_path / "empty.tif")
+    path = write_json(
+        tmp_path / "d.json",
+        {"training": [entry(), entry("/etc/passwd"), entry(str(tmp_path / "empty.tif"))]},
+    )
+    result = invoke(["inspect", "--json", str(path), "--data-root", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "2 unreadable slide(s)" in result.output and "no problems found" not in result.output
+    lines = [line.split() for line in result.output.splitlines()]
+    assert ["/etc/passwd", "1", "1", "0", "UNREADABLE"] in lines
+    assert ["tumor_001.tif", "1", "1", "0", "yes"] in lines
+    assert "/etc/passwd: cannot be opened" in result.output
 
 
 def test_cli_usage_errors(tmp_path: Path) -> None:

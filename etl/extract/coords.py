@@ -208,8 +208,10 @@ def infer_csv_split(path: Path) -> str:
     return hits[0] if len(hits) == 1 else "training"
 
 
-def inspect_report(table: RegionTable) -> str:
-    """Human-readable summary: counts per split, slide and label, then errors and warnings."""
+def inspect_report(table: RegionTable, unreadable: dict[Path, str] | None = None) -> str:
+    """Human-readable summary: counts per split, slide and label, then errors and warnings.
+    `unreadable`: slides that exist but failed to open (path -> reason), as preflight found."""
+    unreadable = unreadable or {}
     lines = [
         f"coordinates: {table.source}",
         f"regions: {len(table.regions)}"
@@ -231,7 +233,7 @@ def inspect_report(table: RegionTable) -> str:
         lines += [
             "",
             f"per slide ({len(by_slide)}):",
-            _row("slide", "regions", "tumor", "normal", "exists", first=40),
+            _row("slide", "regions", "tumor", "normal", "exists", first=40, width=11),
         ]
         for regions in by_slide.values():
             tumor = sum(r.tumor for r in regions)
@@ -241,8 +243,9 @@ def inspect_report(table: RegionTable) -> str:
                     len(regions),
                     tumor,
                     len(regions) - tumor,
-                    "yes" if regions[0].exists else "MISSING",
+                    _slide_state(regions[0], unreadable),
                     first=40,
+                    width=11,
                 )
             )
         cells = Counter(v for r in table.regions for row in r.labels for v in row)
@@ -261,11 +264,16 @@ def inspect_report(table: RegionTable) -> str:
         lines += [f"  {p}" for p in missing[:MAX_LISTED]]
         if len(missing) > MAX_LISTED:
             lines.append(f"  ... and {len(missing) - MAX_LISTED} more")
+    if unreadable:
+        lines += ["", f"unreadable slides ({len(unreadable)}):"]
+        lines += [f"  {p}: {why}" for p, why in list(unreadable.items())[:MAX_LISTED]]
+        if len(unreadable) > MAX_LISTED:
+            lines.append(f"  ... and {len(unreadable) - MAX_LISTED} more")
     if table.errors:
         lines += ["", _format_problems(table.errors, f"errors ({len(table.errors)})")]
     if table.warnings:
         lines += ["", _format_problems(table.warnings, f"warnings ({len(table.warnings)})")]
-    if not (table.errors or table.warnings or missing):
+    if not (table.errors or table.warnings or missing or unreadable):
         lines += ["", "no problems found"]
     return "\n".join(lines)
 
@@ -273,8 +281,14 @@ def inspect_report(table: RegionTable) -> str:
 # --- internals ---------------------------------------------------------------------------
 
 
-def _row(*cells: object, first: int = 14) -> str:
-    return "  " + f"{cells[0]!s:<{first}}" + "".join(f"{c!s:>9}" for c in cells[1:])
+def _slide_state(region: Region, unreadable: dict[Path, str]) -> str:
+    if not region.exists:
+        return "MISSING"
+    return "UNREADABLE" if region.slide in unreadable else "yes"
+
+
+def _row(*cells: object, first: int = 14, width: int = 9) -> str:
+    return "  " + f"{cells[0]!s:<{first}}" + "".join(f"{c!s:>{width}}" for c in cells[1:])
 
 
 def _format_problems(problems: list[Problem], title: str) -> str:

@@ -1,11 +1,17 @@
 """Planning: geometry of a region, stable sample keys, preflight checks, and the grouping of
 reads into per-slide parts ordered for locality.
 
-Nothing here reads pixels; preflight only opens each slide once to learn its size.
+Nothing here reads pixels; preflight only opens each slide once to learn its size, and
+fingerprints it (size, mtime, the bytes at both ends) so that a slide replaced between a kill
+and the resume is read again. A part's id is derived from its slide's fingerprint and its
+planned keys: a resume with another `--part-size`, or after a slide changed, finds no stale
+part under the id of a new one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,6 +80,7 @@ class SlideInfo:
     level_downsamples: tuple[float, ...] = ()
     mpp: tuple[float, float] | None = None
     error: str | None = None
+    fingerprint: str = ""  # slide_fingerprint() when it opened
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,63 @@ class Part:
     slide: Path
     image: str
     regions: tuple[PlannedRegion, ...]
+    fingerprint: str = ""  # of the slide, at preflight
+
+    @property
+    def keys(self) -> list[str]:
+        return [r.key for r in self.regions]
+
+
+def make_part(
+    stem: str, k: int, slide: Path, fingerprint: str, regions: tuple[PlannedRegion, ...]
+) -> Part:
+    """A part whose id names its slide, its place and a digest of (slide fingerprint, keys)."""
+    return Part(
+        _part_id(f"{stem}-{k:05d}", fingerprint, regions),
+        slide,
+        regions[0].region.image,
+        regions,
+        fingerprint,
+    )
+
+
+def restrict_part(part: Part, keys: set[str] | frozenset[str]) -> Part | None:
+    """The part cut down to its regions whose keys are in `keys` (a repair reads only those),
+    under an id of its own; None when none is."""
+    regions = tuple(r for r in part.regions if r.key in keys)
+    if len(regions) == len(part.regions):
+        return part
+    if not regions:
+        return None
+    prefix = part.part_id.rsplit("-", 1)[0]
+    return Part(
+        _part_id(prefix, part.fingerprint, regions),
+        part.slide,
+        part.image,
+        regions,
+        part.fingerprint,
+    )
+
+
+def _part_id(prefix: str, fingerprint: str, regions: tuple[PlannedRegion, ...]) -> str:
+    digest = hashlib.sha256("\n".join([fingerprint, *(r.key for r in regions)]).encode())
+    return f"{prefix}-{digest.hexdigest()[:12]}"
+
+
+FINGERPRINT_BYTES = 1 << 16
+
+
+def slide_fingerprint(path: Path) -> str:
+    """Size, mtime and a hash of the first and last 64 KiB of a slide file: cheap, and a
+    rewritten or replaced slide (even one with the same size) gets another fingerprint."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        stat = os.fstat(fh.fileno())
+        digest.update(f"{stat.st_size}:{stat.st_mtime_ns}:".encode())
+        digest.update(fh.read(FINGERPRINT_BYTES))
+        fh.seek(max(0, stat.st_size - FINGERPRINT_BYTES))
+        digest.update(fh.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -106,6 +170,23 @@ class PreflightProblem:
     def __str__(self) -> str:
         where = f"{self.split}[{self.index}]" if self.index is not None else self.split
         return f"{self.file.name}: {where}: slide {self.slide}: {self.reason}"
+
+
+def group_problems(problems: Iterable[PreflightProblem], shown: int = 3) -> list[str]:
+    """One line per (file, split, slide, reason), naming its first `shown` entries and how many
+    there are: a missing slide with 500 regions is one line, not 500."""
+    groups: dict[tuple[Path, str, str, str], list[PreflightProblem]] = {}
+    for p in problems:
+        groups.setdefault((p.file, p.split, p.slide, p.reason), []).append(p)
+    lines = []
+    for (file, split, slide, reason), group in groups.items():
+        where = ", ".join(
+            f"{split}[{p.index}]" if p.index is not None else split for p in group[:shown]
+        )
+        if len(group) > shown:
+            where += f" and {len(group) - shown} more ({len(group)} entries)"
+        lines.append(f"{file.name}: {where}: slide {slide}: {reason}")
+    return lines
 
 
 @dataclass
@@ -141,6 +222,7 @@ def inspect_slides(
                     level_count=reader.level_count,
                     level_downsamples=tuple(float(d) for d in reader.level_downsamples),
                     mpp=reader.mpp,
+                    fingerprint=slide_fingerprint(path),
                 )
         except Exception as exc:  # any reason a slide cannot be opened is a preflight problem
             infos[path] = SlideInfo(path, error=f"cannot be opened: {exc}")
@@ -157,23 +239,15 @@ def plan_split(
     """Check every region against its slide and group the reads into parts.
 
     Problems (missing/unreadable slide, missing level, region outside the slide under the
-    'error' policy, label grid that does not divide the region) are all collected.
+    'error' policy, region wholly outside it under 'pad', label grid that does not divide
+    the region) are all collected.
     """
     plan = SplitPlan(split, parts=[])
     stems: dict[str, str] = {}  # stem -> image, to catch two images sharing a key stem
     by_slide: dict[Path, tuple[str, list[PlannedRegion]]] = {}
     for r in regions:
         info = slides[r.slide]
-        problem = None
-        if info.error:
-            problem = info.error
-        elif params.level >= info.level_count:
-            problem = f"has {info.level_count} levels, --level {params.level} does not exist"
-        elif params.region_size % r.grid:
-            problem = (
-                f"label grid {r.grid}x{r.grid} does not divide --region-size "
-                f"{params.region_size} (use a multiple of {r.grid})"
-            )
+        problem = _slide_problem(r, info, params)
         if problem:
             plan.problems.append(PreflightProblem(source, split, r.index, r.image, problem))
             continue
@@ -182,52 +256,71 @@ def plan_split(
             r.x, r.y, params.region_size, info.level_downsamples[params.level]
         )
         assert info.dimensions is not None  # set whenever info.error is not
-        width, height = info.dimensions
-        outside = x0 < 0 or y0 < 0 or x0 + extent > width or y0 + extent > height
-        if outside:
-            reason = (
-                f"region [{x0}, {x0 + extent}) x [{y0}, {y0 + extent}) around centre "
-                f"(x={r.x}, y={r.y}) is not inside the slide ({width} x {height})"
-            )
-            if params.outside == "error":
-                plan.problems.append(
-                    PreflightProblem(
-                        source,
-                        split,
-                        r.index,
-                        r.image,
-                        reason + "; use --outside skip or --outside pad to accept such regions",
-                    )
-                )
-                continue
-            if params.outside == "skip":
-                plan.skipped.append(
-                    {
-                        "split": split,
-                        "index": r.index,
-                        "image": r.image,
-                        "x": r.x,
-                        "y": r.y,
-                        "reason": reason,
-                    }
-                )
-                continue
+        verdict, reason = _outside_verdict(r, x0, y0, extent, info.dimensions, params.outside)
+        if verdict == "problem":
+            plan.problems.append(PreflightProblem(source, split, r.index, r.image, reason))
+            continue
+        if verdict == "skip":
+            skip = {"split": split, "index": r.index, "image": r.image, "x": r.x, "y": r.y}
+            plan.skipped.append({**skip, "reason": reason})
+            continue
         key = sample_key(stem, r.x, r.y)
-        by_slide.setdefault(r.slide, (stem, []))[1].append(PlannedRegion(key, r, x0, y0, outside))
-
+        planned = PlannedRegion(key, r, x0, y0, padded=verdict == "pad")
+        by_slide.setdefault(r.slide, (stem, []))[1].append(planned)
     for slide in sorted(by_slide):
         stem, todo = by_slide[slide]
-        # Locality: sweep the slide in bands one region high, left to right, so that
-        # neighbouring reads share source tiles while they are still in the cache.
-        band = region_box(0, 0, params.region_size, slides[slide].level_downsamples[params.level])[
-            2
-        ]
-        todo.sort(key=lambda p: (p.y0 // band, p.x0, p.y0))
-        # Equal-sized parts of at most part_size (100 regions -> 4 x 25, not 32 + 32 + 32 + 4),
-        # so that workers finish together.
-        n_parts = -(-len(todo) // params.part_size)
-        bounds = [round(k * len(todo) / n_parts) for k in range(n_parts + 1)]
-        for k in range(n_parts):
-            chunk = tuple(todo[bounds[k] : bounds[k + 1]])
-            plan.parts.append(Part(f"{stem}-{k:05d}", slide, chunk[0].region.image, chunk))
+        plan.parts += _cut_parts(stem, slide, todo, slides[slide], params)
     return plan
+
+
+def _slide_problem(r: Region, info: SlideInfo, params: ExtractParams) -> str | None:
+    if info.error:
+        return info.error
+    if params.level >= info.level_count:
+        return f"has {info.level_count} levels, --level {params.level} does not exist"
+    if params.region_size % r.grid:
+        return (
+            f"label grid {r.grid}x{r.grid} does not divide --region-size "
+            f"{params.region_size} (use a multiple of {r.grid})"
+        )
+    return None
+
+
+def _outside_verdict(
+    r: Region, x0: int, y0: int, extent: int, dimensions: tuple[int, int], policy: str
+) -> tuple[str, str]:
+    """("inside" | "pad" | "skip" | "problem", reason) for a region under the --outside policy.
+    A region wholly outside is a problem even under pad: it would be all white, labelled."""
+    width, height = dimensions
+    if x0 >= 0 and y0 >= 0 and x0 + extent <= width and y0 + extent <= height:
+        return "inside", ""
+    where = f"region [{x0}, {x0 + extent}) x [{y0}, {y0 + extent}) around centre (x={r.x}, y={r.y})"
+    wholly = x0 + extent <= 0 or y0 + extent <= 0 or x0 >= width or y0 >= height
+    if policy == "pad" and wholly:
+        return "problem", (
+            f"{where} lies wholly outside the slide ({width} x {height}): --outside pad would "
+            "write an all-white image with these labels; fix the location (a [y, x] / [x, y] "
+            "swap?) or use --outside skip"
+        )
+    reason = f"{where} is not inside the slide ({width} x {height})"
+    if policy == "error":
+        return "problem", reason + "; use --outside skip or --outside pad to accept such regions"
+    return policy, reason
+
+
+def _cut_parts(
+    stem: str, slide: Path, todo: list[PlannedRegion], info: SlideInfo, params: ExtractParams
+) -> list[Part]:
+    """A slide's reads in locality order, cut into equal parts of at most `part_size`."""
+    # Locality: sweep the slide in bands one region high, left to right, so that
+    # neighbouring reads share source tiles while they are still in the cache.
+    band = region_box(0, 0, params.region_size, info.level_downsamples[params.level])[2]
+    todo = sorted(todo, key=lambda p: (p.y0 // band, p.x0, p.y0))
+    # Equal-sized parts of at most part_size (100 regions -> 4 x 25, not 32 + 32 + 32 + 4),
+    # so that workers finish together.
+    n_parts = -(-len(todo) // params.part_size)
+    bounds = [round(k * len(todo) / n_parts) for k in range(n_parts + 1)]
+    return [
+        make_part(stem, k, slide, info.fingerprint, tuple(todo[bounds[k] : bounds[k + 1]]))
+        for k in range(n_parts)
+    ]

@@ -1,15 +1,29 @@
 """Run an extraction: coordinates -> preflight -> parallel part extraction -> mixed shards ->
-manifest. Owns locking, parameter checks and resumption; the pieces live in plan/shards.
+manifest. Owns locking, parameter checks, resumption and repair; the pieces live in plan/shards.
 
 Output per split: `<out>/<split>/<split>-000000.tar ...` and `<out>/<split>/manifest.json`.
 Work in progress lives in `<out>/<split>/.parts/` and is removed once the manifest is written.
+
+What a rerun keeps, so that it always ends with exactly the planned samples:
+- a part whose index lists the keys planned for it now, from the same slide fingerprint
+  (`load_part_index`); any other is read again, so `--part-size` may change between runs;
+- shards of an interrupted mixing step only when `.parts/mixing.json` says they were mixed
+  from the same parts and each holds the keys planned for it; otherwise they are mixed again;
+- a finished split only after every shard the manifest lists is there with its size (and
+  sha256, `check_sha256`); a missing or damaged shard is rebuilt from its regions alone and
+  must come out byte-identical to the manifest's record.
+Loky workers exit when the extract process dies (`exit_with_parent`), even on `kill -9`.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
+import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -20,10 +34,19 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypedDict, TypeVar, 
 
 import joblib
 
-from etl.atomic import remove_temporaries, write_json_atomic
+from etl.atomic import output_folder, remove_temporaries, write_json_atomic
 from etl.errors import PatchetlError
 from etl.extract.coords import RegionTable, load_regions
-from etl.extract.plan import ExtractParams, PreflightProblem, SplitPlan, inspect_slides, plan_split
+from etl.extract.plan import (
+    ExtractParams,
+    Part,
+    PreflightProblem,
+    SplitPlan,
+    group_problems,
+    inspect_slides,
+    plan_split,
+    restrict_part,
+)
 from etl.extract.shards import (
     Failure,
     Manifest,
@@ -32,6 +55,8 @@ from etl.extract.shards import (
     SlideCounts,
     check_shard,
     extract_part,
+    is_shard_name,
+    keys_digest,
     load_part_index,
     plan_shards,
     sample_catalog,
@@ -60,8 +85,9 @@ class ExtractError(PatchetlError, RuntimeError):
 class PreflightError(ExtractError):
     def __init__(self, problems: list[PreflightProblem]) -> None:
         self.problems = problems
-        shown = "\n".join(f"  - {p}" for p in problems[:50])
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        lines = group_problems(problems)
+        shown = "\n".join(f"  - {line}" for line in lines[:50])
+        more = f"\n  ... and {len(lines) - 50} more" if len(lines) > 50 else ""
         super().__init__(
             f"preflight found {len(problems)} problem(s); nothing was extracted:\n{shown}{more}"
         )
@@ -89,6 +115,8 @@ class SplitResult:
     resumed_parts: int = 0
     timing: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
+    repaired: dict[str, str] = field(default_factory=dict)  # shard name -> what was wrong
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -104,6 +132,7 @@ class RunOptions(TypedDict, total=False):
     overwrite: bool
     slide_backend: str
     tile_cache_bytes: int
+    check_sha256: bool
 
 
 def tool_version() -> str:
@@ -148,13 +177,20 @@ def fingerprint(
     }
 
 
+def our_files(folder: Path, split: str) -> list[Path]:
+    """What extract writes in a split folder: manifest, parameters, work folder, and the files
+    named as its shards; nothing else is ever deleted (`--overwrite` included)."""
+    fixed = [folder / "manifest.json", folder / ".parts", folder / ".params.json"]
+    shards = sorted(p for p in folder.glob("*.tar") if is_shard_name(split, p.name))
+    return [p for p in fixed if p.exists()] + shards
+
+
 def prepare_folder(folder: Path, expected: Fingerprint, overwrite: bool) -> None:
     """Refuse a folder holding another extraction unless --overwrite; else clear leftovers."""
     params_path = folder / ".params.json"
-    ours = [folder / "manifest.json", folder / ".parts", params_path, *folder.glob("*.tar")]
-    existing = [p for p in ours if p.exists()]
+    existing = our_files(folder, expected["split"])
     if existing and not overwrite:
-        previous = json.loads(params_path.read_text()) if params_path.exists() else None
+        previous = _read_json(params_path) if params_path.exists() else None
         if previous != expected:
             why = _why_different(previous, expected)
             raise ExtractError(
@@ -168,9 +204,17 @@ def prepare_folder(folder: Path, expected: Fingerprint, overwrite: bool) -> None
     write_json_atomic(params_path, expected)
 
 
+def _read_json(path: Path) -> Any:
+    """A JSON file this tool wrote, or None when it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _why_different(previous: dict[str, Any] | None, expected: Mapping[str, Any]) -> str:
     """Which parts of the fingerprint differ (each changed parameter by name)."""
-    if previous is None:
+    if not isinstance(previous, dict):
         return "it already holds shards from an unknown run"
     diffs = [k for k in expected if previous.get(k) != expected[k]]
     if "params" in diffs:
@@ -197,7 +241,8 @@ def delayed(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Call
 def executor(backend: str, workers: int, scheduler: str | None) -> Iterator[Runner]:
     """Yield a :class:`Runner` on local processes (loky) or on a dask.distributed cluster."""
     if backend == "loky":
-        yield _runner(joblib.Parallel(n_jobs=workers, return_as="generator_unordered"))
+        parallel = joblib.Parallel(n_jobs=workers, return_as="generator_unordered")
+        yield _runner(parallel, parent=os.getpid())
         return
     if backend != "dask":
         raise ExtractError(f"--backend must be one of {BACKENDS}, got {backend!r}")
@@ -216,25 +261,64 @@ def executor(backend: str, workers: int, scheduler: str | None) -> Iterator[Runn
         )
         client = Client(cluster)  # type: ignore[no-untyped-call, unused-ignore]
     with client, joblib.parallel_config(backend="dask"):
-        yield _runner(joblib.Parallel(n_jobs=-1, return_as="generator_unordered"))
+        yield _runner(joblib.Parallel(n_jobs=-1, return_as="generator_unordered"), parent=None)
 
 
-def _runner(parallel: joblib.Parallel) -> Runner:
+def _runner(parallel: joblib.Parallel, parent: int | None) -> Runner:
+    """Run calls through `parallel`; with `parent` (loky), each in a worker tied to it."""
+
     def run(calls: Sequence[Call[T]]) -> Iterator[T]:
+        if parent is not None:
+            calls = [(watched, (parent, f, *args), kw) for f, args, kw in calls]
         results: Iterator[T] = parallel(calls)
         return results
 
     return run
 
 
+def watched(parent: int, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`function(*args, **kwargs)` in a worker that exits once `parent` has died."""
+    exit_with_parent(parent)
+    return function(*args, **kwargs)
+
+
+_WATCHED: set[int] = set()  # parents this process watches already
+PARENT_POLL_S = 0.5
+
+
+def exit_with_parent(parent: int) -> None:
+    """End this worker process within `PARENT_POLL_S` of its parent's death.
+
+    Loky keeps idle workers for minutes and does not notice a parent killed with SIGKILL; an
+    orphaned worker would go on reading slides and holding memory. A daemon thread polls the
+    parent pid (portable; prctl's PDEATHSIG follows the forking thread, not the process).
+    Runs in the parent itself when joblib runs a call in-process (one worker): nothing then.
+    """
+    if os.getpid() == parent or parent in _WATCHED:
+        return
+    if os.getppid() != parent:  # died before this call started
+        os._exit(1)
+    _WATCHED.add(parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 @dataclass
 class _SplitRun:
-    """One split's state during a run of `extract_splits`."""
+    """One split's state during a run of `extract_splits`; `finished` is the manifest of a
+    finished split whose `redo` shards (name -> what is wrong) are being rebuilt."""
 
     plan: SplitPlan
     folder: Path
     expected: Fingerprint
     on_progress: Progress
+    finished: Manifest | None = None
+    redo: dict[str, str] = field(default_factory=dict)
     indexes: list[PartIndex] = field(default_factory=list)
     records: dict[str, ShardRecord] = field(default_factory=dict)
     resumed: int = 0
@@ -242,6 +326,17 @@ class _SplitRun:
     @property
     def parts_dir(self) -> Path:
         return self.folder / ".parts"
+
+    @property
+    def planned_keys(self) -> list[str]:
+        return [r.key for part in self.plan.parts for r in part.regions]
+
+    def written_keys(self) -> list[str]:
+        """The keys the shards hold: every planned key that did not fail to read."""
+        if self.finished is not None:
+            failed = {f["key"] for f in self.finished["failed"]}
+            return [k for k in self.planned_keys if k not in failed]
+        return [s["key"] for idx in self.indexes for s in idx["samples"]]
 
     def add_part(self, index: PartIndex) -> None:
         self.indexes.append(index)
@@ -253,8 +348,8 @@ def part_calls(
 ) -> list[Call[PartIndex]]:
     """Collect the finished parts of a split (resume) and the calls for the others."""
     calls = []
-    for part in st.plan.parts:
-        index = load_part_index(st.parts_dir, part.part_id)
+    for part in st.plan.parts if st.finished is None else _repair_parts(st, params):
+        index = load_part_index(st.parts_dir, part)
         if index is None:
             calls.append(
                 delayed(
@@ -273,19 +368,66 @@ def part_calls(
     return calls
 
 
+def _repair_parts(st: _SplitRun, params: ExtractParams) -> list[Part]:
+    """The parts cut down to the regions of the shards to rebuild."""
+    shards = plan_shards(st.written_keys(), params.shard_size, params.seed)
+    needed = {
+        k for i, keys in enumerate(shards) if shard_name(st.plan.split, i) in st.redo for k in keys
+    }
+    st.on_progress(st.plan.n_regions - len(needed))
+    cut = (restrict_part(part, needed) for part in st.plan.parts)
+    return [part for part in cut if part is not None]
+
+
 def shard_calls(st: _SplitRun, params: ExtractParams) -> list[Call[ShardRecord]]:
     """Records of the shards already there, and the calls that write the others (by copying
     part members in a seeded global shuffle)."""
     catalog = sample_catalog(st.indexes)
+    owner = {key: part_id for part_id, samples in catalog.items() for key in samples}
+    shards = plan_shards(st.written_keys(), params.shard_size, params.seed)
+    if st.finished is None:
+        _forget_other_mixes(st, [[(k, owner[k]) for k in keys] for keys in shards])
+    done = {s["name"]: s for s in st.finished["shards"]} if st.finished else {}
     calls = []
-    for i, entries in enumerate(plan_shards(st.indexes, params.shard_size, params.seed)):
+    for i, keys in enumerate(shards):
         path = st.folder / shard_name(st.plan.split, i)
-        if path.exists():  # complete (atomic rename), from a run that was interrupted
-            st.records[path.name] = check_shard(path, decode=False).record
-        else:
-            resolved = [(key, part_id, catalog[part_id][key]) for key, part_id in entries]
-            calls.append(delayed(write_shard, path, resolved, st.parts_dir))
+        if path.name in done and path.name not in st.redo:
+            st.records[path.name] = done[path.name]
+            continue
+        if st.finished is None and path.exists():  # complete (atomic rename), same mix
+            check = check_shard(path, decode=False)
+            if check.keys == keys:
+                st.records[path.name] = check.record
+                continue
+        resolved = [(key, owner[key], catalog[owner[key]][key]) for key in keys]
+        calls.append(delayed(write_shard, path, resolved, st.parts_dir))
     return calls
+
+
+def _forget_other_mixes(st: _SplitRun, shards: list[list[tuple[str, str]]]) -> None:
+    """Delete shards left by an interrupted mixing step of other parts (another part size,
+    or a slide since replaced); record the mix about to be written."""
+    digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+    record = st.parts_dir / "mixing.json"
+    if _read_json(record) != {"shards_sha256": digest}:
+        for path in st.folder.glob("*.tar"):
+            if is_shard_name(st.plan.split, path.name):
+                path.unlink()
+        write_json_atomic(record, {"shards_sha256": digest})
+
+
+def _check_complete(st: _SplitRun, shards: list[ShardRecord]) -> None:
+    """Every planned key is a sample or a failure exactly once, and the shards hold them all:
+    a manifest is never written over a lost or duplicated region."""
+    done = [s["key"] for i in st.indexes for s in i["samples"]]
+    done += [f["key"] for i in st.indexes for f in i["failures"]]
+    written = sum(s["count"] for s in shards)
+    if sorted(done) != sorted(st.planned_keys) or written != len(st.written_keys()):
+        raise ExtractError(
+            f"{st.folder}: the parts hold {len(done)} regions and the shards {written} samples "
+            f"for {len(st.planned_keys)} planned regions; no manifest was written. Run the same "
+            "command with --overwrite to extract the split again, and report this."
+        )
 
 
 def finish_split(
@@ -296,15 +438,21 @@ def finish_split(
     seconds: float,
 ) -> SplitResult:
     """Write the manifest (last), remove the work folder, and summarise."""
+    if st.finished is not None:
+        return _finish_repair(st, st.finished, seconds)
     plan, indexes = st.plan, st.indexes
     shards = [st.records[name] for name in sorted(st.records)]
+    _check_complete(st, shards)
     failed = [f for idx in indexes for f in idx["failures"]]
     timing: dict[str, float] = {}
     slides: dict[str, SlideCounts] = {}
+    fingerprints = {part.image: part.fingerprint for part in plan.parts}
     for idx in indexes:
         for k, v in idx["timing"].items():
             timing[k] = timing.get(k, 0.0) + v
-        entry = slides.setdefault(idx["slide"], {"count": 0, "failed": 0})
+        entry = slides.setdefault(
+            idx["slide"], {"count": 0, "failed": 0, "fingerprint": fingerprints[idx["slide"]]}
+        )
         entry["count"] += len(idx["samples"])
         entry["failed"] += len(idx["failures"])
     written = sum(s["count"] for s in shards)
@@ -321,6 +469,7 @@ def finish_split(
             "skipped": len(plan.skipped),
             "failed": len(failed),
         },
+        "keys_sha256": keys_digest(st.written_keys()),
         "shards": shards,
         "slides": dict(sorted(slides.items())),
         "skipped": plan.skipped,
@@ -328,25 +477,45 @@ def finish_split(
     }
     write_json_atomic(st.folder / "manifest.json", manifest)
     shutil.rmtree(st.parts_dir, ignore_errors=True)
-    return SplitResult(
-        plan.split,
-        st.folder,
-        manifest["counts"]["planned"],
-        written,
-        plan.skipped,
-        failed,
-        shards,
-        seconds,
-        resumed_parts=st.resumed,
-        timing=timing,
-        peak_rss_mb=max((i.get("peak_rss_mb", 0) for i in indexes), default=0),
-    )
+    result = _result(plan, st.folder, manifest, seconds, resumed_parts=st.resumed)
+    result.timing = timing
+    result.peak_rss_mb = max((i.get("peak_rss_mb", 0) for i in indexes), default=0)
+    return result
 
 
-def finished_split(plan: SplitPlan, folder: Path, seconds: float) -> SplitResult:
-    """The result of a split whose manifest was written by an earlier run (nothing to redo)."""
-    manifest: Manifest = json.loads((folder / "manifest.json").read_text())
-    shutil.rmtree(folder / ".parts", ignore_errors=True)
+def _finish_repair(st: _SplitRun, manifest: Manifest, seconds: float) -> SplitResult:
+    """Rebuilt shards must be the manifest's byte for byte; then the split is whole again."""
+    failed = [f for idx in st.indexes for f in idx["failures"]]
+    if failed:
+        raise ExtractError(
+            f"{st.folder}: cannot rebuild {', '.join(sorted(st.redo))}: {len(failed)} of its "
+            f"regions no longer read (first: {failed[0]['image']} entry {failed[0]['index']}: "
+            f"{failed[0]['reason']}). Run with --overwrite to extract the split again."
+        )
+    listed = {s["name"]: s for s in manifest["shards"]}
+    differ = [n for n in sorted(st.redo) if st.records.get(n) != listed[n]]
+    if differ:
+        raise ExtractError(
+            f"{st.folder}: rebuilt {', '.join(differ)} differ from manifest.json (the slides or "
+            "the reader changed since it was written). Run with --overwrite to extract the split "
+            "again."
+        )
+    shutil.rmtree(st.parts_dir, ignore_errors=True)
+    result = _result(st.plan, st.folder, manifest, seconds, resumed_parts=st.resumed)
+    result.repaired = dict(st.redo)
+    return result
+
+
+def _result(
+    plan: SplitPlan, folder: Path, manifest: Manifest, seconds: float, resumed_parts: int
+) -> SplitResult:
+    warnings = []
+    if manifest["counts"]["written"] == 0:
+        counts = manifest["counts"]
+        warnings.append(
+            f"{plan.split}: no region was written ({counts['skipped']} skipped, "
+            f"{counts['failed']} failed of {counts['planned']}); see {folder / 'manifest.json'}"
+        )
     return SplitResult(
         plan.split,
         folder,
@@ -356,8 +525,124 @@ def finished_split(plan: SplitPlan, folder: Path, seconds: float) -> SplitResult
         manifest["failed"],
         manifest["shards"],
         seconds,
-        resumed_parts=len(plan.parts),
+        resumed_parts=resumed_parts,
+        warnings=warnings,
     )
+
+
+def damaged_shards(folder: Path, manifest: Manifest, check_sha256: bool) -> dict[str, str]:
+    """The shards of a finished split that are not as the manifest lists them: missing, of
+    another size, or (with `check_sha256`) of other content."""
+    damaged = {}
+    for record in manifest["shards"]:
+        path = folder / record["name"]
+        if not path.is_file():
+            damaged[record["name"]] = "missing"
+        elif (size := path.stat().st_size) != record["bytes"]:
+            damaged[record["name"]] = f"{size} bytes, manifest.json says {record['bytes']}"
+        elif check_sha256 and sha256_file(path) != record["sha256"]:
+            damaged[record["name"]] = "sha256 differs from manifest.json"
+    return damaged
+
+
+def changed_slides(manifest: Manifest, plan: SplitPlan) -> list[str]:
+    """Slides whose fingerprint now differs from the one the manifest recorded."""
+    now = {part.image: part.fingerprint for part in plan.parts}
+    changed = []
+    for image, counts in manifest["slides"].items():
+        before, after = counts.get("fingerprint"), now.get(image)
+        if before and after and before != after:
+            changed.append(image)
+    return changed
+
+
+def open_split(
+    plan: SplitPlan,
+    folder: Path,
+    expected: Fingerprint,
+    on_progress: Progress,
+    *,
+    overwrite: bool,
+    check_sha256: bool,
+    seconds: Callable[[], float],
+) -> _SplitRun | SplitResult:
+    """A split's work: all of it, a resume, the repair of a finished split's damaged shards,
+    or nothing (a finished split whose shards are all as its manifest lists them)."""
+    prepare_folder(folder, expected, overwrite)
+    path = folder / "manifest.json"
+    st = _SplitRun(plan, folder, expected, on_progress)
+    if not path.exists():
+        st.parts_dir.mkdir(exist_ok=True)
+        return st
+    manifest: Manifest | None = _read_json(path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ExtractError(f"{path}: cannot be read; run with --overwrite to extract again")
+    changed = changed_slides(manifest, plan)
+    st.finished, st.redo = manifest, damaged_shards(folder, manifest, check_sha256)
+    if not st.redo:
+        on_progress(plan.n_regions)
+        shutil.rmtree(st.parts_dir, ignore_errors=True)
+        result = _result(plan, folder, manifest, seconds(), resumed_parts=len(plan.parts))
+        result.warnings += [
+            f"{folder}: slide {image} changed since manifest.json was written; the shards hold "
+            "its earlier pixels (run with --overwrite to extract again)"
+            for image in changed
+        ]
+        return result
+    damage = "; ".join(f"{name}: {why}" for name, why in st.redo.items())
+    if changed or manifest.get("keys_sha256", "") not in ("", keys_digest(st.written_keys())):
+        why = f"slide(s) {', '.join(changed)} changed" if changed else "its samples differ"
+        raise ExtractError(
+            f"{folder}: shards are damaged ({damage}) and cannot be rebuilt as manifest.json "
+            f"lists them: {why} since it was written. Run with --overwrite to extract again."
+        )
+    st.parts_dir.mkdir(exist_ok=True)
+    return st
+
+
+_WRITE_HINTS = {
+    errno.EFBIG: "a file size limit (`ulimit -f`) is below the size of a part or shard: lift it",
+    errno.ENOSPC: "the disk is full: free space",
+    errno.EDQUOT: "the disk quota is used up: free space",
+    errno.EACCES: "the output folder is not writable: fix its permissions",
+    errno.EPERM: "the output folder is not writable: fix its permissions",
+    errno.EROFS: "the output file system is read-only: choose another --out",
+}
+
+
+def stopped(exc: OSError, runs: Sequence[_SplitRun]) -> ExtractError:
+    """The message for a run stopped by a system error (a write, usually): what, where, and
+    that a rerun resumes once the cause is fixed."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    hint = _WRITE_HINTS.get(exc.errno or 0, "fix the cause")
+    folders = ", ".join(str(st.folder) for st in runs)
+    return ExtractError(
+        f"extraction into {folders} stopped: {exc.strerror or exc}{where}. Nothing incomplete "
+        f"is marked done and no manifest was written; {hint}, then run the same command again "
+        "to resume."
+    )
+
+
+def run_splits(
+    runs: Sequence[_SplitRun],
+    params: ExtractParams,
+    backend: str,
+    workers: int,
+    scheduler: str | None,
+    slide_backend: str,
+    tile_cache_bytes: int,
+) -> None:
+    """The parts of all splits through one pool, then their shards."""
+    by_split = {st.plan.split: st for st in runs}
+    with executor(backend, workers, scheduler) as run:
+        part_work = [
+            c for st in runs for c in part_calls(st, params, slide_backend, tile_cache_bytes)
+        ]
+        for index in run(part_work):
+            by_split[index["split"]].add_part(index)
+        shard_work = [c for st in runs for c in shard_calls(st, params)]
+        for record in run(shard_work):
+            by_split[record["name"].rsplit("-", 1)[0]].records[record["name"]] = record
 
 
 def extract_splits(
@@ -372,6 +657,7 @@ def extract_splits(
     overwrite: bool = False,
     slide_backend: str = "auto",
     tile_cache_bytes: int = 256 << 20,
+    check_sha256: bool = True,
 ) -> list[SplitResult]:
     """Extract several splits, each `(plan, output folder, progress callback)`, resuming a
     previous run of the same command. The parts of all splits go through one pool, then the
@@ -381,34 +667,33 @@ def extract_splits(
     with ExitStack() as locks:
         runs = []
         for plan, out, on_progress in jobs:
-            folder = Path(out)
-            expected = fingerprint(table, plan.split, params, parse_options)
+            folder = output_folder(out)
             locks.enter_context(folder_lock(folder))
-            prepare_folder(folder, expected, overwrite)
-            if (folder / "manifest.json").exists():
-                on_progress(plan.n_regions)
-                results[plan.split] = finished_split(plan, folder, time.perf_counter() - start)
-                continue
-            (folder / ".parts").mkdir(exist_ok=True)
-            runs.append(_SplitRun(plan, folder, expected, on_progress))
-        if runs:
-            by_split = {st.plan.split: st for st in runs}
-            with executor(backend, workers, scheduler) as run:
-                part_work = [
-                    c
-                    for st in runs
-                    for c in part_calls(st, params, slide_backend, tile_cache_bytes)
-                ]
-                for index in run(part_work):
-                    by_split[index["split"]].add_part(index)
-                shard_work = [c for st in runs for c in shard_calls(st, params)]
-                owner = {shard_name(st.plan.split, 0).rsplit("-", 1)[0]: st for st in runs}
-                for record in run(shard_work):
-                    owner[record["name"].rsplit("-", 1)[0]].records[record["name"]] = record
-            for st in runs:
-                results[st.plan.split] = finish_split(
-                    st, table, params, parse_options, time.perf_counter() - start
+            opened = open_split(
+                plan,
+                folder,
+                fingerprint(table, plan.split, params, parse_options),
+                on_progress,
+                overwrite=overwrite,
+                check_sha256=check_sha256,
+                seconds=lambda: time.perf_counter() - start,
+            )
+            if isinstance(opened, SplitResult):
+                results[plan.split] = opened
+            else:
+                runs.append(opened)
+        try:
+            if runs:
+                run_splits(
+                    runs, params, backend, workers, scheduler, slide_backend, tile_cache_bytes
                 )
+            for st in runs:
+                seconds = time.perf_counter() - start
+                results[st.plan.split] = finish_split(st, table, params, parse_options, seconds)
+        except PatchetlError:
+            raise
+        except OSError as exc:  # a write that failed (file size limit, full disk, ...)
+            raise stopped(exc, runs) from exc
     return [results[plan.split] for plan, _, _ in jobs]
 
 

@@ -2,8 +2,11 @@
 the manifest, and verification.
 
 Atomicity: every file is written under a temporary name, flushed to disk, then renamed, so a
-visible `.tar` is always complete. Parts are the unit of resumption for reading; final shards
-are the unit of resumption for mixing; `manifest.json` is written last.
+visible `.tar` is always complete. Parts are the unit of resumption for reading: a part is
+reused only when its index lists exactly the keys planned for it, from the same slide
+fingerprint, and its tar has the recorded size. Final shards are the unit of resumption for
+mixing; `manifest.json` is written last and records a digest of the written keys, so that
+`verify` catches a split whose sample set is not the planned one.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import io
 import itertools
 import json
 import random
+import re
 import tarfile
 import time
 from collections import Counter, OrderedDict, defaultdict
@@ -27,6 +31,7 @@ from etl.extract.plan import ExtractParams, Part, PlannedRegion
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
+    from typing_extensions import NotRequired
 
     from etl.wsi.reader import Backend, SlideReader
 
@@ -81,6 +86,9 @@ class PartIndex(TypedDict):
     part_id: str
     split: str
     slide: str
+    planned: list[str]  # the part's keys as planned (each a sample or a failure)
+    fingerprint: str  # of the slide, as planned
+    tar_bytes: int  # size of `<part>.tar`
     samples: list[PartSample]
     failures: list[Failure]
     timing: dict[str, float]  # seconds per stage: read, encode, write
@@ -116,6 +124,7 @@ class Counts(TypedDict):
 class SlideCounts(TypedDict):
     count: int
     failed: int
+    fingerprint: NotRequired[str]  # plan.slide_fingerprint (manifests since 0.2)
 
 
 class Manifest(TypedDict):
@@ -128,6 +137,7 @@ class Manifest(TypedDict):
     params: dict[str, Any]  # ExtractParams.as_dict()
     parse: dict[str, str]  # coordinate parse options (location_order, anchor)
     counts: Counts
+    keys_sha256: NotRequired[str]  # keys_digest of the written keys (manifests since 0.2)
     shards: list[ShardRecord]
     slides: dict[str, SlideCounts]
     skipped: list[dict[str, Any]]  # regions left out by the outside policy (SplitPlan.skipped)
@@ -155,6 +165,11 @@ class SampleTarWriter:
 
     def close(self) -> None:
         self.tar.close()  # writes the end-of-archive blocks; the file object stays open
+
+
+def keys_digest(keys: Iterable[str]) -> str:
+    """sha256 of the sorted keys, one per line: the identity of a split's sample set."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -251,6 +266,7 @@ def extract_part(
     dropped silently. Runs in a worker process: opens its own slide reader.
     """
     tar_path, index_path = part_paths(parts_dir, part.part_id)
+    index_path.unlink(missing_ok=True)  # a stale index must never describe the new tar
     timing: defaultdict[str, float] = defaultdict(float)
     failures: list[Failure] = []
     order: list[tuple[str, Grid]] = []
@@ -294,6 +310,9 @@ def extract_part(
         "part_id": part.part_id,
         "split": split,
         "slide": part.image,
+        "planned": part.keys,
+        "fingerprint": part.fingerprint,
+        "tar_bytes": tar_path.stat().st_size,
         "samples": [{"key": k, "labels": lab, "members": members[k]} for k, lab in order],
         "failures": failures,
         "timing": dict(timing),
@@ -322,28 +341,43 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
-def load_part_index(parts_dir: Path, part_id: str) -> PartIndex | None:
-    """The index of a finished part, or None if the part is not (completely) done."""
-    tar_path, index_path = part_paths(parts_dir, part_id)
+def load_part_index(parts_dir: Path, part: Part) -> PartIndex | None:
+    """The index of a finished part, or None if the part must be (re)done: not done, done
+    for other keys or another version of the slide, or its tar is not the one indexed."""
+    tar_path, index_path = part_paths(parts_dir, part.part_id)
     if not (index_path.exists() and tar_path.exists()):
         return None
-    with open(index_path) as fh:
-        index: PartIndex = json.load(fh)
-    return index
+    try:
+        with open(index_path) as fh:
+            index: PartIndex = json.load(fh)
+        done = [s["key"] for s in index["samples"]] + [f["key"] for f in index["failures"]]
+        valid = (
+            index["planned"] == part.keys
+            and sorted(done) == sorted(part.keys)
+            and index["fingerprint"] == part.fingerprint
+            and index["tar_bytes"] == tar_path.stat().st_size
+        )
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable or from an older version
+        return None
+    return index if valid else None
 
 
 # --------------------------------------------------------------------------- mixing
-def plan_shards(
-    part_indexes: Iterable[PartIndex], shard_size: int, seed: int
-) -> list[list[tuple[str, str]]]:
-    """Seeded global shuffle of all (key, part_id), cut into shards of `shard_size`."""
-    entries = sorted((s["key"], idx["part_id"]) for idx in part_indexes for s in idx["samples"])
+def plan_shards(keys: Iterable[str], shard_size: int, seed: int) -> list[list[str]]:
+    """Seeded global shuffle of the sorted keys, cut into shards of `shard_size`: depends on
+    the key set only, never on how the reads were cut into parts."""
+    entries = sorted(keys)
     random.Random(seed).shuffle(entries)
     return [entries[i : i + shard_size] for i in range(0, len(entries), shard_size)]
 
 
 def shard_name(split: str, i: int) -> str:
     return f"{split}-{i:06d}.tar"
+
+
+def is_shard_name(split: str, name: str) -> bool:
+    """Whether `name` follows `shard_name`'s scheme for `split` (a file extract writes)."""
+    return re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", name) is not None
 
 
 MAX_OPEN_PARTS = 64  # file handles a shard writer keeps open (well under the usual ulimit)
@@ -447,7 +481,7 @@ class ShardCheck:
 
 def check_shard(path: Path, decode: bool = True) -> ShardCheck:
     """Describe a shard (for the manifest) and list what is wrong with its samples."""
-    problems: list[str] = []
+    problems = irregular_members(path)
     keys: list[str] = []
     grids: list[Grid] = []
     for key, sample in iter_samples(path):
@@ -485,6 +519,31 @@ def check_shard(path: Path, decode: bool = True) -> ShardCheck:
     return ShardCheck(record, keys, problems)
 
 
+_MEMBER_KINDS = (
+    ("issym", "symbolic link"),
+    ("islnk", "hard link"),
+    ("isdir", "folder"),
+    ("ischr", "character device"),
+    ("isblk", "block device"),
+    ("isfifo", "fifo"),
+)
+
+
+def irregular_members(path: Path) -> list[str]:
+    """A problem per tar member that is not a regular file (extract never writes one): links
+    and devices must not pass a check silently."""
+    with tarfile.open(path, "r:") as tar:
+        members = [m for m in tar if not m.isfile()]
+    kinds = [
+        next((k for test, k in _MEMBER_KINDS if getattr(m, test)()), "special") for m in members
+    ]
+    return [
+        f"{path.name}: member {m.name!r} is a {kind} member, not a regular file (not written by "
+        "patchetl extract)"
+        for m, kind in zip(members, kinds, strict=True)
+    ]
+
+
 def verify_folder(folder: Path, decode: bool = True) -> list[str]:
     """Check every shard of an extracted split folder against its manifest."""
     folder = Path(folder)
@@ -513,10 +572,29 @@ def verify_folder(folder: Path, decode: bool = True) -> list[str]:
                 problems.append(
                     f"{path}: {name} is {check.record[name]}, manifest says {expected[name]}"
                 )
+    return problems + _sample_set_problems(manifest, seen)
+
+
+def _sample_set_problems(manifest: Manifest, seen: Counter[str]) -> list[str]:
+    """The shards' keys against the manifest: no duplicate, the written count, the planned
+    count accounted for, and the key set the extraction planned (`keys_sha256`)."""
+    problems = []
     dupes = [k for k, n in seen.items() if n > 1]
     if dupes:
         problems.append(f"{len(dupes)} keys occur more than once, e.g. {dupes[:3]}")
+    counts = manifest["counts"]
     total = sum(seen.values())
-    if total != manifest["counts"]["written"]:
-        problems.append(f"{total} samples in shards, manifest says {manifest['counts']['written']}")
+    if total != counts["written"]:
+        problems.append(f"{total} samples in shards, manifest says {counts['written']}")
+    if counts["written"] + counts["skipped"] + counts["failed"] != counts["planned"]:
+        problems.append(
+            f"manifest counts do not add up: {counts['written']} written + {counts['skipped']} "
+            f"skipped + {counts['failed']} failed != {counts['planned']} planned"
+        )
+    expected = manifest.get("keys_sha256")
+    if expected is not None and keys_digest(seen) != expected:
+        problems.append(
+            "the shards hold another set of keys than the extraction planned (keys_sha256 "
+            "differs from the manifest): extract the split again with --overwrite"
+        )
     return problems
