@@ -35,7 +35,7 @@ FLAGS = {
     "extract": "--json --csv --out --data-root --split --region-size --level --format "
     "--quality --shard-size --part-size --seed --outside --workers --backend "
     "--scheduler --overwrite --no-overwrite --slide-backend --tile-cache-mb "
-    "--location-order --anchor --progress --no-progress",
+    "--check-sha256 --no-check-sha256 --location-order --anchor --progress --no-progress",
     "verify": "--decode --no-decode",
     "qc": "--json --csv --data-root --out --split --region-size --max-side "
     "--tissue-downsample --location-order --anchor --slide-backend",
