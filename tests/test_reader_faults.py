@@ -96,6 +96,23 @@ def overwrite_middle(path: Path, index: int, page: int = 0, *, random: bool = Fa
         fh.write(data)
 
 
+def write_into_tile(path: Path, index: int, at: int, data: bytes, page: int = 0) -> None:
+    """Overwrite bytes of the tile; `at` < 0 counts from its end."""
+    offset, count = _tile_extent(path, index, page)
+    with open(path, "r+b") as fh:
+        fh.seek(offset + (at if at >= 0 else count + at))
+        fh.write(data)
+
+
+def cut_and_terminate(path: Path, index: int, page: int = 0) -> None:
+    """The tile's data cut to half and closed with a JPEG end marker, as a writer
+    interrupted mid-tile may leave it: the decoder runs out of data long before the end."""
+    _, counts = _tile_tags(path, page)
+    half = int(counts.value[index]) // 2
+    write_into_tile(path, index, half, b"\xff\xd9", page)
+    _patch_entry(path, counts, index, half + 2)
+
+
 def shorten_bytecount(path: Path, index: int, by: int, page: int = 0) -> None:
     """The tile's TileByteCounts entry says `by` bytes fewer (by=0: half the tile)."""
     _, counts = _tile_tags(path, page)
@@ -131,6 +148,9 @@ FAULTS: dict[str, Callable[[Path, int], None]] = {
     "file cut 1 byte short": lambda p, i: cut_file_in_tile(p, i, 1),
     "zeroed block": overwrite_middle,
     "random block": lambda p, i: overwrite_middle(p, i, random=True),
+    "cut and end marker": cut_and_terminate,
+    # a JPEG decoder stops at the marker a few bytes early, inside the tile's last block
+    "end marker 8 bytes early": lambda p, i: write_into_tile(p, i, -8, b"\xff\xd9"),
 }
 
 
@@ -212,6 +232,25 @@ def test_damaged_tile_fails_exactly_where_openslide_fails(
     assert outcomes[0] == outcomes[1] == outcomes[3]
 
 
+@pytest.mark.parametrize("kind", ["lzw", "lzw_predictor"])
+def test_lzw_tiles_a_few_bytes_short_match_libtiff(base_slides, tmp_path, kind):
+    # libtiff needs every code up to a full tile (the end code may be cut); imagecodecs
+    # misreads a last code cut short, or followed by fewer than 3 bytes
+    path = tmp_path / "lzw.tif"
+    outcomes = []
+    for by in (1, 2, 3):
+        for index in range(6):
+            shutil.copy(base_slides[(kind, "grainy")], path)
+            shorten_bytecount(path, index, by)
+            col, row = index % 3, index // 3
+            with open_slide(path, backend="tiff") as reader:
+                region = [(col * TILE, row * TILE, 0, TILE, TILE)]
+                outcomes += assert_fails_where_openslide_fails(
+                    reader, path, region, f"level 0 tile {index} "
+                )
+    assert set(outcomes) == {"pixels", "error"}
+
+
 def test_zeroed_jpeg_tail_is_an_error_naming_file_level_and_tile(base_slides, tmp_path):
     # the issue's case: decoded with a flat grey block before, exit 0
     path = tmp_path / "smooth.tif"
@@ -275,39 +314,67 @@ def test_cut_file_is_not_opened_by_any_backend(base_slides, tmp_path):
             open_slide(path, backend=backend)
 
 
-# --- through the CLI -------------------------------------------------------------------
+# --- synthetic H&E slides, and through the CLI ----------------------------------------
 
 REGION = 192
 
 
-@pytest.mark.parametrize("backend", ["auto", "openslide"])
-def test_extract_records_regions_on_a_damaged_tile_as_failed(tmp_path, backend):
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory):
+    """One synthetic H&E slide (48 JPEG tiles at level 0) with 12 regions to extract."""
     cohort = synth_cohort(
-        tmp_path / "cohort",
+        tmp_path_factory.mktemp("synth") / "cohort",
         n_slides=1,
-        width=1024,
-        height=768,
+        width=2048,
+        height=1536,
         tumor_fraction=1.0,
-        seed=5,
+        seed=3,
         mpp=1.0,
-        regions_per_slide=8,
+        regions_per_slide=12,
         region_size=REGION,
         val_fraction=0.0,
     )
-    slide = cohort.slides[0].path
-    with TiffTileReader(slide) as reader:  # good synthetic tiles never need OpenSlide
+    with TiffTileReader(cohort.slides[0].path) as reader:  # good tiles never need OpenSlide
         for level, lv in enumerate(reader._levels):
             for index in range(len(lv.offsets)):
                 reader._tile(lv, level, index)
-        assert reader.tiles_doubted == 0
-        tiles_across = reader._levels[0].tiles_across
+        assert reader.tiles_doubted == 0 and reader.tiles_decoded > 48
+    return cohort
+
+
+@pytest.mark.parametrize("fault", ["zeroed tail", "zeroed block"])
+def test_every_damaged_tile_of_a_synthetic_slide_fails_where_openslide_fails(
+    synth, tmp_path, fault
+):
+    # realistic content: zeroed tails and blocks are sometimes still decoded by OpenSlide
+    # (the zeros cover the remaining blocks), sometimes not; the direct reader agrees on each
+    path = tmp_path / "slide.tif"
+    outcomes = []
+    for index in range(48):
+        shutil.copy(synth.slides[0].path, path)
+        FAULTS[fault](path, index)
+        col, row = index % 8, index // 8
+        with open_slide(path, backend="tiff") as reader:
+            region = [(col * TILE, row * TILE, 0, TILE, TILE)]
+            outcomes += assert_fails_where_openslide_fails(
+                reader, path, region, f"level 0 tile {index} "
+            )
+    assert set(outcomes) == {"pixels", "error"}
+
+
+@pytest.mark.parametrize("backend", ["auto", "openslide"])
+def test_extract_records_regions_on_a_damaged_tile_as_failed(synth, tmp_path, backend):
+    cohort_root = tmp_path / "cohort"
+    shutil.copytree(synth.root, cohort_root)
+    slide = cohort_root / synth.slides[0].path.relative_to(synth.root)
+    dataset_json = cohort_root / synth.dataset_json.name
     centres = [
         (e["location"][1], e["location"][0])
-        for e in json.loads(cohort.dataset_json.read_text())["training"]
+        for e in json.loads(dataset_json.read_text())["training"]
     ]
     region_reads = {c: (c[0] - REGION // 2, c[1] - REGION // 2, 0, REGION, REGION) for c in centres}
     for x, y in centres:  # zero tile tails until OpenSlide fails on a region (some still decode)
-        zero_tail(slide, (y // TILE) * tiles_across + x // TILE)
+        zero_tail(slide, (y // TILE) * 8 + x // TILE)
         if isinstance(_openslide_read(slide, region_reads[(x, y)]), Exception):
             break
     expected = {
@@ -316,11 +383,12 @@ def test_extract_records_regions_on_a_damaged_tile_as_failed(tmp_path, backend):
     assert (x, y) in expected and len(expected) < len(centres)
 
     out = tmp_path / "out"
-    args = ["extract", "--json", str(cohort.dataset_json), "--data-root", str(cohort.root)]
+    args = ["extract", "--json", str(dataset_json), "--data-root", str(cohort_root)]
     args += ["--out", str(out), "--region-size", str(REGION), "--part-size", "3"]
     args += ["--workers", "1", "--no-progress", "--slide-backend", backend]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 1, res.output
+    assert f"{len(expected)} region(s) could not be read" in res.output
 
     folder = out / "training"
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -89,9 +89,11 @@ _PREDICTOR_HORIZONTAL = 2
 _JPEG_STRAY_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _JPEG_EOI = b"\xff\xd9"
 _JPEG_ZERO_RUN = bytes(128)
-# zero bytes after an LZW stream: a missing or cut end-of-information code then decodes
-# to more than one tile of pixels instead of stopping where the tile is full
-_LZW_PAD = bytes(4)
+# one-bits after an LZW stream: past a cut, the decoder reads codes above its table size
+# (an error) or more than one tile of pixels, never the end code; an intact stream stops
+# at its end code first. (imagecodecs also misreads a stream's last code when fewer than 3
+# bytes follow it; libtiff does not.)
+_LZW_PAD = b"\xff" * 4
 
 
 class SlideError(PatchetlError, OSError):
