@@ -88,6 +88,9 @@ _PREDICTOR_HORIZONTAL = 2
 # marker (0xD0-0xD7) or another fill 0xFF
 _JPEG_STRAY_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _JPEG_EOI = b"\xff\xd9"
+# 1024 zero bits inside JPEG compressed data: an overwritten disk block, never written by
+# an encoder with the standard Huffman tables (with optimised tables a blank tile might:
+# it is then read through OpenSlide, correct but slower)
 _JPEG_ZERO_RUN = bytes(128)
 # one-bits after an LZW stream: past a cut, the decoder reads codes above its table size
 # (an error) or more than one tile of pixels, never the end code; an intact stream stops
@@ -395,7 +398,7 @@ def _jpeg_doubt(data: bytes) -> str | None:
         marker, at = stray.group()[1], stray.start()
         return f"a 0x{marker:02X} marker inside its compressed data (byte {at})"
     zeros = data.find(_JPEG_ZERO_RUN, start, len(data) - 2)
-    if zeros >= 0:  # never seen in standard-table data; overwritten disk blocks look so
+    if zeros >= 0:
         return f"a run of zero bytes inside its compressed data (byte {zeros}: overwritten?)"
     return None
 
