@@ -2,7 +2,8 @@
 
 Every fault is injected into a real file: a tile's last bytes zeroed, its TileByteCounts
 entry shortened, the file cut inside the tile, a block of the tile zeroed or overwritten
-with random bytes. For every codec the direct reader handles, each read is compared with a
+with random bytes, the tile cut and closed with a JPEG end marker, an end marker written a
+few bytes early. For every codec the direct reader handles, each read is compared with a
 fresh OpenSlide handle on the same file: where OpenSlide raises, the direct reader raises a
 SlideError naming the file, the level and the tile (and OpenSlide's reason); where
 OpenSlide returns pixels, the direct reader returns the identical pixels.
