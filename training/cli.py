@@ -20,6 +20,7 @@ from training.config import (
     AgreementOptions,
     InferConfig,
     PatchEvalOptions,
+    ShardReads,
     SlideInputs,
     TrainConfig,
 )
@@ -29,21 +30,22 @@ if TYPE_CHECKING:
 
 
 @command(app)
-def train(cfg: TrainConfig) -> None:
+def train(cfg: TrainConfig, reads: ShardReads) -> None:
     """Train the tumor detector (ResNet18, 1x1 conv head) on extracted shards.
 
-    Multi-GPU / multi-process: torchrun --nproc_per_node N -m training.cli train ...
+    Shards from folders or URLs (http(s)://, s3://, pipe:). Multi-GPU / multi-process:
+    torchrun --nproc_per_node N -m training.cli train ...
     """
     from training.train import train as run_training
 
-    result = run_training(cfg)
+    result = run_training(replace(cfg, reads=reads))
     if os.environ.get("RANK", "0") == "0":
         best = f" (best by validation AUC: {result['best']})" if result["best"] else ""
         typer.echo(f"checkpoint: {result['last']}{best}; metrics: {result['metrics']}")
 
 
 @command(app)
-def evaluate(opts: EvaluateOptions, patch: PatchEvalOptions) -> None:
+def evaluate(opts: EvaluateOptions, patch: PatchEvalOptions, reads: ShardReads) -> None:
     """Score inference outputs: lesion FROC (Camelyon16 rules), slide AUC, patch AUC."""
     from etl.atomic import output_folder
     from etl.evaluate.report import summary_lines, write_report
@@ -64,7 +66,11 @@ def evaluate(opts: EvaluateOptions, patch: PatchEvalOptions) -> None:
         from training.patch_eval import evaluate_patches
 
         report.patch = evaluate_patches(
-            patch.checkpoint, patch.shards, device=patch.device, workers=patch.workers
+            patch.checkpoint,
+            patch.shards,
+            device=patch.device,
+            workers=patch.workers,
+            retry=reads.retry,
         )
     json_path, png_path = write_report(report, opts.out)
     for line in summary_lines(report) + [f"warning: {w}" for w in report.warnings]:

@@ -7,13 +7,14 @@ so the CLI builds without loading torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 from etl.config import Progress, SlideBackend
 from etl.errors import OptionError
 from etl.options import arg, opt
+from etl.storage import Retry
 from training.errors import InferError, TrainError
 
 # Settings that change what a checkpoint means; a resume with other values is refused.
@@ -26,19 +27,52 @@ Device = Annotated[str, opt("auto, cpu or cuda.")]
 Amp = Annotated[bool | None, opt("bf16 autocast (default: on CUDA).")]
 
 
+@dataclass(frozen=True)
+class ShardReads:
+    """How shards are read from URLs (http(s)://, s3://, pipe:) by `train` and `evaluate`."""
+
+    read_attempts: Annotated[
+        int,
+        opt(
+            "Connections per shard read; a dropped read resumes at its byte, and once they are "
+            "spent the shard's remaining samples become bad slots."
+        ),
+    ] = 4
+    read_timeout: Annotated[
+        float,
+        opt("Seconds a network wait (connect, each read) may take before the attempt fails."),
+    ] = 60.0
+    read_backoff: Annotated[
+        float, opt("Seconds before the first retry; doubled for each further one (30 at most).")
+    ] = 1.0
+
+    def validate(self) -> None:
+        if self.read_attempts < 1 or self.read_timeout <= 0 or self.read_backoff < 0:
+            raise OptionError(
+                f"--read-attempts {self.read_attempts} / --read-timeout {self.read_timeout} / "
+                f"--read-backoff {self.read_backoff}: use at least 1 attempt, a timeout > 0 "
+                "and a backoff >= 0"
+            )
+
+    @property
+    def retry(self) -> Retry:
+        return Retry(self.read_attempts, self.read_timeout, self.read_backoff)
+
+
 @dataclass
 class TrainConfig:
     """Everything a run needs. Defaults are the full-size (GPU) settings."""
 
     train: Annotated[
-        str, opt("Training split folder (with manifest.json) or a brace pattern of shards.")
+        str,
+        opt(
+            "Training split: a folder or URL prefix (http(s)://, s3://) holding manifest.json, "
+            "or a brace pattern of shard files, URLs or pipe: commands."
+        ),
     ] = "shards/training"
     val: Annotated[
         str | None,
-        opt(
-            "Validation split folder or pattern (e.g. shards/validation); none: no validation "
-            "metrics."
-        ),
+        opt("Validation split, as --train (e.g. shards/validation); none: no validation metrics."),
     ] = None
     out: Annotated[str, opt("Checkpoints (last.pt, best.pt) and metrics.csv.")] = "runs/train"
     epochs: Annotated[int, opt("Epochs (the cosine schedule spans them all).")] = 10
@@ -97,8 +131,10 @@ class TrainConfig:
             "splitting)."
         ),
     ] = False
+    reads: ShardReads = field(default_factory=ShardReads)  # `train`'s --read-* options
 
     def validate(self) -> None:
+        self.reads.validate()
         if self.optimizer not in ("sgd", "adamw"):
             raise TrainError(f"--optimizer {self.optimizer!r}: use sgd or adamw")
         if self.decode not in ("auto", "cpu", "cuda"):
@@ -242,7 +278,8 @@ class PatchEvalOptions:
     shards: Annotated[
         str | None,
         opt(
-            "Validation split folder or shard pattern for the patch-level AUC (with --checkpoint)."
+            "Validation split (folder, URL prefix or shard pattern, as train's --val) for the "
+            "patch-level AUC (with --checkpoint)."
         ),
     ] = None
     device: Annotated[str, opt("Patch-level evaluation device: auto, cpu or cuda.")] = "auto"

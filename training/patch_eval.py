@@ -4,7 +4,7 @@ Runs the trainer's validation pass on its own: the same shard reader (`RegionStr
 shuffling), the same centre crops of each grid cell and the same input scaling
 (`patch_batches(train=False)`), the same scoring (`training.metrics.score_patches`: masked
 BCE, rank AUC with ties averaged), the checkpoint's model. Grid and patch size default to the
-checkpoint's.
+checkpoint's. The shards may be read from URLs (`etl.storage`), like the trainer's.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from etl.storage import Retry
 from training.data.augment import Augment
 from training.data.pipeline import patch_batches
 from training.data.stream import RegionStream, make_loader, open_shards
@@ -35,16 +36,20 @@ def evaluate_patches(
     patch_size: int | None = None,
     amp: bool | None = None,
     threshold: float = 0.5,
+    retry: Retry | None = None,
 ) -> dict[str, Any]:
-    """Patch AUC, accuracy (prob >= ``threshold``), BCE loss and counts over every valid patch."""
+    """Patch AUC, accuracy (prob >= ``threshold``), BCE loss and counts over every valid patch.
+
+    ``shards`` is a split folder, URL prefix or shard pattern (`open_shards`); ``retry`` says
+    how URLs are read (default: `ShardReads`' defaults)."""
     dev = resolve_device(device)
     model, info = load_model(checkpoint, dev)
     grid = int(grid or info.get("grid", 3))
     patch = int(patch_size or info.get("patch_size", 224))
-    data = open_shards(shards)
+    data = open_shards(shards, retry)
     if data.region_size // grid < patch:
         raise TrainError(
-            f"{shards}: regions of {data.region_size} px split {grid}x{grid} give "
+            f"{data.source}: regions of {data.region_size} px split {grid}x{grid} give "
             f"cells of {data.region_size // grid} px, smaller than the patch size "
             f"{patch} (pass --grid/--patch-size matching the checkpoint's training)"
         )
@@ -93,6 +98,6 @@ def evaluate_patches(
         "patch_size": patch,
         "checkpoint": str(checkpoint),
         "checkpoint_epoch": int(info.get("epoch", 0)),
-        "shards": str(shards),
+        "shards": data.source,
         "device": str(dev),
     }

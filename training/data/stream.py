@@ -35,11 +35,12 @@ excluded from loss and metrics) and carries the reason. Batches and step counts 
 depend on corruption, so a bad sample cannot make ranks disagree and hang; the trainer counts
 the bad slots and stops beyond `--max-bad`.
 """
+
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -52,6 +53,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from etl.errors import PatchetlError
+from etl.storage import (
+    Retry,
+    basename,
+    check_objects,
+    check_url,
+    is_url,
+    join,
+    open_url,
+    parent,
+    read_manifest,
+    redact,
+)
+from training.config import ShardReads
 from training.data.augment import Augment, empty_patches, make_patches
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
@@ -64,67 +78,155 @@ class ShardError(PatchetlError, ValueError):
 # --------------------------------------------------------------------------- shard sets
 @dataclass(frozen=True)
 class ShardSet:
-    """Shard URLs with their sample counts (the contract for equal epochs on every rank)."""
+    """Shard URLs with their sample counts (the contract for equal epochs on every rank), and
+    how to read them (`retry`: attempts, timeouts, backoff; `etl.storage`)."""
 
-    source: str
+    source: str  # as given, redacted (safe to print)
     urls: tuple[str, ...]
     counts: tuple[int, ...]
     region_size: int
+    retry: Retry = field(default_factory=lambda: ShardReads().retry)
 
     @property
     def total(self) -> int:
         return sum(self.counts)
 
 
-def open_shards(spec: str | Path) -> ShardSet:
-    """A split folder with `manifest.json`, or a brace pattern of local shard files.
+def open_shards(spec: str | Path, retry: Retry | None = None) -> ShardSet:
+    """A split (a folder or URL prefix holding `manifest.json`) or a brace pattern of shards.
 
-    For a pattern, counts come from a `manifest.json` next to the shards when there is one,
-    else from reading the tar headers.
+    Local patterns take counts from a `manifest.json` next to the shards when there is one,
+    else from the tar headers; URL patterns need that manifest; `pipe:` patterns are counted
+    by reading them through once. Every shard is found before this returns (a missing one is a
+    `ShardError` naming it), so a run never starts on an incomplete split.
     """
+    retry = retry or ShardReads().retry
+    text = str(spec)
+    if is_url(text):
+        shards = _remote_shards(text, retry)
+    elif Path(text).is_dir():
+        shards = _split(text, read_manifest(str(_local_manifest(Path(text))), retry), retry)
+    else:
+        shards = _local_pattern(text, retry)
+    if shards.total == 0:
+        raise ShardError(f"{shards.source}: the shards hold no samples")
+    return shards
+
+
+def _local_manifest(path: Path) -> Path:
+    manifest = path / "manifest.json"
+    if not manifest.exists():
+        splits = sorted(p.name for p in path.iterdir() if (p / "manifest.json").exists())
+        if splits:
+            raise ShardError(
+                f"{path} holds split folders {splits}: pass one of them, e.g. {path / splits[0]}"
+            )
+        raise ShardError(
+            f"{manifest}: missing; the extraction into {path} did not finish "
+            "(rerun the same `patchetl extract` command), or pass a brace pattern "
+            "such as 'dir/training-{000000..000009}.tar'"
+        )
+    return manifest
+
+
+def _split(
+    prefix: str, manifest: dict, retry: Retry, urls: Sequence[str] | None = None
+) -> ShardSet:
+    """The shards of a manifest at ``prefix`` (all it lists, or ``urls`` among them), checked."""
+    listed = {s["name"]: int(s["count"]) for s in manifest["shards"]}
+    if urls is None:
+        urls = [join(prefix, name) for name, count in listed.items() if count > 0]
+    unlisted = [u for u in urls if basename(u) not in listed]
+    if unlisted:
+        raise ShardError(
+            f"{redact(unlisted[0])}: not listed in {redact(join(prefix, 'manifest.json'))}"
+            " (a shard pattern must match the split's shard names)"
+        )
+    _check_present(redact(prefix), urls, retry)
+    try:
+        region = int(manifest["params"]["region_size"])
+    except (KeyError, TypeError, ValueError):
+        raise ShardError(
+            f"{redact(join(prefix, 'manifest.json'))}: no params.region_size; "
+            "not a patchetl manifest"
+        ) from None
+    return ShardSet(
+        redact(prefix), tuple(urls), tuple(listed[basename(u)] for u in urls), region, retry
+    )
+
+
+def _check_present(source: str, urls: Sequence[str], retry: Retry) -> None:
+    problems = check_objects(urls, retry)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ShardError(
+            f"{source}: {len(problems)} of {len(urls)} shard(s) cannot be read: "
+            + "; ".join(problems[:3])
+            + more
+            + " (extract or upload the split "
+            "again, or fix the URL)"
+        )
+
+
+def _remote_shards(spec: str, retry: Retry) -> ShardSet:
+    """A URL prefix of a split, a brace pattern of shard URLs, or of `pipe:` commands."""
+    check_url(spec)
+    if spec.startswith("pipe:"):
+        urls = tuple(braceexpand.braceexpand(spec))
+        counts = tuple(_count_samples(u, retry) for u in urls)
+        return ShardSet(redact(spec), urls, counts, _first_region_size(urls, retry), retry)
+    if "{" in spec:
+        expanded = list(braceexpand.braceexpand(spec))
+        prefix = parent(expanded[0])
+        return _split(prefix, read_manifest(prefix, retry), retry, expanded)
+    return _split(spec, read_manifest(spec, retry), retry)
+
+
+def _local_pattern(spec: str, retry: Retry) -> ShardSet:
     from etl.extract.shards import index_tar  # no torch there; reuse the shard reader's tar index
 
-    path = Path(spec)
-    if path.is_dir():
-        manifest_path = path / "manifest.json"
-        if not manifest_path.exists():
-            splits = sorted(p.name for p in path.iterdir() if (p / "manifest.json").exists())
-            if splits:
-                raise ShardError(f"{path} holds split folders {splits}: pass one of them, e.g. "
-                                 f"{path / splits[0]}")
-            raise ShardError(f"{manifest_path}: missing; the extraction into {path} did not "
-                             "finish (rerun the same `patchetl extract` command), or pass a "
-                             "brace pattern such as 'dir/training-{000000..000009}.tar'")
+    urls = tuple(braceexpand.braceexpand(spec))
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise ShardError(
+            f"{spec}: {len(missing)} shard(s) not found, e.g. {missing[0]} "
+            "(give a split folder or URL prefix holding manifest.json, or a brace "
+            "pattern of existing .tar files)"
+        )
+    listed = {}
+    manifest_path = Path(urls[0]).parent / "manifest.json"
+    if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
-        shards = [s for s in manifest["shards"] if s["count"] > 0]
-        urls = tuple(str(path / s["name"]) for s in shards)
-        counts = tuple(int(s["count"]) for s in shards)
-        region = int(manifest["params"]["region_size"])
-    else:
-        urls = tuple(braceexpand.braceexpand(str(spec)))
-        missing = [u for u in urls if not Path(u).is_file()]
-        if missing:
-            raise ShardError(f"{spec}: {len(missing)} shard(s) not found, e.g. {missing[0]} "
-                             "(give a split folder holding manifest.json, or a brace pattern "
-                             "of existing local .tar files)")
-        listed = {}
-        manifest_path = Path(urls[0]).parent / "manifest.json"
-        if manifest_path.exists():
-            manifest = json.loads(manifest_path.read_text())
-            listed = {s["name"]: int(s["count"]) for s in manifest["shards"]}
-        counts = tuple(listed.get(Path(u).name) or len(index_tar(Path(u))) for u in urls)
-        region = _first_region_size(urls)
-    if sum(counts) == 0:
-        raise ShardError(f"{spec}: the shards hold no samples")
-    return ShardSet(str(spec), urls, counts, region)
+        listed = {s["name"]: int(s["count"]) for s in manifest["shards"]}
+    counts = tuple(listed.get(Path(u).name) or len(index_tar(Path(u))) for u in urls)
+    return ShardSet(spec, urls, counts, _first_region_size(urls, retry), retry)
 
 
-def _first_region_size(urls: Iterable[str]) -> int:
+def tar_samples(url: str, retry: Retry, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """The samples of one shard, read through `etl.storage` (timeouts, resuming retries).
+    Errors go to ``handler`` (webdataset's convention: True to continue, False to stop)."""
+    stream = open_url(url, retry)
+    try:
+        files = wds.tariterators.tar_file_expander(
+            [{"url": url, "stream": stream}], handler=handler
+        )
+        yield from wds.tariterators.group_by_keys(files, handler=handler)
+    finally:
+        stream.close()
+
+
+def _count_samples(url: str, retry: Retry) -> int:
+    return sum(1 for _ in tar_samples(url, retry, wds.handlers.reraise_exception))
+
+
+def _first_region_size(urls: Iterable[str], retry: Retry) -> int:
     for url in urls:
-        for sample in wds.tarfile_samples([{"url": url}]):
+        for sample in tar_samples(url, retry, wds.handlers.reraise_exception):
             if "json" in sample:
                 return int(json.loads(sample["json"])["region_size"])
-    raise ShardError(f"no sample with a json member in {list(urls)[:3]}...: not patchetl shards")
+    raise ShardError(
+        f"no sample with a json member in {[redact(u) for u in urls][:3]}...: not patchetl shards"
+    )
 
 
 # --------------------------------------------------------------------------- epoch plan
@@ -165,11 +267,14 @@ def _cut(pieces: list[Slice], start: int, stop: int) -> list[Slice]:
     return out
 
 
-def rank_slices(shards: ShardSet, rank: int, world: int, epoch: int, seed: int,
-                shuffle: bool, pad: bool) -> list[Slice]:
+def rank_slices(
+    shards: ShardSet, rank: int, world: int, epoch: int, seed: int, shuffle: bool, pad: bool
+) -> list[Slice]:
     """The samples rank `rank` of `world` reads this epoch (see the module docstring)."""
-    sequence = [Slice(shards.urls[i], 0, shards.counts[i])
-                for i in shard_order(shards, epoch, seed, shuffle)]
+    sequence = [
+        Slice(shards.urls[i], 0, shards.counts[i])
+        for i in shard_order(shards, epoch, seed, shuffle)
+    ]
     n = shards.total
     if pad:
         size = math.ceil(n / world)
@@ -192,13 +297,15 @@ def worker_slices(slices: list[Slice], worker: int, workers: int) -> list[Slice]
 def count_batches(n: int, workers: int, batch: int) -> int:
     """Batches a rank yields for n samples: each worker batches its share, the last partial."""
     workers = max(1, workers)
-    return sum(math.ceil(((w + 1) * n // workers - w * n // workers) / batch)
-               for w in range(workers))
+    return sum(
+        math.ceil(((w + 1) * n // workers - w * n // workers) / batch) for w in range(workers)
+    )
 
 
 # --------------------------------------------------------------------------- worker side
-def read_slice(piece: Slice) -> Iterator[dict]:
-    """Samples of one slice; missing or unreadable samples come out as `_bad` placeholders."""
+def read_slice(piece: Slice, retry: Retry) -> Iterator[dict]:
+    """Samples of one slice; missing or unreadable samples come out as `_bad` placeholders
+    (after the retries `retry` allows, for a read that fails mid-shard)."""
     problem: list[str] = []
 
     def handler(exn: Exception) -> bool:  # webdataset handler: note the error, stop the shard
@@ -206,17 +313,20 @@ def read_slice(piece: Slice) -> Iterator[dict]:
         return False
 
     i = -1
-    for i, sample in enumerate(wds.tarfile_samples([{"url": piece.url}], handler=handler)):
+    for i, sample in enumerate(tar_samples(piece.url, retry, handler)):
         if i >= piece.stop:
             break
         if i >= piece.start:
             yield sample
     read = min(i + 1, piece.stop)
     if read < piece.stop:
-        why = problem[0] if problem else f"the shard ends after {read} samples, the manifest " \
-                                         f"says {piece.stop} or more"
+        why = (
+            problem[0]
+            if problem
+            else f"the shard ends after {read} samples, the manifest says {piece.stop} or more"
+        )
         for j in range(max(read, piece.start), piece.stop):
-            yield {"__key__": f"{Path(piece.url).name}#{j}", "_bad": f"{piece.url}: {why}"}
+            yield {"__key__": f"{basename(piece.url)}#{j}", "_bad": f"{redact(piece.url)}: {why}"}
 
 
 def label_grid(meta: dict, grid: int) -> np.ndarray:
@@ -227,8 +337,10 @@ def label_grid(meta: dict, grid: int) -> np.ndarray:
     if labels.shape[0] == 1:
         return np.broadcast_to(labels, (grid, grid)).copy()
     if labels.shape[0] != grid:
-        raise ValueError(f"labels are a {labels.shape[0]}x{labels.shape[0]} grid; train with "
-                         f"--grid {labels.shape[0]} (or 1-value labels) for these shards")
+        raise ValueError(
+            f"labels are a {labels.shape[0]}x{labels.shape[0]} grid; train with "
+            f"--grid {labels.shape[0]} (or 1-value labels) for these shards"
+        )
     return labels
 
 
@@ -244,8 +356,10 @@ def prepare_sample(sample: dict, grid: int, region_size: int, decode: bool) -> d
             raise ValueError(sample["_bad"])
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None or "json" not in sample:
-            raise ValueError(f"members {sorted(k for k in sample if not k.startswith('_'))} lack "
-                             "an image (.jpg/.png) or .json")
+            raise ValueError(
+                f"members {sorted(k for k in sample if not k.startswith('_'))} lack "
+                "an image (.jpg/.png) or .json"
+            )
         labels = label_grid(json.loads(sample["json"]), grid)
         data = torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8)
         if decode or ext == "png":
@@ -260,13 +374,19 @@ def prepare_sample(sample: dict, grid: int, region_size: int, decode: bool) -> d
 
 def check_size(image: torch.Tensor, region_size: int) -> None:
     if tuple(image.shape) != (3, region_size, region_size):
-        raise ValueError(f"image is {tuple(image.shape)}, expected (3, {region_size}, "
-                         f"{region_size}) as in the manifest")
+        raise ValueError(
+            f"image is {tuple(image.shape)}, expected (3, {region_size}, "
+            f"{region_size}) as in the manifest"
+        )
 
 
 def bad_slot(key: str, reason: str, grid: int, region_size: int) -> dict:
-    return {"key": key, "image": torch.zeros(3, region_size, region_size, dtype=torch.uint8),
-            "labels": np.zeros((grid, grid), np.uint8), "bad": reason}
+    return {
+        "key": key,
+        "image": torch.zeros(3, region_size, region_size, dtype=torch.uint8),
+        "labels": np.zeros((grid, grid), np.uint8),
+        "bad": reason,
+    }
 
 
 def batch_info(items: list[dict]) -> dict:
@@ -299,8 +419,15 @@ class PatchSpec:
 PATCH_DRAWS = 1
 
 
-def collate_patches(items: list[dict], *, grid: int, train: bool, spec: PatchSpec,
-                    generator: torch.Generator, shared: bool) -> dict:
+def collate_patches(
+    items: list[dict],
+    *,
+    grid: int,
+    train: bool,
+    spec: PatchSpec,
+    generator: torch.Generator,
+    shared: bool,
+) -> dict:
     """Worker-side batch of ready patches: `make_patches` on the decoded regions.
 
     `patches` (N, 3, p, p) float32 in [-1, 1] and `patch_labels` (N,) float32, with
@@ -309,8 +436,16 @@ def collate_patches(items: list[dict], *, grid: int, train: bool, spec: PatchSpe
     """
     info = batch_info(items)
     out = empty_patches(len(items) * grid * grid, spec.patch, spec.channels_last, shared)
-    x, y = make_patches([it["image"] for it in items], info["labels"], grid=grid,
-                        patch=spec.patch, train=train, aug=spec.aug, generator=generator, out=out)
+    x, y = make_patches(
+        [it["image"] for it in items],
+        info["labels"],
+        grid=grid,
+        patch=spec.patch,
+        train=train,
+        aug=spec.aug,
+        generator=generator,
+        out=out,
+    )
     return {"patches": x, "patch_labels": y, **info}
 
 
@@ -321,10 +456,22 @@ class RegionStream(IterableDataset):
     ready `patches` instead of `images` (training crops and augments when `train`).
     """
 
-    def __init__(self, shards: ShardSet, *, epoch: int, seed: int, train: bool,
-                 regions_per_batch: int, grid: int, rank: int = 0, world: int = 1,
-                 workers: int = 0, decode_in_worker: bool = True, shuffle_buffer: int = 1000,
-                 patches: PatchSpec | None = None):
+    def __init__(
+        self,
+        shards: ShardSet,
+        *,
+        epoch: int,
+        seed: int,
+        train: bool,
+        regions_per_batch: int,
+        grid: int,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 0,
+        decode_in_worker: bool = True,
+        shuffle_buffer: int = 1000,
+        patches: PatchSpec | None = None,
+    ):
         super().__init__()
         if patches is not None and not decode_in_worker:
             raise ValueError("RegionStream: patches made in the workers need decode_in_worker")
@@ -342,22 +489,33 @@ class RegionStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if workers != self.workers:
-            raise RuntimeError(f"RegionStream planned for {self.workers} workers, runs in "
-                               f"{workers}: iterate it through make_loader()")
+            raise RuntimeError(
+                f"RegionStream planned for {self.workers} workers, runs in "
+                f"{workers}: iterate it through make_loader()"
+            )
         pieces = worker_slices(self.slices, worker, workers)
-        samples: Iterator[dict] = (s for p in pieces for s in read_slice(p))
+        retry = self.shards.retry
+        samples: Iterator[dict] = (s for p in pieces for s in read_slice(p, retry))
         if self.train and self.buffer > 1:
             seed = seed_for(self.seed, self.epoch, self.rank, worker)
-            samples = wds.filters.shuffle(self.buffer, initial=min(self.buffer, 100),
-                                          seed=seed)(iter(samples))
+            samples = wds.filters.shuffle(self.buffer, initial=min(self.buffer, 100), seed=seed)(
+                iter(samples)
+            )
         size = self.shards.region_size
         items = (prepare_sample(s, self.grid, size, self.decode) for s in samples)
         collation = collate
         if self.patches is not None:
             generator = torch.Generator().manual_seed(
-                seed_for(self.seed, self.epoch, self.rank, worker, PATCH_DRAWS))
-            collation = partial(collate_patches, grid=self.grid, train=self.train,
-                                spec=self.patches, generator=generator, shared=info is not None)
+                seed_for(self.seed, self.epoch, self.rank, worker, PATCH_DRAWS)
+            )
+            collation = partial(
+                collate_patches,
+                grid=self.grid,
+                train=self.train,
+                spec=self.patches,
+                generator=generator,
+                shared=info is not None,
+            )
         yield from wds.filters.batched(self.batch, collation_fn=collation, partial=True)(items)
 
 
@@ -382,8 +540,9 @@ class RegionBatch:
     bad: list[str] = field(default_factory=list)
 
 
-def decode_on_device(images: list[torch.Tensor], device: torch.device, region_size: int
-                     ) -> tuple[list[torch.Tensor], list[str | None]]:
+def decode_on_device(
+    images: list[torch.Tensor], device: torch.device, region_size: int
+) -> tuple[list[torch.Tensor], list[str | None]]:
     """Decode 1-D JPEG byte tensors in one batched nvJPEG call; other entries just move.
 
     On a decoding error the batch is decoded one by one, and the failures become blank
@@ -400,8 +559,9 @@ def decode_on_device(images: list[torch.Tensor], device: torch.device, region_si
             # meta-pytorch/torchcodec#1634). Let the queued work finish first.
             torch.cuda.current_stream(device).synchronize()
         try:
-            decoded = decode_jpeg([images[i] for i in encoded], mode=ImageReadMode.RGB,
-                                  device=device)
+            decoded = decode_jpeg(
+                [images[i] for i in encoded], mode=ImageReadMode.RGB, device=device
+            )
         except RuntimeError:
             decoded = []
             for i in encoded:

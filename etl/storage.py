@@ -1,0 +1,411 @@
+"""Files named by URL: parse, redact, open with timeouts and resumable retries, read manifests.
+
+A source is a local path, `http(s)://host/...` (stdlib `urllib`), `s3://bucket/key` (s3fs, the
+`s3` extra) or `pipe:CMD` (webdataset's convention: the file is the command's standard output).
+Contracts:
+
+- **Credentials** come from the standard environment only: for S3 the AWS variables and files
+  (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, ...) and the endpoint `AWS_ENDPOINT_URL_S3` or
+  `AWS_ENDPOINT_URL` (an S3-compatible store); a URL holding a password is refused. Every
+  message shows `redact(url)`: no user information, no query string (presigned signatures).
+- **Timeouts on every network operation** (`Retry.timeout`: connect, and each read waiting for
+  bytes; for `pipe:` each wait on the command's output), so a stalled server cannot hang a
+  reader, and through it a DDP job.
+- **Retries resume**: `open_url` returns a stream that, when a read fails (connection dropped,
+  timeout, a 5xx), reconnects at the byte it reached (an HTTP/S3 range request; a `pipe:`
+  command is run again and the bytes already read are skipped) after a backoff that doubles,
+  at most `Retry.attempts` connections per stream in all; then it raises `StorageError`.
+- A missing object is `NotFound` at once (never retried): `check_objects` finds every missing
+  or short shard of a split before any work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import select
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from etl.errors import PatchetlError
+
+log = logging.getLogger("patchetl.storage")
+NETWORK = ("http", "https", "s3")
+MAX_DELAY = 30.0  # seconds: the backoff stops doubling here
+
+
+class StorageError(PatchetlError, OSError):
+    """A source that cannot be read; the message names the (redacted) URL and the fix."""
+
+
+class NotFound(StorageError, FileNotFoundError):
+    """The object does not exist (HTTP 404, no such S3 key, no such file)."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How hard to try: connections per stream, seconds per network wait, first backoff."""
+
+    attempts: int
+    timeout: float
+    backoff: float
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the `failures`-th failed connection (1, 2, ...)."""
+        return float(min(MAX_DELAY, self.backoff * 2 ** (failures - 1)))
+
+
+# --------------------------------------------------------------------------- names
+def scheme(url: str) -> str:
+    """'http', 'https', 's3', 'pipe' or '' (a local path)."""
+    if url.startswith("pipe:"):
+        return "pipe"
+    found = urlsplit(url).scheme.lower()
+    return found if found in NETWORK else ""
+
+
+def is_url(spec: str | os.PathLike[str]) -> bool:
+    """Whether ``spec`` names a remote source (http, https, s3 or pipe:) rather than a path."""
+    return scheme(str(spec)) != ""
+
+
+_URL = re.compile(r"\b(?:https?|s3)://[^\s'\"]+")
+
+
+def redact(url: str) -> str:
+    """``url`` safe to print: user information and the query string replaced by ``***``
+    (in a ``pipe:`` command, in every URL it holds)."""
+    if url.startswith("pipe:"):
+        return _URL.sub(lambda m: redact(m.group(0)), url)
+    parts = urlsplit(url)
+    if not parts.scheme or parts.scheme.lower() not in NETWORK:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
+def check_url(url: str) -> None:
+    """Refuse a URL with a password in it (it would show in process lists and shell history)."""
+    parts = urlsplit(url)
+    if scheme(url) in NETWORK and parts.password is not None:
+        raise StorageError(
+            f"{redact(url)}: a password in the URL is refused (give credentials in the "
+            "environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile for s3://, "
+            "and remove the user:password@ part)"
+        )
+
+
+def join(prefix: str, name: str) -> str:
+    """``name`` inside the folder or URL prefix ``prefix``."""
+    if scheme(prefix) in NETWORK:
+        return prefix.rstrip("/") + "/" + name
+    return os.path.join(prefix, name)
+
+
+def parent(url: str) -> str:
+    """The folder or prefix holding ``url`` (the part before its last '/')."""
+    if scheme(url) in NETWORK:
+        parts = urlsplit(url)
+        return urlunsplit(parts._replace(path=parts.path.rsplit("/", 1)[0], query=""))
+    return os.path.dirname(url)
+
+
+def basename(url: str) -> str:
+    """The last part of the path of ``url`` (a shard's name)."""
+    if scheme(url) in NETWORK:
+        return urlsplit(url).path.rsplit("/", 1)[-1]
+    if url.startswith("pipe:"):
+        return redact(url)
+    return os.path.basename(url)
+
+
+# --------------------------------------------------------------------------- openers
+def _http(url: str, offset: int, timeout: float) -> IO[bytes]:
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    try:
+        response = urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=timeout
+        )
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 410):
+            raise NotFound(f"{redact(url)}: not found (HTTP {exc.code})") from None
+        if 400 <= exc.code < 500 and exc.code not in (408, 429):
+            raise StorageError(f"{redact(url)}: HTTP {exc.code} {exc.reason}") from None
+        raise
+    if offset and response.status != 206:  # the server ignores ranges: skip what was read
+        _skip(response, offset)
+    return response  # type: ignore[no-any-return]
+
+
+def s3_filesystem(timeout: float) -> Any:
+    """An s3fs file system configured from the environment, one connection try per call."""
+    try:
+        import s3fs
+    except ImportError:
+        raise StorageError(
+            "s3:// needs s3fs: pip install 'patchetl[s3]' (or pip install s3fs)"
+        ) from None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    fs = s3fs.S3FileSystem(
+        endpoint_url=endpoint or None,
+        config_kwargs={
+            "connect_timeout": timeout,
+            "read_timeout": timeout,
+            "retries": {"max_attempts": 1, "mode": "standard"},
+        },
+    )
+    fs.retries = 1  # our Retry decides how often; s3fs would otherwise try 5 times
+    return fs
+
+
+def _s3(url: str, offset: int, timeout: float) -> IO[bytes]:
+    path = url[len("s3://") :]
+    try:
+        fh = s3_filesystem(timeout).open(path, "rb", block_size=8 << 20, cache_type="readahead")
+    except FileNotFoundError:
+        raise NotFound(f"{redact(url)}: no such object") from None
+    except PermissionError as exc:
+        raise StorageError(
+            f"{redact(url)}: access denied ({exc}) (check AWS_ACCESS_KEY_ID / AWS_PROFILE and "
+            "the bucket policy)"
+        ) from None
+    fh.seek(offset)
+    return fh  # type: ignore[no-any-return]
+
+
+class _Pipe(io.RawIOBase):
+    """A shell command's standard output; every wait for bytes is bounded by ``timeout``."""
+
+    def __init__(self, command: str, timeout: float) -> None:
+        self.command, self.timeout = command, timeout
+        self.errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            command,
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=self.errors,
+            start_new_session=True,
+        )
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        ready, _, _ = select.select([fd], [], [], self.timeout)
+        if not ready:
+            raise TimeoutError(f"no output for {self.timeout:g} s")
+        data = os.read(fd, len(b))
+        if not data:
+            code = self.proc.wait(timeout=self.timeout)
+            if code != 0:
+                self.errors.seek(0)
+                tail = self.errors.read()[-300:].decode(errors="replace").strip()
+                raise OSError(f"the command exited with status {code}: {redact(tail)}")
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.errors.close()
+        super().close()
+
+
+def _pipe(url: str, offset: int, timeout: float) -> IO[bytes]:
+    stream = io.BufferedReader(_Pipe(url[len("pipe:") :], timeout), 1 << 20)
+    _skip(stream, offset)
+    return stream
+
+
+def _local(path: str, offset: int, timeout: float) -> IO[bytes]:
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+    except FileNotFoundError:
+        raise NotFound(f"{path}: no such file") from None
+    fh.seek(offset)
+    return fh
+
+
+OPENERS: dict[str, Callable[[str, int, float], IO[bytes]]] = {
+    "http": _http,
+    "https": _http,
+    "s3": _s3,
+    "pipe": _pipe,
+    "": _local,
+}
+
+
+def _skip(stream: IO[bytes], n: int) -> None:
+    while n > 0:
+        chunk = stream.read(min(n, 1 << 20))
+        if not chunk:
+            raise OSError(f"the stream ended {n} bytes before the resume point")
+        n -= len(chunk)
+
+
+# --------------------------------------------------------------------------- retrying stream
+class RetryingReader(io.RawIOBase):
+    """Reads ``url`` from the start; a failed read reconnects where it stopped (see module)."""
+
+    def __init__(self, url: str, retry: Retry) -> None:
+        check_url(url)
+        self.url, self.retry = url, retry
+        self.opener = OPENERS[scheme(url)]
+        self.position, self.connections = 0, 0
+        self.fh: IO[bytes] | None = None
+
+    def __repr__(self) -> str:  # webdataset puts the stream in its messages
+        return f"<{redact(self.url)}>"
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while True:
+            try:
+                if self.fh is None:
+                    self.connections += 1
+                    self.fh = self.opener(self.url, self.position, self.retry.timeout)
+                data = self.fh.read(len(b))
+                b[: len(data)] = data
+                self.position += len(data)
+                return len(data)
+            except StorageError:  # missing, refused: retrying cannot help
+                self._drop()
+                raise
+            except Exception as exc:  # dropped connections, timeouts, 5xx, the store's errors
+                self._drop()
+                failed = f"{type(exc).__name__}: {redact(str(exc))}"
+                if self.connections >= self.retry.attempts:
+                    raise StorageError(
+                        f"{redact(self.url)}: read failed at byte {self.position} after "
+                        f"{self.connections} attempt(s): {failed} (check the server; raise "
+                        "--read-attempts or --read-timeout for a slow or flaky network)"
+                    ) from None
+                delay = self.retry.delay(self.connections)
+                log.warning(
+                    "%s: %s at byte %d; retrying in %.1f s (attempt %d of %d)",
+                    redact(self.url),
+                    failed,
+                    self.position,
+                    delay,
+                    self.connections + 1,
+                    self.retry.attempts,
+                )
+                time.sleep(delay)
+
+    def _drop(self) -> None:
+        if self.fh is not None:
+            # a broken connection may fail to close; it is gone either way
+            with contextlib.suppress(Exception):
+                self.fh.close()
+            self.fh = None
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def open_url(url: str, retry: Retry) -> IO[bytes]:
+    """``url`` as a buffered binary stream that retries and resumes (see the module)."""
+    return io.BufferedReader(RetryingReader(url, retry), 1 << 20)
+
+
+def read_bytes(url: str, retry: Retry) -> bytes:
+    """The whole content of ``url`` (a manifest, a sidecar)."""
+    with open_url(url, retry) as fh:
+        return fh.read()
+
+
+def read_manifest(prefix: str, retry: Retry) -> dict[str, Any]:
+    """The `manifest.json` of the split at folder or URL prefix ``prefix`` (or that file)."""
+    url = prefix if prefix.endswith(".json") else join(prefix, "manifest.json")
+    try:
+        manifest = json.loads(read_bytes(url, retry))
+    except NotFound:
+        raise StorageError(
+            f"{redact(url)}: missing; give the prefix of a complete split (its manifest.json "
+            "is written last, so the extraction or upload to it has not finished)"
+        ) from None
+    except ValueError as exc:
+        raise StorageError(f"{redact(url)}: not a manifest ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise StorageError(f"{redact(url)}: not a patchetl manifest (no 'shards' list)")
+    return manifest
+
+
+# --------------------------------------------------------------------------- existence checks
+def size(url: str, retry: Retry) -> int | None:
+    """Bytes of ``url`` (None for a ``pipe:`` command); raises NotFound when it is missing."""
+    kind = scheme(url)
+    if kind == "pipe":
+        return None
+    last: Exception | None = None
+    for attempt in range(1, retry.attempts + 1):
+        try:
+            return _size(kind, url, retry.timeout)
+        except StorageError:
+            raise
+        except Exception as exc:  # as in RetryingReader: anything else may pass
+            last = exc
+            if attempt < retry.attempts:
+                time.sleep(retry.delay(attempt))
+    raise StorageError(f"{redact(url)}: cannot reach it after {retry.attempts} attempt(s): {last}")
+
+
+def _size(kind: str, url: str, timeout: float) -> int | None:
+    if kind == "":
+        try:
+            return os.stat(url).st_size
+        except FileNotFoundError:
+            raise NotFound(f"{url}: no such file") from None
+    if kind == "s3":
+        try:
+            return int(s3_filesystem(timeout).info(url[len("s3://") :])["size"])
+        except FileNotFoundError:
+            raise NotFound(f"{redact(url)}: no such object") from None
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            return int(length) if length is not None else None
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 410):
+            raise NotFound(f"{redact(url)}: not found (HTTP {exc.code})") from None
+        raise
+
+
+def check_objects(urls: Sequence[str], retry: Retry, threads: int = 16) -> list[str]:
+    """Problems of the objects ``urls`` (missing or unreachable), each naming the redacted URL;
+    checked in parallel threads. ``pipe:`` commands cannot be checked and pass."""
+
+    def problem(url: str) -> str | None:
+        try:
+            size(url, retry)
+        except StorageError as exc:  # NotFound included
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max(1, min(threads, len(urls)))) as pool:
+        return [p for p in pool.map(problem, urls) if p is not None]
