@@ -7,6 +7,7 @@ On a CPU the workers also make the patches, so that every core works and the mai
 only receives ready float32 patches. Either way the loop sees the same `PatchBatch`es, and
 every random draw is seeded from (seed, epoch, rank), so an epoch is reproducible.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,10 +42,19 @@ class PatchBatch:
     regions: RegionBatch
 
 
-def patch_batches(loader: Iterable[dict], device: torch.device, region_size: int, *, grid: int,
-                  patch: int, train: bool, aug: Augment, generator: torch.Generator | None = None,
-                  order_generator: torch.Generator | None = None,
-                  channels_last: bool = True) -> Generator[PatchBatch, None, None]:
+def patch_batches(
+    loader: Iterable[dict],
+    device: torch.device,
+    region_size: int,
+    *,
+    grid: int,
+    patch: int,
+    train: bool,
+    aug: Augment,
+    generator: torch.Generator | None = None,
+    order_generator: torch.Generator | None = None,
+    channels_last: bool = True,
+) -> Generator[PatchBatch, None, None]:
     """Worker batches -> device -> grid crops (+ augmentation when training) -> PatchBatches.
 
     This is everything between the shards and the model; the benchmark can time it alone.
@@ -57,9 +67,17 @@ def patch_batches(loader: Iterable[dict], device: torch.device, region_size: int
             x = batch["patches"].to(device, non_blocking=True)
             y = batch["patch_labels"].to(device, non_blocking=True)
         else:
-            x, y = make_patches(regions.regions, regions.labels, grid=grid, patch=patch,
-                                train=train, aug=aug, generator=generator,
-                                order_generator=order_generator, channels_last=channels_last)
+            x, y = make_patches(
+                regions.regions,
+                regions.labels,
+                grid=grid,
+                patch=patch,
+                train=train,
+                aug=aug,
+                generator=generator,
+                order_generator=order_generator,
+                channels_last=channels_last,
+            )
         weight = regions.valid.repeat_interleave(grid * grid).to(torch.float32)
         yield PatchBatch(x, y, weight, regions)
 
@@ -89,18 +107,25 @@ class EpochData:
         decode = cfg.decode if cfg.decode != "auto" else ("cuda" if cuda else "cpu")
         if decode == "cuda" and not cuda:
             raise TrainError("--decode cuda needs --device cuda; use --decode cpu")
-        data = cls(cfg, dd, device, train=open_shards(cfg.train),
-                   val=open_shards(cfg.val) if cfg.val else None,
-                   workers=cfg.workers if cfg.workers is not None
-                   else default_workers(dd.local_world),
-                   decode_in_worker=decode == "cpu",
-                   augment=Augment() if cfg.augment else Augment.off())
+        retry = cfg.reads.retry  # URLs: attempts, timeouts, backoff
+        data = cls(
+            cfg,
+            dd,
+            device,
+            train=open_shards(cfg.train, retry),
+            val=open_shards(cfg.val, retry) if cfg.val else None,
+            workers=cfg.workers if cfg.workers is not None else default_workers(dd.local_world),
+            decode_in_worker=decode == "cpu",
+            augment=Augment() if cfg.augment else Augment.off(),
+        )
         for name, shards in (("train", data.train), ("val", data.val)):
             if shards is not None and shards.region_size // cfg.grid < cfg.patch_size:
-                raise TrainError(f"--{name} {shards.source}: regions of {shards.region_size} px "
-                                 f"split {cfg.grid}x{cfg.grid} give cells of "
-                                 f"{shards.region_size // cfg.grid} px, smaller than --patch-size "
-                                 f"{cfg.patch_size}")
+                raise TrainError(
+                    f"--{name} {shards.source}: regions of {shards.region_size} px "
+                    f"split {cfg.grid}x{cfg.grid} give cells of "
+                    f"{shards.region_size // cfg.grid} px, smaller than --patch-size "
+                    f"{cfg.patch_size}"
+                )
         return data
 
     def train_stream(self, epoch: int) -> RegionStream:
@@ -117,17 +142,30 @@ class EpochData:
         cfg = self.cfg
         spec = None
         if self.device.type != "cuda":  # CPU: the workers crop and augment too (all cores work)
-            spec = PatchSpec(cfg.patch_size, self.augment if train else Augment.off(),
-                             cfg.channels_last)
-        return RegionStream(shards, epoch=epoch, seed=cfg.seed, train=train,
-                            regions_per_batch=cfg.regions_per_batch, grid=cfg.grid,
-                            rank=self.dd.rank, world=self.dd.world, workers=self.workers,
-                            decode_in_worker=self.decode_in_worker,
-                            shuffle_buffer=cfg.shuffle_buffer, patches=spec)
+            spec = PatchSpec(
+                cfg.patch_size, self.augment if train else Augment.off(), cfg.channels_last
+            )
+        return RegionStream(
+            shards,
+            epoch=epoch,
+            seed=cfg.seed,
+            train=train,
+            regions_per_batch=cfg.regions_per_batch,
+            grid=cfg.grid,
+            rank=self.dd.rank,
+            world=self.dd.world,
+            workers=self.workers,
+            decode_in_worker=self.decode_in_worker,
+            shuffle_buffer=cfg.shuffle_buffer,
+            patches=spec,
+        )
 
-    def batches(self, stream: RegionStream, generator: torch.Generator | None = None,
-                order_generator: torch.Generator | None = None
-                ) -> Generator[PatchBatch, None, None]:
+    def batches(
+        self,
+        stream: RegionStream,
+        generator: torch.Generator | None = None,
+        order_generator: torch.Generator | None = None,
+    ) -> Generator[PatchBatch, None, None]:
         """The stream's PatchBatches on the device; on CUDA (unless --no-prefetch) made by a
         background thread on its own stream while the model runs (`training.data.prefetch`)."""
         # the loader's worker processes start here, in this thread: forking while another
@@ -137,10 +175,18 @@ class EpochData:
         aug = self.augment if stream.train else Augment.off()
 
         def make() -> Generator[PatchBatch, None, None]:
-            return patch_batches(loader, self.device, stream.shards.region_size, grid=cfg.grid,
-                                 patch=cfg.patch_size, train=stream.train, aug=aug,
-                                 generator=generator, order_generator=order_generator,
-                                 channels_last=cfg.channels_last)
+            return patch_batches(
+                loader,
+                self.device,
+                stream.shards.region_size,
+                grid=cfg.grid,
+                patch=cfg.patch_size,
+                train=stream.train,
+                aug=aug,
+                generator=generator,
+                order_generator=order_generator,
+                channels_last=cfg.channels_last,
+            )
 
         if self.device.type == "cuda" and cfg.prefetch:
             return prefetched(make, self.device)
