@@ -43,9 +43,10 @@ FLAGS = {
     "--weight-decay --warmup-epochs --workers --shuffle-buffer --decode --device "
     "--amp --no-amp --channels-last --no-channels-last --compile --prefetch "
     "--no-prefetch --augment --no-augment --pretrained --resume --no-resume --seed "
-    "--max-bad --max-bad-fraction --progress --no-progress --record-keys --no-record-keys",
+    "--max-bad --max-bad-fraction --progress --no-progress --record-keys --no-record-keys "
+    "--read-attempts --read-timeout --read-backoff",
     "evaluate": "--pred --truth --slides --mpp --froc-method --mask-tumor-value --allow-missing "
-    "--checkpoint --shards --device --workers --out",
+    "--checkpoint --shards --device --workers --read-attempts --read-timeout --read-backoff --out",
     "infer": "--checkpoint --ckpt --out --mode --level --stride --patch-size --tile-size "
     "--margin --batch-size --tiles-per-batch --workers --device --amp --no-amp "
     "--tissue-downsample --tissue-threshold --tissue-min-area --nms-radius "
