@@ -12,6 +12,7 @@ import pytest
 from etl.wsi.annotations import (
     AnnotationError,
     check_annotations,
+    points_in_polygons,
     read_annotations,
     read_asap_xml,
     ring_problem,
@@ -261,3 +262,42 @@ def test_evaluation_reads_qupath_geojson_truth_as_it_reads_the_same_xml(tmp_path
     geo = load_truth("s", [geo_dir], (512, 512), 32, None, "")
     assert geo.path == geo_dir / "s.geojson" and geo.has_tumor
     assert geo.tumor.sum() > 0 and np.array_equal(geo.tumor, xml.tumor)
+
+
+def reference_points_in_polygons(xy, polygons):
+    """The former implementation (a loop over vertices, vectorised over points): the oracle."""
+    pts = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    inside = np.zeros(len(pts), dtype=bool)
+    for poly in polygons:
+        poly = np.asarray(poly, dtype=np.float64)
+        (xmin, ymin), (xmax, ymax) = poly.min(axis=0), poly.max(axis=0)
+        sel = np.flatnonzero(
+            (pts[:, 0] >= xmin) & (pts[:, 0] <= xmax) & (pts[:, 1] >= ymin) & (pts[:, 1] <= ymax)
+        )
+        px, py = pts[sel, 0], pts[sel, 1]
+        odd = np.zeros(sel.size, dtype=bool)
+        xj, yj = poly[-1]
+        for xi, yi in poly:
+            if yi != yj:
+                crosses = (yi > py) != (yj > py)
+                x_cross = xi + (py - yi) * (xj - xi) / (yj - yi)
+                odd ^= crosses & (px < x_cross)
+            xj, yj = xi, yi
+        inside[sel] |= odd
+    return inside
+
+
+def test_points_in_polygons_gives_the_reference_answer_on_every_point():
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        n = int(rng.integers(3, 40))
+        poly = (
+            rng.integers(0, 50, (n, 2)).astype(float) if trial % 2 else rng.uniform(0, 50, (n, 2))
+        )
+        polys = [poly, rng.uniform(0, 50, (5, 2))]  # random: concave, crossing, repeated points
+        grid = np.arange(-5, 55, 0.5)  # on vertices, on edges, outside
+        pts = np.c_[rng.choice(grid, 600), rng.choice(grid, 600)]
+        pts[::7] = rng.uniform(-5, 55, (len(pts[::7]), 2))
+        assert np.array_equal(
+            points_in_polygons(pts, polys), reference_points_in_polygons(pts, polys)
+        )

@@ -568,9 +568,13 @@ def write_asap_xml(
 def points_in_polygons(xy: np.ndarray, polygons: Iterable[np.ndarray]) -> np.ndarray:
     """Return a bool array: is each (x, y) point of ``xy`` (shape (N, 2)) inside any polygon?
 
-    Even-odd (crossing number) rule per polygon, vectorised over points; points are
-    pre-filtered by each polygon's bounding box. Points exactly on an edge may go
-    either way.
+    Even-odd (crossing number) rule per polygon: a point is inside when an odd number of the
+    polygon's edges cross its row to its right (``px < x_cross``; an edge counts for rows
+    ``min(y) <= py < max(y)``, horizontal edges never). Points are pre-filtered by each polygon's
+    bounding box. Scanline evaluation: crossings are computed once per edge and distinct point
+    row, then points and crossings of a row are merged by one sort (comparisons only), so a
+    polygon costs about (points + crossings) log, not vertices x points. Points exactly on an
+    edge may go either way.
     """
     pts = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     inside = np.zeros(len(pts), dtype=bool)
@@ -580,16 +584,32 @@ def points_in_polygons(xy: np.ndarray, polygons: Iterable[np.ndarray]) -> np.nda
         sel = np.flatnonzero(
             (pts[:, 0] >= xmin) & (pts[:, 0] <= xmax) & (pts[:, 1] >= ymin) & (pts[:, 1] <= ymax)
         )
-        if sel.size == 0:
-            continue
-        px, py = pts[sel, 0], pts[sel, 1]
-        odd = np.zeros(sel.size, dtype=bool)
-        xj, yj = poly[-1]
-        for xi, yi in poly:
-            if yi != yj:  # horizontal edges never cross a horizontal ray
-                crosses = (yi > py) != (yj > py)
-                x_cross = xi + (py - yi) * (xj - xi) / (yj - yi)
-                odd ^= crosses & (px < x_cross)
-            xj, yj = xi, yi
-        inside[sel] |= odd
+        if sel.size:
+            inside[sel] |= _odd_crossings(pts[sel, 0], pts[sel, 1], poly)
     return inside
+
+
+def _odd_crossings(px: np.ndarray, py: np.ndarray, poly: np.ndarray) -> np.ndarray:
+    """Per point: does an odd number of the polygon's edges cross its row right of it?"""
+    rows, point_row = np.unique(py, return_inverse=True)
+    xi, yi = poly[:, 0], poly[:, 1]  # edge k runs from vertex k-1 to vertex k
+    xj, yj = np.roll(xi, 1), np.roll(yi, 1)
+    e = np.flatnonzero(yi != yj)
+    first = np.searchsorted(rows, np.minimum(yi[e], yj[e]), "left")  # rows lo <= y < hi
+    n = np.maximum(np.searchsorted(rows, np.maximum(yi[e], yj[e]), "left") - first, 0)
+    edge = np.repeat(e, n)
+    row = np.repeat(first, n) + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    y = rows[row]
+    x_cross = xi[edge] + (y - yi[edge]) * (xj[edge] - xi[edge]) / (yj[edge] - yi[edge])
+    # one sort of crossings and points by (row, x); at equal x a crossing comes first
+    is_point = np.r_[np.zeros(len(row), dtype=bool), np.ones(len(px), dtype=bool)]
+    order = np.lexsort((is_point, np.r_[x_cross, px], np.r_[row, point_row]))
+    crossings_so_far = np.cumsum(~is_point[order])
+    per_row = np.bincount(row, minlength=len(rows))
+    before_row = np.cumsum(per_row) - per_row
+    at = np.flatnonzero(is_point[order])
+    point = order[at] - len(row)
+    left_or_at = crossings_so_far[at] - before_row[point_row[point]]
+    odd = np.zeros(len(px), dtype=bool)
+    odd[point] = (per_row[point_row[point]] - left_or_at) % 2 == 1
+    return odd
