@@ -156,6 +156,12 @@ def _summary(
     }
 
 
+def _raise_if_failed(problems: list[Problem], strict: bool) -> None:
+    """Raise every problem together (errors first) when any is an error (any at all if strict)."""
+    if any(strict or not p.warning for p in problems):
+        raise CohortError(sorted(problems, key=lambda p: p.warning), strict=strict)
+
+
 def make_coords(
     cohort: CohortOptions,
     sampling: SamplingOptions,
@@ -174,6 +180,7 @@ def make_coords(
     outcomes = _run_slides(items, cohort, sampling, on_slide)
     for o in outcomes:
         problems += o.problems
+    _raise_if_failed(problems, cohort.strict)
     usable = [o for o in outcomes if not o.failed]
     split_of, split_warnings = assign_splits(
         {o.name: o.has_tumor for o in usable},
@@ -194,8 +201,7 @@ def make_coords(
                 "check the slides and the sampling options (--min-tissue, counts)",
             )
         )
-    if any(cohort.strict or not p.warning for p in problems):
-        raise CohortError(problems, strict=cohort.strict)
+    _raise_if_failed(problems, cohort.strict)
     warnings = [p for p in problems if p.warning]
     summary = _summary(usable, skipped, split_of, _options(cohort, sampling), warnings)
     paths = write_outputs(cohort.out, entries, sampling.grid**2, summary)
