@@ -120,22 +120,20 @@ def make_part(
     )
 
 
-def restrict_part(part: Part, keys: set[str] | frozenset[str]) -> Part | None:
-    """The part cut down to its regions whose keys are in `keys` (a repair reads only those),
-    under an id of its own; None when none is."""
-    regions = tuple(r for r in part.regions if r.key in keys)
-    if len(regions) == len(part.regions):
-        return part
-    if not regions:
-        return None
-    prefix = part.part_id.rsplit("-", 1)[0]
-    return Part(
-        _part_id(prefix, part.fingerprint, regions),
-        part.slide,
-        part.image,
-        regions,
-        part.fingerprint,
-    )
+def restrict_parts(parts: list[Part], keys: set[str], part_size: int) -> list[Part]:
+    """The regions of `parts` whose keys are in `keys` (a repair reads only those), per slide
+    in the same order, cut again into parts of at most `part_size` (ids of their own)."""
+    by_slide: dict[Path, list[PlannedRegion]] = {}
+    first: dict[Path, Part] = {}
+    for part in parts:
+        first.setdefault(part.slide, part)
+        by_slide.setdefault(part.slide, []).extend(r for r in part.regions if r.key in keys)
+    out = []
+    for slide, todo in by_slide.items():
+        stem, fingerprint = first[slide].part_id.rsplit("-", 2)[0], first[slide].fingerprint
+        for k, chunk in enumerate(_chunks(todo, part_size)):
+            out.append(make_part(f"{stem}-repair", k, slide, fingerprint, chunk))
+    return out
 
 
 def _part_id(prefix: str, fingerprint: str, regions: tuple[PlannedRegion, ...]) -> str:
@@ -316,11 +314,15 @@ def _cut_parts(
     # neighbouring reads share source tiles while they are still in the cache.
     band = region_box(0, 0, params.region_size, info.level_downsamples[params.level])[2]
     todo = sorted(todo, key=lambda p: (p.y0 // band, p.x0, p.y0))
-    # Equal-sized parts of at most part_size (100 regions -> 4 x 25, not 32 + 32 + 32 + 4),
-    # so that workers finish together.
-    n_parts = -(-len(todo) // params.part_size)
-    bounds = [round(k * len(todo) / n_parts) for k in range(n_parts + 1)]
     return [
-        make_part(stem, k, slide, info.fingerprint, tuple(todo[bounds[k] : bounds[k + 1]]))
-        for k in range(n_parts)
+        make_part(stem, k, slide, info.fingerprint, chunk)
+        for k, chunk in enumerate(_chunks(todo, params.part_size))
     ]
+
+
+def _chunks(todo: list[PlannedRegion], part_size: int) -> list[tuple[PlannedRegion, ...]]:
+    """Equal-sized chunks of at most part_size (100 regions -> 4 x 25, not 32 + 32 + 32 + 4),
+    so that workers finish together."""
+    n_parts = -(-len(todo) // part_size)
+    bounds = [round(k * len(todo) / n_parts) for k in range(n_parts + 1)]
+    return [tuple(todo[bounds[k] : bounds[k + 1]]) for k in range(n_parts)]

@@ -45,7 +45,7 @@ from etl.extract.plan import (
     group_problems,
     inspect_slides,
     plan_split,
-    restrict_part,
+    restrict_parts,
 )
 from etl.extract.shards import (
     Failure,
@@ -375,8 +375,7 @@ def _repair_parts(st: _SplitRun, params: ExtractParams) -> list[Part]:
         k for i, keys in enumerate(shards) if shard_name(st.plan.split, i) in st.redo for k in keys
     }
     st.on_progress(st.plan.n_regions - len(needed))
-    cut = (restrict_part(part, needed) for part in st.plan.parts)
-    return [part for part in cut if part is not None]
+    return restrict_parts(st.plan.parts, needed, params.part_size)
 
 
 def shard_calls(st: _SplitRun, params: ExtractParams) -> list[Call[ShardRecord]]:

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from etl.atomic import atomic_file, write_json_atomic
+from etl.errors import PatchetlError
 from etl.extract.encode import decode_image, encode_region
-from etl.extract.plan import ExtractParams, Part, PlannedRegion
+from etl.extract.plan import ExtractParams, Part, PlannedRegion, slide_fingerprint
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -149,11 +150,20 @@ class SampleTarWriter:
     TarWriter). The standard library does this; webdataset's own writer would import torch
     into every ETL worker (seconds of start-up, and etl must stay torch-free)."""
 
-    def __init__(self, fileobj: IO[bytes] | _HashingWriter) -> None:
-        # closed by close(), which callers call once the sample stream ends
+    def __init__(self, fileobj: IO[bytes]) -> None:
+        self.sink = _Sink(fileobj)  # counts and hashes the bytes written
+        # closed by close() or on leaving the `with` block, once the sample stream ends
         self.tar = tarfile.open(  # noqa: SIM115
-            fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT
+            fileobj=self.sink, mode="w|", format=tarfile.USTAR_FORMAT
         )
+
+    def __enter__(self) -> SampleTarWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None:  # the file is being thrown away: write nothing more to it
+            self.sink.discarded = True
+        self.close()
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         for ext in sorted(members):
@@ -165,6 +175,27 @@ class SampleTarWriter:
 
     def close(self) -> None:
         self.tar.close()  # writes the end-of-archive blocks; the file object stays open
+
+
+class _Sink(io.RawIOBase):
+    """The file a tar stream writes to; hashes and counts what passes, so a shard's sha256
+    comes for free instead of from reading it back. Once `discarded` (the file is thrown away
+    after an error), writes go nowhere: tarfile's stream flushes its buffer when it is closed
+    or collected, and must not write to (or print errors about) the closed file then."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        super().__init__()
+        self.fh, self.sha, self.bytes, self.discarded = fh, hashlib.sha256(), 0, False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: ReadableBuffer) -> int:
+        if self.discarded:
+            return memoryview(data).nbytes
+        self.sha.update(data)
+        self.bytes += memoryview(data).nbytes
+        return self.fh.write(data)
 
 
 def keys_digest(keys: Iterable[str]) -> str:
@@ -221,6 +252,10 @@ def sample_metadata(
     }
 
 
+class SlideChangedError(PatchetlError, RuntimeError):
+    """A slide file changed between the preflight and the read of one of its parts."""
+
+
 # this worker's open slide: (path, mtime, size, backend, cache) -> reader
 _OPEN_READER: dict[tuple[str, int, int, str, int], SlideReader] = {}
 
@@ -270,10 +305,14 @@ def extract_part(
     timing: defaultdict[str, float] = defaultdict(float)
     failures: list[Failure] = []
     order: list[tuple[str, Grid]] = []
+    if part.fingerprint and slide_fingerprint(part.slide) != part.fingerprint:
+        raise SlideChangedError(
+            f"{part.slide}: the slide changed after this run's preflight (size, mtime or "
+            "content); run the same command again: it reads the parts of a changed slide again"
+        )
     reader = worker_reader(part.slide, slide_backend, tile_cache_bytes)
-    with atomic_file(tar_path) as fh:
-        downsample = float(reader.level_downsamples[params.level])
-        writer = SampleTarWriter(fh)
+    downsample = float(reader.level_downsamples[params.level])
+    with atomic_file(tar_path) as fh, SampleTarWriter(fh) as writer:
         for planned in part.regions:
             try:
                 t0 = time.perf_counter()
@@ -304,7 +343,6 @@ def extract_part(
             timing["encode"] += t2 - t1
             timing["write"] += time.perf_counter() - t2
             order.append((planned.key, meta["labels"]))
-        writer.close()  # closes the tar stream, not our file handle
     members = index_tar(tar_path)
     index: PartIndex = {
         "part_id": part.part_id,
@@ -388,23 +426,6 @@ def sample_catalog(part_indexes: Iterable[PartIndex]) -> dict[str, dict[str, Par
     return {idx["part_id"]: {s["key"]: s for s in idx["samples"]} for idx in part_indexes}
 
 
-class _HashingWriter(io.RawIOBase):
-    """A write-only file wrapper that hashes and counts what passes through it, so a shard's
-    sha256 comes for free instead of from reading the shard back."""
-
-    def __init__(self, fh: IO[bytes]) -> None:
-        super().__init__()
-        self.fh, self.sha, self.bytes = fh, hashlib.sha256(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: ReadableBuffer) -> int:
-        self.sha.update(data)
-        self.bytes += memoryview(data).nbytes
-        return self.fh.write(data)
-
-
 def write_shard(
     path: Path, entries: Iterable[tuple[str, str, PartSample]], parts_dir: Path
 ) -> ShardRecord:
@@ -414,9 +435,7 @@ def write_shard(
     handles: OrderedDict[str, IO[bytes]] = OrderedDict()  # LRU: a shard may touch 1000s of parts
     grids: list[Grid] = []
     try:
-        with atomic_file(path) as fh:
-            out = _HashingWriter(fh)
-            writer = SampleTarWriter(out)
+        with atomic_file(path) as fh, SampleTarWriter(fh) as writer:
             for key, part_id, entry in entries:
                 src = handles.pop(part_id, None)
                 if src is None:
@@ -431,15 +450,14 @@ def write_shard(
                     sample[ext] = src.read(size)
                 writer.write(key, sample)
                 grids.append(entry["labels"])
-            writer.close()
     finally:
         for src in handles.values():
             src.close()
     return {
         "name": path.name,
         "count": len(grids),
-        "bytes": out.bytes,
-        "sha256": out.sha.hexdigest(),
+        "bytes": writer.sink.bytes,
+        "sha256": writer.sink.sha.hexdigest(),
         "labels": label_histogram(grids),
     }
 
