@@ -31,7 +31,7 @@ from etl.extract.run import (
     extract_split,
     plan_extraction,
 )
-from etl.extract.shards import iter_samples, sha256_file, verify_folder
+from etl.extract.shards import SlideChangedError, iter_samples, sha256_file, verify_folder
 from etl.synth.cohort import synth_cohort
 
 REGION = 192
@@ -332,6 +332,16 @@ def test_a_slide_replaced_between_a_kill_and_the_resume_is_read_again(cohort, tm
     fresh = CliRunner().invoke(app, args(cohort, tmp_path / "fresh", "--workers", "1"))
     assert fresh.exit_code == 0, fresh.output
     assert shard_hashes(killed / "training") == shard_hashes(tmp_path / "fresh" / "training")
+
+
+def test_a_slide_changed_after_the_preflight_stops_its_reads(cohort, tmp_path):
+    params = ExtractParams(region_size=REGION, shard_size=5, part_size=4)
+    table, (plan,) = plan_extraction(cohort / "dataset_0.json", params, data_root=cohort)
+    slides = sorted((cohort / "training" / "images").glob("*.tif"))
+    shutil.copyfile(slides[1], slides[0])
+    with pytest.raises(SlideChangedError, match=f"{slides[0].name}: the slide changed after"):
+        extract_split(table, plan, tmp_path / "training", params, PARSE, workers=1)
+    assert not (tmp_path / "training" / "manifest.json").exists()
 
 
 # --------------------------------------------------------------------------- inputs, messages
