@@ -309,7 +309,9 @@ def read_slice(piece: Slice, retry: Retry) -> Iterator[dict]:
     problem: list[str] = []
 
     def handler(exn: Exception) -> bool:  # webdataset handler: note the error, stop the shard
-        problem.append(f"{type(exn).__name__}: {exn}")
+        # webdataset appends the stream and the raw URL to the arguments: keep the message
+        what = exn.args[0] if exn.args and isinstance(exn.args[0], str) else str(exn)
+        problem.append(redact(f"{type(exn).__name__}: {what}"))
         return False
 
     i = -1
