@@ -20,7 +20,7 @@ Contracts:
   command is run again and the bytes already read are skipped) after a backoff that doubles,
   at most `Retry.attempts` connections per stream in all; then it raises `StorageError`.
 - A missing object is `NotFound` at once (never retried): `check_objects` finds every missing
-  or short shard of a split before any work starts.
+  shard of a split before any work starts.
 """
 
 from __future__ import annotations

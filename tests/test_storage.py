@@ -18,10 +18,12 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from test_train import TINY, quiet, read_csv
+from test_train import TINY as TINY_OPTIONS
+from test_train import quiet, read_csv
 from test_train_data import epoch_keys, write_region_shards
 from typer.testing import CliRunner
 
@@ -37,6 +39,7 @@ pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
 ]
+TINY: dict[str, Any] = dict(TINY_OPTIONS)  # the trainer's tiny geometry (tests/test_train.py)
 FAST = Retry(attempts=3, timeout=5.0, backoff=0.01)
 SHARD_FILES = ["training-000000.tar", "training-000001.tar", "training-000002.tar"]
 
@@ -177,7 +180,8 @@ class Faulty(BaseHTTPRequestHandler):
             return
         data = path.read_bytes()
         rng = self.headers.get("Range")
-        start = int(re.match(r"bytes=(\d+)-", rng).group(1)) if rng else 0
+        found = re.match(r"bytes=(\d+)-", rng or "")
+        start = int(found.group(1)) if found else 0
         self.send_response(206 if rng else 200)
         if rng:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -201,7 +205,7 @@ class Faulty(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def faulty(root):
-    handlers = []
+    handlers: list[tuple[ThreadingHTTPServer, type]] = []
 
     def start(plan):
         handler = type(
@@ -211,11 +215,11 @@ def faulty(root):
         )
         server = serve(handler)
         handlers.append((server, handler))
-        return f"http://127.0.0.1:{server.server_port}", handler.requests
+        return f"http://127.0.0.1:{server.server_port}", handler.requests  # type: ignore
 
     yield start
     for server, handler in handlers:
-        handler.stop.set()
+        handler.stop.set()  # type: ignore[attr-defined]
         server.shutdown()
         server.server_close()
 
