@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import operator
 import re
 from abc import ABC, abstractmethod
@@ -135,15 +136,38 @@ def read_region_openslide_rgb(
     return composite_over_white(rgba)
 
 
-def _mpp_from_properties(props: Any) -> tuple[float, float] | None:
-    """(mpp_x, mpp_y) from OpenSlide's ``openslide.mpp-x/y`` properties, or None."""
+# micrometres per TIFF ResolutionUnit, as OpenSlide spells the unit in tiff.ResolutionUnit
+_UM_PER_UNIT = {"centimeter": 1e4, "inch": 25400.0}
+
+
+def _positive_pair(x: Any, y: Any) -> tuple[float, float] | None:
     try:
-        return (
-            float(props[openslide.PROPERTY_NAME_MPP_X]),
-            float(props[openslide.PROPERTY_NAME_MPP_Y]),
-        )
-    except (KeyError, ValueError):
+        pair = (float(x), float(y))
+    except (TypeError, ValueError):
         return None
+    return pair if all(math.isfinite(v) and v > 0 for v in pair) else None
+
+
+def _mpp_from_properties(props: Any) -> tuple[float, float] | None:
+    """Level-0 (mpp_x, mpp_y) in micrometres per pixel from OpenSlide's properties, or None.
+
+    First ``openslide.mpp-x/y``: OpenSlide fills them from each format's own record (Aperio's
+    ``MPP``, generic TIFF resolution tags in centimetres or inches, DICOM PixelSpacing,
+    Hamamatsu, MIRAX, Leica, ...). Else the TIFF resolution tags OpenSlide lists for every
+    TIFF-based format (``tiff.XResolution``, ``tiff.YResolution`` in pixels per
+    ``tiff.ResolutionUnit``, centimetre or inch): an Aperio file without ``MPP`` in its
+    description still has them. Values that are not finite and positive count as missing.
+    """
+    mpp = _positive_pair(
+        props.get(openslide.PROPERTY_NAME_MPP_X), props.get(openslide.PROPERTY_NAME_MPP_Y)
+    )
+    if mpp is not None:
+        return mpp
+    um = _UM_PER_UNIT.get(str(props.get("tiff.ResolutionUnit", "")).lower())
+    res = _positive_pair(props.get("tiff.XResolution"), props.get("tiff.YResolution"))
+    if um is None or res is None:
+        return None
+    return um / res[0], um / res[1]
 
 
 def _check_file(path: Path) -> None:
