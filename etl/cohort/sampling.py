@@ -27,6 +27,7 @@ from scipy import ndimage
 from etl.cohort.geometry import SpacingIndex, TissueShares, region_window
 from etl.cohort.truth import SlideTruth
 from etl.config import SamplingOptions
+from etl.wsi.tissue import TissueMask
 
 __all__ = ["Sampled", "grid_positions", "grid_regions", "sample_regions"]
 
@@ -94,13 +95,22 @@ def _normal_accept(s: _Slide) -> Accept:
     return accept
 
 
+def _on_grid(tissue: TissueMask, ds: int, shape: tuple[int, int]) -> np.ndarray:
+    """The tissue mask at the centres of the pixels of a grid of downsample ``ds``."""
+    mh, mw = tissue.mask.shape
+    r = np.floor((np.arange(shape[0]) + 0.5) * ds / tissue.downsample[1]).astype(np.int64)
+    c = np.floor((np.arange(shape[1]) + 0.5) * ds / tissue.downsample[0]).astype(np.int64)
+    grid: np.ndarray = tissue.mask[np.ix_(np.minimum(r, mh - 1), np.minimum(c, mw - 1))]
+    grid &= (r < mh)[:, None] & (c < mw)[None, :]
+    return grid
+
+
 def _candidate_maps(s: _Slide, ds: int) -> tuple[np.ndarray, np.ndarray]:
     """Low-resolution (ds) candidate pixels of tumor and normal centres: tumor dilated by a pixel;
     tissue without pixels surely within the margin or deep inside tumor."""
     tumor = s.truth.raster(s.width, s.height, ds)
     h, w = tumor.shape
-    jj, ii = np.meshgrid((np.arange(w) + 0.5) * ds, (np.arange(h) + 0.5) * ds)
-    tissue = s.shares.tissue.at(jj, ii)
+    tissue = _on_grid(s.shares.tissue, ds, (h, w))
     normal = tissue & ~ndimage.binary_erosion(tumor)
     if s.opts.margin > 0 and tumor.any():
         near = ndimage.distance_transform_edt(~tumor) * ds + ds * 0.71 < s.opts.margin

@@ -51,7 +51,8 @@ class SlideTruth(ABC):
 
     @abstractmethod
     def raster(self, width: int, height: int, ds: int) -> np.ndarray:
-        """Bool tumor mask of the slide at integer downsample ``ds`` (pixel centres)."""
+        """Bool tumor mask of the slide at integer downsample ``ds`` (pixel centres); callers
+        must not modify it (it may be cached)."""
 
     @property
     @abstractmethod
@@ -65,6 +66,7 @@ class PolygonTruth(SlideTruth):
     def __init__(self, annotations: Annotations) -> None:
         self.ann = annotations
         self.ignored = dict(annotations.ignored)
+        self._rasters: dict[tuple[int, int, int], np.ndarray] = {}
 
     def tumor(self, xy: np.ndarray) -> np.ndarray:
         return self.ann.is_tumor(xy)
@@ -80,7 +82,13 @@ class PolygonTruth(SlideTruth):
         return dist
 
     def raster(self, width: int, height: int, ds: int) -> np.ndarray:
-        mask = tumor_mask(self.ann.tumor, width, height, ds, holes=self.ann.holes) > 0
+        key = (width, height, ds)
+        if key not in self._rasters:  # asked for the candidates and for the tumor area
+            self._rasters[key] = self._raster(width, height, ds)
+        return self._rasters[key]
+
+    def _raster(self, width: int, height: int, ds: int) -> np.ndarray:
+        mask: np.ndarray = tumor_mask(self.ann.tumor, width, height, ds, holes=self.ann.holes) > 0
         for poly in self.ann.tumor:  # lesions smaller than a pixel keep a pixel
             j = np.clip((poly[:, 0] // ds).astype(np.int64), 0, mask.shape[1] - 1)
             i = np.clip((poly[:, 1] // ds).astype(np.int64), 0, mask.shape[0] - 1)
