@@ -28,7 +28,8 @@ from etl.cohort.writers import (
     write_outputs,
 )
 from etl.config import CohortOptions, SamplingOptions
-from etl.extract.run import delayed, executor, tool_version
+from etl.extract.executor import delayed, executor
+from etl.extract.run import tool_version
 
 __all__ = ["CohortResult", "make_coords"]
 
