@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
@@ -81,13 +82,28 @@ def evaluate(opts: EvaluateOptions, patch: PatchEvalOptions, reads: ShardReads) 
 @command(app)
 def infer(inputs: SlideInputs, cfg: InferConfig) -> None:
     """Tumor probability map, heatmaps and lesion candidates for whole slides."""
+    from training.infer.cohort import finish
     from training.infer.run import run_inference
 
-    done, failed = run_inference(cfg, inputs.slides, echo=typer.echo, warn=warn)
+    run = run_inference(cfg, inputs.slides, echo=typer.echo, warn=warn)
+    failed, done = run.failed, len(run.done) + len(run.skipped)
+    if run.report is not None:  # several processes: each reports; a full set is merged
+        summary = finish(Path(cfg.out), run.report)
+        if summary is None:
+            typer.echo(
+                f"rank {run.report.rank}: {done} done, {len(failed)} failed; the "
+                "cohort summary comes from the last rank to finish"
+            )
+        else:
+            failed, done = summary["failed"], summary["done"] + summary["skipped"]
+            typer.echo(
+                f"cohort of {summary['slides']} slide(s) on {summary['world']} "
+                f"processes: {done} done ({summary['skipped']} skipped as complete), "
+                f"{len(failed)} failed; {Path(cfg.out) / 'infer-summary.json'}"
+            )
     if failed:
         listed = "".join(f"\n  {f}" for f in failed)
-        total = len(done) + len(failed)
-        fail(f"{len(failed)} of {total} slide(s) failed, {len(done)} done:{listed}", code=1)
+        fail(f"{len(failed)} of {done + len(failed)} slide(s) failed, {done} done:{listed}", code=1)
 
 
 DENSE_CHECK = only(

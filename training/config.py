@@ -217,9 +217,29 @@ class InferConfig:
     thumbnail_side: int = 2048
     slide_backend: SlideBackend = "auto"
     progress: Progress = True
+    rank: Annotated[
+        int | None,
+        opt(
+            "This process's share of the slides, with --world (default: RANK from torchrun, "
+            "else 0)."
+        ),
+    ] = None
+    world: Annotated[
+        int | None,
+        opt(
+            "Processes sharing the slides, largest first (default: WORLD_SIZE from torchrun, "
+            "else 1)."
+        ),
+    ] = None
 
     def validate(self) -> None:
         problems = []
+        if (self.rank is None) != (self.world is None) or (
+            self.world is not None and not 0 <= (self.rank or 0) < self.world
+        ):
+            problems.append(
+                f"--rank {self.rank} --world {self.world}: give both, with 0 <= rank < world"
+            )
         if self.mode not in MODES:
             problems.append(f"--mode {self.mode!r}: use dense or patch")
         if self.stride < FEATURE_STRIDE or self.stride % FEATURE_STRIDE:

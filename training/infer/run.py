@@ -6,7 +6,9 @@
 `run_inference` does that for every slide and writes each one's outputs (`outputs`): it checks
 `--out` before any work, names each slide's outputs uniquely (`output_names`), and a slide that
 cannot be read or written (any reader's error, OpenSlide's included) is a failure of that slide
-only: it is reported, the others still run, and the caller exits 1 with the list.
+only: it is reported, the others still run, and the caller exits 1 with the list. Slides whose
+outputs are complete for the same inputs are skipped, and several processes share a cohort
+(`cohort`: which rank runs which slide, rank reports and their summary).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from openslide import OpenSlideError
@@ -30,6 +32,17 @@ from etl.wsi.reader import Backend, SlideError, open_slide
 from etl.wsi.tissue import LowRes, TissueMask, thumbnail, tissue_mask
 from training.config import InferConfig
 from training.errors import InferError
+from training.infer.cohort import (
+    RankReport,
+    Share,
+    assign,
+    cohort_digest,
+    complete,
+    file_sha256,
+    report_path,
+    run_inputs,
+    slide_inputs,
+)
 from training.infer.geometry import MapGeometry, plan_tiles, tile_cells
 from training.infer.outputs import write_outputs
 from training.infer.predictor import Predictor, make_predictor
@@ -196,31 +209,90 @@ def output_names(paths: Sequence[Path], out: str | Path) -> dict[Path, str]:
     return names
 
 
+@dataclass
+class InferRun:
+    """What one process did: outputs of the slides it ran, slides skipped as complete, failures
+    (one line each), and its cohort report when several processes share the slides."""
+
+    done: list[dict[str, Path]] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    report: RankReport | None = None
+
+
 def run_inference(
     cfg: InferConfig,
     slides: Sequence[str | Path],
     echo: Callable[[str], None] = print,
     warn: Callable[[str], None] = print,
-) -> tuple[list[dict[str, Path]], list[str]]:
-    """Infer every slide; returns (outputs per finished slide, failure messages).
+) -> InferRun:
+    """Infer this process's share of the slides (`cohort`: all of them in one process),
+    skipping those whose outputs are complete for these inputs.
 
     A bad checkpoint, option or ``--out`` raises a ``PatchetlError`` before any slide is read;
     a slide that cannot be read or written is reported in the failures and the others still
     run.
     """
     cfg.validate()
+    share = Share.of(cfg)
     paths = slide_paths(slides)
     out = output_folder(cfg.out, "--out")
-    names = output_names(paths, out)
-    for path, name in names.items():
-        if name != key_stem(path.name):
+    names = output_names(paths, out)  # over the whole cohort: every rank names alike
+    if share.world > 1:
+        report_path(out, share.rank, share.world).unlink(missing_ok=True)
+        owners = assign(paths, share.world)
+        paths = [p for p, r in zip(paths, owners, strict=True) if r == share.rank]
+        cfg = replace(cfg, progress=cfg.progress and share.rank == 0)
+        _use_local_gpu(cfg, share)
+    for path in paths:
+        if names[path] != key_stem(path.name):
             echo(
                 f"note: {path}: another slide has the output name {key_stem(path.name)}; "
-                f"this one's outputs are {out}/{name}.*"
+                f"this one's outputs are {out}/{names[path]}.*"
             )
     cfg, predictor = make_predictor(cfg)
-    extra = {"device": predictor.device.type, "amp": predictor.amp}
-    done, failed = [], []
+    inputs = run_inputs(cfg, predictor.amp, file_sha256(cfg.checkpoint))
+    run = InferRun()
+    if share.world > 1:
+        cohort = cohort_digest(list(names), share.world, inputs)
+        run.report = RankReport(cohort, share.rank, share.world, [str(p) for p in paths])
+    todo = []
+    for path in paths:
+        if complete(out, names[path], path, inputs):
+            run.skipped.append(path)
+        else:
+            todo.append(path)
+    if run.skipped:
+        echo(f"{len(run.skipped)} slide(s) skipped: their outputs in {out} are complete")
+    _infer_slides(todo, names, predictor, cfg, out, inputs, run, echo, warn)
+    if run.report is not None:
+        run.report.done = [str(o["prob.json"]) for o in run.done]
+        run.report.skipped = [str(p) for p in run.skipped]
+        run.report.failed = list(run.failed)
+    return run
+
+
+def _use_local_gpu(cfg: InferConfig, share: Share) -> None:
+    """Under torchrun on CUDA, each rank runs on its own GPU of the machine."""
+    import torch
+
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(share.local_rank % torch.cuda.device_count())
+
+
+def _infer_slides(
+    paths: Sequence[Path],
+    names: dict[Path, str],
+    predictor: Predictor,
+    cfg: InferConfig,
+    out: Path,
+    inputs: dict[str, Any],
+    run: InferRun,
+    echo: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> None:
+    """Each slide in turn; a failure is the slide's alone (see the module)."""
+    device = {"device": predictor.device.type, "amp": predictor.amp}
     with progress_bar(unit="tiles", enabled=cfg.progress) as bar:
         for path in paths:
 
@@ -230,19 +302,19 @@ def run_inference(
 
             try:
                 result = infer_slide(path, predictor, cfg, on_tiles, names[path])
+                extra = {**device, "inputs": slide_inputs(path, inputs)}
                 outputs = write_outputs(result, out, cfg, extra)
             except SLIDE_FAILURES as exc:
-                failed.append(failure(path, exc))
+                run.failed.append(failure(path, exc))
             except OSError as exc:  # writing: disk full, a file in the way, ...
-                failed.append(f"{path}: cannot write its outputs in {out}: {exc}")
+                run.failed.append(f"{path}: cannot write its outputs in {out}: {exc}")
             else:
                 for w in result.warnings:
                     warn(f"warning: {w}")
-                done.append(outputs)
+                run.done.append(outputs)
                 echo(_done_line(path, result, outputs))
                 continue
-            warn(f"error: {failed[-1]}")
-    return done, failed
+            warn(f"error: {run.failed[-1]}")
 
 
 def _done_line(path: Path, result: SlideResult, outputs: dict[str, Path]) -> str:
