@@ -50,7 +50,7 @@ FLAGS = {
     "infer": "--checkpoint --ckpt --out --mode --level --stride --patch-size --tile-size "
     "--margin --batch-size --tiles-per-batch --workers --device --amp --no-amp "
     "--tissue-downsample --tissue-threshold --tissue-min-area --nms-radius "
-    "--nms-threshold --slide-backend --progress --no-progress",
+    "--nms-threshold --slide-backend --progress --no-progress --rank --world",
     "check-dense": "--checkpoint --ckpt --min-r --report --level --stride --patch-size "
     "--tile-size --margin --batch-size --workers --device --amp --no-amp "
     "--slide-backend",
