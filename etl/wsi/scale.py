@@ -11,14 +11,17 @@ covers and how its pixels are made:
   most ``target * (1 + MPP_TOLERANCE)``. A level within that tolerance of the target either way
   *is* the target: read as it is, never resampled. A target finer than level 0 beyond the
   tolerance is refused (it would invent detail).
-- **Box** (:func:`region_box`, the convention of ``etl.extract.plan.region_box`` for levels): the
-  region spans ``extent = round(size * downsample)`` level-0 pixels from
-  ``(x - extent // 2, y - extent // 2)``; ``downsample`` is the level's own downsample when the
-  level is the target, else ``target / slide mpp``. ``(x, y)`` stays the centre.
-- **Pixels** (:func:`read_scaled`): at the target's own level, ``reader.read_region(x0, y0, level,
-  size, size)``, identical to OpenSlide's ``read_region`` at that level. Otherwise the level's
-  pixels under the box are read from a window aligned to that level's pixel grid (a plain tile
-  copy for the direct reader when the downsample is an integer) and area-averaged
+- **Box** (level 0; pixel j spans [j, j + 1)): read as is, :func:`region_box`, the convention
+  of ``etl.extract.plan.region_box`` for levels: ``extent = round(size * downsample)`` from
+  ``(x - extent // 2, y - extent // 2)``. Resampled, the exact box ``[x - s / 2, x + s / 2)``
+  with ``s = size * target / slide mpp``, fractions kept: a whole-pixel box puts the centre
+  half a pixel off when its extent is odd and rounds the scale, differently on slides of
+  different mpp (tests/test_scale.py, slides at 0.25 and 0.5 um/px read at 0.6: 37.7 dB
+  PSNR between them with exact boxes, 33.9 dB with whole-pixel boxes).
+- **Pixels** (:func:`read_scaled`): read as is, ``reader.read_region(left, top, level, size,
+  size)``, identical to OpenSlide's ``read_region`` at that level. Resampled, the level's
+  pixels under the box are read from a window aligned to that level's pixel grid (a plain
+  tile copy for the direct reader when the downsample is an integer) and area-averaged
   (``etl.wsi.downsample.area_resize``) to ``size``; pixels outside the slide are white, as
   OpenSlide reads them.
 
@@ -54,6 +57,7 @@ __all__ = [
 ]
 
 MPP_TOLERANCE = 0.01  # relative: x vs y pixel size, and a level's mpp vs the target
+_SLACK = 1 + MPP_TOLERANCE + 1e-9  # the largest ratio taken as the same scale (float slack)
 
 
 class ScaleError(PatchetlError, ValueError):
@@ -93,7 +97,7 @@ def slide_mpp(
 
 
 def _same_scale(a: float, b: float) -> bool:
-    return abs(math.log(a / b)) <= math.log1p(MPP_TOLERANCE)
+    return max(a / b, b / a) <= _SLACK
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ def choose_level(
     ``factor`` with ``area_resize``.
     """
     target = _check_mpp(target_mpp, "--mpp")
-    fine = [k for k, d in enumerate(downsamples) if mpp * d <= target * (1 + MPP_TOLERANCE)]
+    fine = [k for k, d in enumerate(downsamples) if mpp * d <= target * _SLACK]
     if not fine:
         raise ScaleError(
             f"{slide}: level 0 is {mpp:g} um/px, coarser than --mpp {target:g}: the slide "
