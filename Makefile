@@ -102,6 +102,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.bench_etl --out benchmarks/results/etl.md
 	$(BIN)/python -m benchmarks.bench_loader --out benchmarks/results/loader.md
 	$(BIN)/python -m benchmarks.bench_infer --out benchmarks/results/infer.md
+	$(BIN)/python -m benchmarks.bench_scale --out benchmarks/results/scale.md
 	$(BIN)/python -m benchmarks.report > BENCHMARKS.md.tmp && mv BENCHMARKS.md.tmp BENCHMARKS.md
 
 # On a CUDA machine: training patches/s and data wait (decode on CPU vs GPU), whole-slide time.

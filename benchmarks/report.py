@@ -7,7 +7,7 @@ from pathlib import Path
 
 from benchmarks.common import git_revision, machine
 
-ORDER = ["etl.md", "loader.md", "infer.md", "gpu.md", "gpu_training.md"]
+ORDER = ["etl.md", "loader.md", "infer.md", "scale.md", "gpu.md", "gpu_training.md"]
 
 
 def main(results: Path = Path("benchmarks/results")) -> None:
