@@ -262,8 +262,9 @@ def test_a_slide_without_mpp_names_the_slide_and_assume_mpp_reads_it(tmp_path, s
         assert np.array_equal(
             pixels, area_resize(reader.read_region(372, 372, 0, 256, 256), (SIZE, SIZE))
         )
-    with pytest.raises(OptionError, match="--assume-mpp 0"):
-        slide_mpp(None, path, 0)
+    for bad in (0.0, -0.25, math.nan):
+        with pytest.raises(OptionError, match="--assume-mpp"):
+            slide_mpp((0.5, 0.5), path, bad)  # checked even where the slide has its own
     assert slide_mpp((0.5, 0.5), path, assume=0.25) == 0.5  # only for slides without one
 
 

@@ -210,7 +210,7 @@ class SlideReader(ABC):
     level_count: int
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
-    mpp: tuple[float, float] | None
+    mpp: tuple[float, float] | None  # level-0 (x, y) um/px (_mpp_from_properties); None: unknown
     _slide: openslide.OpenSlide | None = None  # None after close() or a failed read
     _openslide_cache_bytes: int | None = None
 

@@ -77,6 +77,8 @@ def slide_mpp(
 
     ``assume`` (``--assume-mpp``) is used only when the slide records no pixel size.
     """
+    if assume is not None:
+        assume = _check_mpp(assume, "--assume-mpp")
     if mpp is None:
         if assume is None:
             raise ScaleError(
@@ -84,7 +86,7 @@ def slide_mpp(
                 "resolution tags or DICOM pixel spacing); give it with --assume-mpp "
                 "(e.g. --assume-mpp 0.25 for a 40x scan, 0.5 for 20x)"
             )
-        return _check_mpp(assume, "--assume-mpp")
+        return assume
     x, y = mpp
     if abs(x - y) > MPP_TOLERANCE * max(x, y):
         raise ScaleError(
