@@ -437,15 +437,13 @@ def test_every_bad_input_is_listed_together_exit_2_and_nothing_written(cohort, t
     for name in ("tumor_001", "tumor_002", "normal_001"):
         (slides / f"{name}.tif").symlink_to(cohort["images"] / f"{name}.tif")
     square = '<Coordinate Order="{}" X="{}" Y="{}" />'
-    bowtie = "".join(
-        square.format(k, x, y) for k, (x, y) in enumerate([(0, 0), (50, 50), (50, 0), (0, 50)])
-    )
+    pair = "".join(square.format(k, x, y) for k, (x, y) in enumerate([(0, 0), (50, 50), (0, 0)]))
     far = "".join(
         square.format(k, x, y) for k, (x, y) in enumerate([(5000, 10), (5100, 10), (5100, 90)])
     )
     (ann / "tumor_001.xml").write_text(
         f'<ASAP_Annotations><Annotations><Annotation Name="knot" PartOfGroup="_0"><Coordinates>'
-        f'{bowtie}</Coordinates></Annotation><Annotation Name="away" PartOfGroup="_1"><Coordinates>'
+        f'{pair}</Coordinates></Annotation><Annotation Name="away" PartOfGroup="_1"><Coordinates>'
         f"{far}</Coordinates></Annotation></Annotations></ASAP_Annotations>"
     )
     (ann / "tumor_002.geojson").write_text("")
@@ -476,7 +474,7 @@ def test_every_bad_input_is_listed_together_exit_2_and_nothing_written(cohort, t
     assert res.exit_code == 2, res.output
     text = res.output
     for expected in (
-        "tumor_001.xml: annotation 'knot' (#0, group _0): polygon crosses itself",
+        "tumor_001.xml: annotation 'knot' (#0, group _0): polygon has 2 distinct vertex(es)",
         "tumor_001.xml: annotation 'away' (#1, group _1): polygon (x 5000..5100, y 10..90) lies "
         "outside its slide (2048 x 2048 px)",
         "tumor_002.geojson: the file is empty",

@@ -19,10 +19,13 @@ decides.
   ring is dropped, so the same polygon in XML and GeoJSON gives the same array.
 
 Every polygon is checked: coordinates must be finite numbers, a ring needs 3 distinct vertices
-and a non-zero area, and must not cross or touch itself (consecutive duplicate vertices are
-allowed). :func:`check_annotations` collects every problem of a file (each names the file, the
-annotation and the fix) without raising; :func:`read_annotations` raises them together as one
-:class:`AnnotationError` (warnings too with ``strict=True``).
+and a non-zero area (errors). A ring that crosses or touches itself is a warning, not an error:
+hand-drawn ground truth (Camelyon16's XMLs among it) has such polygons, and the challenge's mask
+conversion fills them; here they are filled by the even-odd rule of ``points_in_polygons``
+(consecutive duplicate vertices are allowed). :func:`check_annotations` collects every problem
+of a file (each names the file, the annotation and the fix) without raising;
+:func:`read_annotations` raises them together as one :class:`AnnotationError` (warnings too
+with ``strict=True``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ __all__ = [
     "points_in_polygons",
     "read_annotations",
     "read_asap_xml",
+    "ring_crossing",
     "ring_problem",
     "write_asap_xml",
 ]
@@ -216,8 +220,8 @@ def _self_crossing(ring: np.ndarray) -> tuple[int, int] | None:
 
 
 def ring_problem(ring: np.ndarray) -> tuple[str, str] | None:
-    """(what is wrong, the fix) for a polygon ring that is not a simple polygon, else None:
-    non-finite coordinates, fewer than 3 distinct vertices, zero area, edges that cross."""
+    """(what is wrong, the fix) for a polygon ring that cannot be used, else None:
+    non-finite coordinates, fewer than 3 distinct vertices, zero area."""
     ring = np.asarray(ring, dtype=np.float64)
     if not np.isfinite(ring).all():
         return "has NaN or infinite coordinates", "fix or remove those vertices"
@@ -231,15 +235,22 @@ def ring_problem(ring: np.ndarray) -> tuple[str, str] | None:
     far = rel[np.argmax(np.abs(rel).sum(axis=1))]
     if np.all(rel[:, 0] * far[1] - rel[:, 1] * far[0] == 0):
         return "has zero area (its vertices lie on one line)", "remove it or redraw it"
-    crossing = _self_crossing(distinct)
-    if crossing is not None:
-        i, j = crossing
-        px, py = distinct[i]
-        return (
-            f"crosses itself (edges {i} and {j} meet; edge {i} starts at x={px:g}, y={py:g})",
-            "redraw it, or split it into polygons that do not cross themselves",
-        )
     return None
+
+
+def ring_crossing(ring: np.ndarray) -> tuple[str, str] | None:
+    """(what is odd, the fix) for a usable ring that crosses or touches itself, else None."""
+    distinct = _distinct_ring(np.asarray(ring, dtype=np.float64))
+    crossing = _self_crossing(distinct)
+    if crossing is None:
+        return None
+    i, j = crossing
+    px, py = distinct[i]
+    return (
+        f"crosses itself (edges {i} and {j} meet; edge {i} starts at x={px:g}, y={py:g}); "
+        "it is filled by the even-odd rule",
+        "redraw it, or split it into polygons that do not cross themselves",
+    )
 
 
 # --------------------------------------------------------------------------- reading
@@ -269,6 +280,9 @@ class _Reader:
         if problem is not None:
             self.error(entry, f"polygon {problem[0]}", problem[1])
             return
+        crossing = ring_crossing(ring)
+        if crossing is not None:
+            self.warn(entry, f"polygon {crossing[0]}", crossing[1])
         if self.slide_size is not None and not self._inside_slide(ring, entry):
             return
         self.roles[role].append(ring)
