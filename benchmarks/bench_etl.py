@@ -21,10 +21,11 @@ import openslide
 
 from benchmarks.common import cli, machine, median, table, write_section
 from etl.extract.encode import encode_region
-from etl.extract.plan import ExtractParams, region_box
+from etl.extract.plan import ExtractParams
 from etl.extract.run import extract_splits, plan_extraction
 from etl.extract.shards import SampleTarWriter
 from etl.wsi.reader import read_region_openslide_rgb
+from etl.wsi.scale import region_box
 
 REGION = 768
 

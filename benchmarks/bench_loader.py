@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import cli, machine, median, table, write_section
 from etl.extract.coords import load_regions
-from etl.extract.plan import region_box
+from etl.wsi.scale import region_box
 from training.data.augment import Augment
 from training.data.pipeline import patch_batches
 from training.data.stream import PatchSpec, RegionStream, make_loader, open_shards

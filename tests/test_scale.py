@@ -15,7 +15,6 @@ import openslide
 import pytest
 
 from etl.errors import OptionError, PatchetlError
-from etl.extract import plan as extract_plan
 from etl.synth.scene import make_scene
 from etl.synth.slide import write_slide
 from etl.wsi.downsample import area_resize, block_mean
@@ -194,7 +193,7 @@ def test_centres_stay_and_boxes_follow_the_extract_convention():
                     assert (r.left + r.side / 2, r.top + r.side / 2) == pytest.approx((x, y))
                     assert r.side * 0.25 == pytest.approx(size * target)
                 else:  # the level's own pixels, placed as extract places them at --level
-                    want = extract_plan.region_box(x, y, size, downsamples[r.level])
+                    want = region_box(x, y, size, downsamples[r.level])
                     assert (
                         (r.left, r.top, r.side)
                         == want

@@ -22,6 +22,7 @@ from etl.extract.coords import Region
 from etl.options import opt
 from etl.wsi.formats import unique_key_stem
 from etl.wsi.reader import SlideReader
+from etl.wsi.scale import region_box
 
 OUTSIDE_POLICIES = ("error", "skip", "pad")
 
@@ -55,16 +56,6 @@ class ExtractParams:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def region_box(x: int, y: int, size: int, downsample: float = 1.0) -> tuple[int, int, int]:
-    """Top-left (level-0) and level-0 extent of a `size` px region at a level, centred on (x, y).
-
-    At level 0 this is OpenSlide's `read_region((x - size // 2, y - size // 2), 0, (size, size))`,
-    the seed's read. At level L the region stays centred: it spans size * downsample level-0 px.
-    """
-    extent = round(size * downsample)
-    return x - extent // 2, y - extent // 2, extent
 
 
 def sample_key(stem: str, x: int, y: int) -> str:

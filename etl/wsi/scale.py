@@ -11,9 +11,9 @@ covers and how its pixels are made:
   most ``target * (1 + MPP_TOLERANCE)``. A level within that tolerance of the target either way
   *is* the target: read as it is, never resampled. A target finer than level 0 beyond the
   tolerance is refused (it would invent detail).
-- **Box** (level 0; pixel j spans [j, j + 1)): read as is, :func:`region_box`, the convention
-  of ``etl.extract.plan.region_box`` for levels: ``extent = round(size * downsample)`` from
-  ``(x - extent // 2, y - extent // 2)``. Resampled, the exact box ``[x - s / 2, x + s / 2)``
+- **Box** (level 0; pixel j spans [j, j + 1)): read as is, :func:`region_box` (extract's box
+  at ``--level`` too): ``extent = round(size * downsample)`` from ``(x - extent // 2, y -
+  extent // 2)``. Resampled, the exact box ``[x - s / 2, x + s / 2)``
   with ``s = size * target / slide mpp``, fractions kept: a whole-pixel box puts the centre
   half a pixel off when its extent is odd and rounds the scale, differently on slides of
   different mpp (tests/test_scale.py, slides at 0.25 and 0.5 um/px read at 0.6: 37.7 dB
@@ -137,7 +137,8 @@ def choose_level(
 def region_box(x: int, y: int, size: int, downsample: float = 1.0) -> tuple[int, int, int]:
     """Level-0 top-left and extent of a ``size`` px region centred on (x, y) at ``downsample``.
 
-    The convention of ``etl.extract.plan.region_box``: extent ``round(size * downsample)``,
+    At level 0 OpenSlide's ``read_region((x - size // 2, y - size // 2), 0, (size, size))``, the
+    seed's read; at a level the region stays centred: extent ``round(size * downsample)``,
     top-left ``(x - extent // 2, y - extent // 2)``.
     """
     extent = round(size * downsample)
