@@ -8,6 +8,7 @@ the content of shards is `etl.extract.plan.ExtractParams` (the fingerprint a res
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,7 +274,8 @@ class CohortOptions:
 
 @dataclass
 class SamplingOptions:
-    """`patchetl coords`: where regions go and how their cells are labelled (level-0 pixels)."""
+    """`patchetl coords`: where regions go and how their cells are labelled (level-0 pixels;
+    with `--mpp`, lengths are pixels at that scale: `etl.cohort.geometry.Footprint`)."""
 
     mode: Annotated[
         str,
@@ -282,7 +284,9 @@ class SamplingOptions:
             "grid: every region of a regular grid over tissue."
         ),
     ] = "sample"
-    region_size: Annotated[int, opt("Region side in level-0 pixels.")] = 768
+    region_size: Annotated[int, opt("Region side in level-0 pixels (with --mpp: px at --mpp).")] = (
+        768
+    )
     grid: Annotated[int, opt("Label grid per region (grid x grid cells).")] = 3
     tumor_per_slide: Annotated[
         int, opt("sample: regions centred in tumor per slide (at most).")
@@ -301,16 +305,18 @@ class SamplingOptions:
         int, opt("sample: at most this many regions in all, classes cut alike (0: no limit).")
     ] = 0
     margin: Annotated[
-        int, opt("sample: normal centres lie at least this far from tumor (level-0 px).")
+        int,
+        opt("sample: normal centres lie at least this far from tumor (level-0 px; or at --mpp)."),
     ] = 0
     min_spacing: Annotated[
-        int, opt("sample: least distance between two centres of a slide (level-0 px).")
+        int, opt("sample: least distance between two centres of a slide (level-0 px; or at --mpp).")
     ] = 128
     min_tissue: Annotated[
         float, opt("Least tissue share of a region (tissue mask); 0: any tissue.")
     ] = 0.25
     stride: Annotated[
-        int | None, opt("grid: step between centres (level-0 px; default: the region size).")
+        int | None,
+        opt("grid: step between centres (level-0 px, or at --mpp; default: the region size)."),
     ] = None
     label_rule: Annotated[
         str,
@@ -323,6 +329,18 @@ class SamplingOptions:
     tissue_downsample: Annotated[
         int, opt("Tissue mask resolution (level-0 px per mask pixel).")
     ] = 32
+    mpp: Annotated[
+        float | None,
+        opt(
+            "Regions at this physical scale, um/px (e.g. 0.5), as extract --mpp reads them: "
+            "--region-size, --margin, --min-spacing and --stride are px at this scale "
+            "(region_size * mpp / slide mpp level-0 px). Default: level-0 px."
+        ),
+    ] = None
+    assume_mpp: Annotated[
+        float | None,
+        opt("With --mpp: level-0 um/px of the slides that record none (others keep their own)."),
+    ] = None
 
     def validate(self) -> None:
         problems = []
@@ -351,6 +369,11 @@ class SamplingOptions:
             problems.append(f"--label-threshold {self.label_threshold}: use a share in (0, 1]")
         if self.tissue_downsample < 1:
             problems.append(f"--tissue-downsample {self.tissue_downsample}: use at least 1")
+        for name, value in (("--mpp", self.mpp), ("--assume-mpp", self.assume_mpp)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                problems.append(f"{name} {value}: give a pixel size in um/px, > 0 (e.g. 0.5)")
+        if self.assume_mpp is not None and self.mpp is None:
+            problems.append("--assume-mpp applies only with --mpp: add --mpp or drop it")
         if problems:
             raise OptionError("; ".join(problems))
 

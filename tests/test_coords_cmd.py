@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import etl.cohort.slide
 from etl.cli import app
+from etl.cohort.geometry import Footprint
 from etl.cohort.labels import FRACTION_SAMPLES, tumor_shares
 from etl.cohort.run import make_coords
 from etl.cohort.splits import assign_splits
@@ -221,7 +222,11 @@ def test_fraction_rule_labels_follow_the_exact_tumor_area_within_the_stated_tole
     for o in result.outcomes:
         polys = cohort["polys"][o.name]
         measured = tumor_shares(
-            PolygonTruth(Annotations(polys, [])), o.centres, REGION, 3, FRACTION_SAMPLES
+            PolygonTruth(Annotations(polys, [])),
+            o.centres,
+            Footprint.of(REGION),
+            3,
+            FRACTION_SAMPLES,
         )
         for (x, y), label, share in zip(o.centres, o.labels, measured, strict=True):
             x0, y0 = x - REGION // 2, y - REGION // 2

@@ -112,6 +112,9 @@ def _options(cohort: CohortOptions, sampling: SamplingOptions) -> dict[str, Any]
     merged = {**dataclasses.asdict(cohort), **dataclasses.asdict(sampling)}
     for key in ("progress", "workers"):  # how it runs, never what it writes
         merged.pop(key)
+    for key in ("mpp", "assume_mpp"):  # recorded when given: summaries without them unchanged
+        if merged[key] is None:
+            merged.pop(key)
     return {k: str(v) if isinstance(v, Path) else v for k, v in merged.items()}
 
 

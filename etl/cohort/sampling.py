@@ -1,7 +1,9 @@
 """Where a slide's regions go: sample mode (NCRF-style) and grid mode. Level-0 pixels.
 
-Every region lies inside its slide, reaches the least tissue share (``TissueShares``), and its
-centre is outside every exclusion area.
+Every region's box (its ``Footprint``) lies inside its slide, reaches the least tissue share
+(``TissueShares``), and its centre is outside every exclusion area. Lengths of the options
+(``margin``, ``min_spacing``, ``stride``) are px at the region's scale: level-0 px, or with
+``--mpp`` px at the target mpp (``Footprint.length``).
 
 - **sample**: up to ``tumor_per_slide`` centres in tumor and ``normal_per_slide`` centres on
   tissue outside tumor, at least ``margin`` from it; no two centres of a slide closer than
@@ -16,6 +18,7 @@ centre is outside every exclusion area.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from etl.cohort.geometry import SpacingIndex, TissueShares, region_window
+from etl.cohort.geometry import Footprint, SpacingIndex, TissueShares, region_window
 from etl.cohort.truth import SlideTruth
 from etl.config import SamplingOptions
 from etl.wsi.tissue import TissueMask
@@ -62,6 +65,7 @@ class _Slide:
     width: int
     height: int
     opts: SamplingOptions
+    fp: Footprint
 
     def keep(self, mask: np.ndarray, reason: str, rejected: Counter[str]) -> np.ndarray:
         rejected[reason] += int((~mask).sum())
@@ -72,7 +76,7 @@ def _tumor_accept(s: _Slide) -> Accept:
     def accept(x: np.ndarray, y: np.ndarray, rejected: Counter[str]) -> np.ndarray:
         ok = s.keep(s.truth.tumor(np.c_[x, y]), "centre not in tumor", rejected)
         ok[ok] = s.keep(~s.truth.excluded(np.c_[x, y][ok]), "centre in an exclusion area", rejected)
-        share = s.shares.share(x[ok], y[ok], s.opts.region_size)
+        share = s.shares.share(x[ok], y[ok], s.fp)
         ok[ok] = s.keep(share >= s.opts.min_tissue, "tissue share below --min-tissue", rejected)
         return ok
 
@@ -85,10 +89,10 @@ def _normal_accept(s: _Slide) -> Accept:
         xy = np.c_[x, y]
         ok[ok] = s.keep(~s.truth.tumor(xy[ok]), "centre in tumor", rejected)
         if s.opts.margin > 0:
-            far = s.truth.tumor_distance(xy[ok]) >= s.opts.margin
+            far = s.truth.tumor_distance(xy[ok]) >= s.fp.length(s.opts.margin)
             ok[ok] = s.keep(far, "centre within --margin of tumor", rejected)
         ok[ok] = s.keep(~s.truth.excluded(xy[ok]), "centre in an exclusion area", rejected)
-        share = s.shares.share(x[ok], y[ok], s.opts.region_size)
+        share = s.shares.share(x[ok], y[ok], s.fp)
         ok[ok] = s.keep(share >= s.opts.min_tissue, "tissue share below --min-tissue", rejected)
         return ok
 
@@ -113,9 +117,9 @@ def _candidate_maps(s: _Slide, ds: int) -> tuple[np.ndarray, np.ndarray]:
     tissue = _on_grid(s.shares.tissue, ds, (h, w))
     normal = tissue & ~ndimage.binary_erosion(tumor)
     if s.opts.margin > 0 and tumor.any():
-        near = ndimage.distance_transform_edt(~tumor) * ds + ds * 0.71 < s.opts.margin
+        near = ndimage.distance_transform_edt(~tumor) * ds + ds * 0.71 < s.fp.length(s.opts.margin)
         normal &= ~near
-    x_lo, y_lo, x_hi, y_hi = region_window(s.width, s.height, s.opts.region_size)
+    x_lo, y_lo, x_hi, y_hi = region_window(s.width, s.height, s.fp)
     cols = ((np.arange(w) + 1) * ds > x_lo) & (np.arange(w) * ds <= x_hi)
     rows = ((np.arange(h) + 1) * ds > y_lo) & (np.arange(h) * ds <= y_hi)
     window = rows[:, None] & cols[None, :]
@@ -164,13 +168,14 @@ def sample_regions(
     height: int,
     opts: SamplingOptions,
     rng: np.random.Generator,
+    fp: Footprint,
 ) -> Sampled:
     """Sample mode on one slide (see the module docstring)."""
-    s = _Slide(truth, shares, width, height, opts)
+    s = _Slide(truth, shares, width, height, opts, fp)
     ds = opts.tissue_downsample
     tumor_map, normal_map = _candidate_maps(s, ds)
-    window = region_window(width, height, opts.region_size)
-    index = SpacingIndex(opts.min_spacing)
+    window = region_window(width, height, fp)
+    index = SpacingIndex(fp.length(opts.min_spacing))
     rejected: dict[str, Counter[str]] = {"tumor": Counter(), "normal": Counter()}
     tumor = _draw(
         rng,
@@ -211,24 +216,33 @@ def _counts(counter: Counter[str]) -> dict[str, int]:
     return {k: v for k, v in sorted(counter.items()) if v}
 
 
-def grid_positions(lo: int, hi: int, stride: int) -> np.ndarray:
-    """Centres from ``lo`` every ``stride``, plus ``hi`` when the last falls short of it."""
+def grid_positions(lo: int, hi: int, stride: float) -> np.ndarray:
+    """Centres from ``lo`` every ``stride`` (rounded to whole px), plus ``hi`` when the last
+    falls short of it."""
     if hi < lo:
         return np.zeros(0, dtype=np.int64)
-    pos = np.arange(lo, hi + 1, stride, dtype=np.int64)
+    if float(stride).is_integer():
+        pos = np.arange(lo, hi + 1, int(stride), dtype=np.int64)
+    else:  # a stride at --mpp: level-0 px with a fraction
+        steps = np.arange(math.floor((hi - lo) / stride) + 1)
+        pos = np.unique(np.minimum(np.floor(lo + steps * stride + 0.5), hi).astype(np.int64))
     return pos if pos[-1] == hi else np.r_[pos, hi]
 
 
 def grid_regions(
-    truth: SlideTruth, shares: TissueShares, width: int, height: int, opts: SamplingOptions
+    truth: SlideTruth,
+    shares: TissueShares,
+    width: int,
+    height: int,
+    opts: SamplingOptions,
+    fp: Footprint,
 ) -> Sampled:
     """Grid mode on one slide (see the module docstring)."""
-    x_lo, y_lo, x_hi, y_hi = region_window(width, height, opts.region_size)
-    xs, ys = np.meshgrid(
-        grid_positions(x_lo, x_hi, opts.grid_stride), grid_positions(y_lo, y_hi, opts.grid_stride)
-    )
+    x_lo, y_lo, x_hi, y_hi = region_window(width, height, fp)
+    stride = fp.length(opts.grid_stride)
+    xs, ys = np.meshgrid(grid_positions(x_lo, x_hi, stride), grid_positions(y_lo, y_hi, stride))
     x, y = xs.ravel(), ys.ravel()
-    share = shares.share(x, y, opts.region_size)
+    share = shares.share(x, y, fp)
     some = share > 0
     x, y, share = x[some], y[some], share[some]
     rejected: Counter[str] = Counter()

@@ -2,6 +2,10 @@
 its regions. Runs in a worker process; only low-resolution levels are read, never level 0
 (unless the slide has no coarser level).
 
+With ``--mpp`` a region spans ``region_size * mpp / slide mpp`` level-0 px (its ``Footprint``,
+the box extract reads at ``--mpp``); a slide without an mpp (and no ``--assume-mpp``), with
+non-square pixels, or coarser than the target is an error naming it.
+
 The random stream of a slide is seeded by ``(seed, crc32(slide name))``: a slide's regions do
 not change when other slides join or leave the cohort.
 """
@@ -15,13 +19,14 @@ from typing import cast
 
 import numpy as np
 
-from etl.cohort.geometry import TissueShares
+from etl.cohort.geometry import Footprint, TissueShares
 from etl.cohort.inputs import Problem, SlideInput
 from etl.cohort.labels import cell_labels
 from etl.cohort.sampling import Sampled, grid_regions, sample_regions
 from etl.cohort.truth import SlideTruth, load_truth
 from etl.config import CohortOptions, SamplingOptions
-from etl.wsi.reader import Backend, SlideError, open_slide
+from etl.wsi.reader import Backend, SlideError, SlideReader, open_slide
+from etl.wsi.scale import ScaleError, slide_mpp
 from etl.wsi.tissue import TissueMask, tissue_mask
 
 __all__ = ["SlideOutcome", "process_slide", "slide_rng"]
@@ -52,6 +57,7 @@ class SlideOutcome:
     problems: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
     keep: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    scale: dict[str, float] | None = None  # with --mpp: slide and target mpp, region side
 
     @property
     def failed(self) -> bool:
@@ -90,25 +96,38 @@ def _place(
     tissue: TissueMask,
     cohort: CohortOptions,
     sampling: SamplingOptions,
+    fp: Footprint,
 ) -> None:
     shares = TissueShares(tissue)
     if sampling.mode == "grid":
-        sampled = grid_regions(truth, shares, out.width, out.height, sampling)
+        sampled = grid_regions(truth, shares, out.width, out.height, sampling, fp)
     else:
         rng = slide_rng(cohort.seed, out.name)
-        sampled = sample_regions(truth, shares, out.width, out.height, sampling, rng)
+        sampled = sample_regions(truth, shares, out.width, out.height, sampling, rng, fp)
         _shortfall(out, sampled, item)
     out.centres, out.tumor = sampled.centres, sampled.tumor
     out.asked, out.left_out = sampled.asked, sampled.left_out
     out.labels = cell_labels(
         truth,
         sampled.centres,
-        sampling.region_size,
+        fp,
         sampling.grid,
         sampling.label_rule,
         sampling.label_threshold,
     )
     out.keep = np.ones(len(sampled.centres), dtype=bool)
+
+
+def footprint(
+    reader: SlideReader, sampling: SamplingOptions
+) -> tuple[Footprint, dict[str, float] | None]:
+    """The slide's region box, and with ``--mpp`` its scale facts for the summary; raises
+    ``ScaleError`` (naming the slide) when it cannot be read at the target."""
+    if sampling.mpp is None:
+        return Footprint.of(sampling.region_size), None
+    mpp = slide_mpp(reader.mpp, reader.path, sampling.assume_mpp)
+    fp = Footprint.at_mpp(sampling.region_size, mpp, sampling.mpp, reader.level_downsamples)
+    return fp, {"slide_mpp": mpp, "target_mpp": sampling.mpp, "region_side_px": fp.side}
 
 
 def process_slide(
@@ -122,6 +141,7 @@ def process_slide(
         with open_slide(item.path, backend=cast("Backend", cohort.slide_backend)) as reader:
             out.width, out.height = reader.dimensions
             out.mpp = reader.mpp[0] if reader.mpp else None
+            fp, out.scale = footprint(reader, sampling)
             truth, problems = load_truth(
                 item, (out.width, out.height), cohort.tumor_class, cohort.exclude_class
             )
@@ -132,6 +152,9 @@ def process_slide(
     except SlideError as exc:
         message = str(exc).removeprefix(f"{item.path}: ")
         out.problems.append(Problem(item.path, "", message, "check or replace the slide file"))
+        return out
+    except ScaleError as exc:  # the message says what to do
+        out.problems.append(Problem(item.path, "", str(exc).removeprefix(f"{item.path}: ")))
         return out
     out.ignored, out.has_tumor = truth.ignored, truth.has_tumor
     ds = sampling.tissue_downsample
@@ -147,17 +170,16 @@ def process_slide(
                 warning=True,
             )
         )
-    if min(out.width, out.height) < sampling.region_size:
+    if min(out.width, out.height) < fp.side:
         out.problems.append(
             Problem(
                 item.path,
                 "",
-                f"slide ({out.width} x {out.height}) is smaller than a region "
-                f"({sampling.region_size})",
+                f"slide ({out.width} x {out.height}) is smaller than a region ({fp.side:.0f})",
                 "use a smaller --region-size",
                 warning=True,
             )
         )
-    _place(out, item, truth, tissue, cohort, sampling)
+    _place(out, item, truth, tissue, cohort, sampling, fp)
     out.seconds = time.perf_counter() - start
     return out

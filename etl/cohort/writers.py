@@ -71,6 +71,7 @@ def _mm2(px: float, mpp: float | None) -> float | None:
 
 def slide_summary(o: SlideOutcome, split: str | None) -> dict[str, Any]:
     kept_tumor = int((o.tumor & o.keep).sum())
+    scale = {} if o.scale is None else {"scale": o.scale}  # with --mpp
     return {
         "slide": o.name,
         "image": o.image,
@@ -90,6 +91,7 @@ def slide_summary(o: SlideOutcome, split: str | None) -> dict[str, Any]:
         "left_out": o.left_out,
         "ignored_annotations": o.ignored,
         "warnings": [str(p) for p in o.problems if p.warning],
+        **scale,
     }
 
 

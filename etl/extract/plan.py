@@ -11,6 +11,7 @@ part under the id of a new one.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,14 @@ from etl.extract.coords import Region
 from etl.options import opt
 from etl.wsi.formats import unique_key_stem
 from etl.wsi.reader import SlideReader
-from etl.wsi.scale import region_box
+from etl.wsi.scale import (
+    ScaledRegion,
+    ScaleError,
+    choose_level,
+    plan_region,
+    region_box,
+    slide_mpp,
+)
 
 OUTSIDE_POLICIES = ("error", "skip", "pad")
 
@@ -39,6 +47,18 @@ class ExtractParams:
     part_size: Annotated[int, opt("Regions per work unit (one slide each).")] = 32
     seed: Annotated[int, opt("Seed of the global shuffle that mixes shards.")] = 0
     outside: Annotated[str, opt("Region not inside its slide: error | skip | pad.")] = "error"
+    mpp: Annotated[
+        float | None,
+        opt(
+            "Read regions at this physical scale, um/px (e.g. 0.5): --region-size output px "
+            "spanning region_size * mpp / slide mpp level-0 px, from the coarsest level at least "
+            "as fine, area-averaged. Instead of --level."
+        ),
+    ] = None
+    assume_mpp: Annotated[
+        float | None,
+        opt("With --mpp: level-0 um/px of the slides that record none (others keep their own)."),
+    ] = None
 
     def validate(self) -> None:
         if self.region_size < 1:
@@ -53,9 +73,29 @@ class ExtractParams:
             raise OptionError("--shard-size and --part-size must be >= 1")
         if self.outside not in OUTSIDE_POLICIES:
             raise OptionError(f"--outside must be one of {OUTSIDE_POLICIES}, got {self.outside!r}")
+        self._validate_scale()
+
+    def _validate_scale(self) -> None:
+        for name, value in (("--mpp", self.mpp), ("--assume-mpp", self.assume_mpp)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise OptionError(f"{name} {value}: give a pixel size in um/px, > 0 (e.g. 0.5)")
+        if self.mpp is not None and self.level != 0:
+            raise OptionError(
+                f"--mpp {self.mpp} and --level {self.level} both choose the scale: give one "
+                "(--mpp picks the level itself)"
+            )
+        if self.assume_mpp is not None and self.mpp is None:
+            raise OptionError(
+                "--assume-mpp applies only with --mpp (it gives the slide mpp that --mpp "
+                "scales from); add --mpp or drop --assume-mpp"
+            )
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The parameters as recorded (`.params.json`, manifest); the scale options only when
+        given, so an extraction made before they existed compares equal to one without them."""
+        return {
+            k: v for k, v in asdict(self).items() if not (k in ("mpp", "assume_mpp") and v is None)
+        }
 
 
 def sample_key(stem: str, x: int, y: int) -> str:
@@ -78,9 +118,10 @@ class SlideInfo:
 class PlannedRegion:
     key: str
     region: Region
-    x0: int  # level-0 top-left of the read
+    x0: int  # level-0 top-left of the read (with --mpp: the pixel holding the box's corner)
     y0: int
     padded: bool  # part of the region lies outside the slide and reads as white
+    scaled: ScaledRegion | None = None  # with --mpp: the level read, the scale and the box
 
 
 @dataclass(frozen=True)
@@ -96,6 +137,16 @@ class Part:
     @property
     def keys(self) -> list[str]:
         return [r.key for r in self.regions]
+
+    @property
+    def scale(self) -> dict[str, Any] | None:
+        """With --mpp, how the slide is read (the same for all its regions), as the manifest
+        records it: slide and target mpp, level, its mpp, scale and the box's level-0 side."""
+        scaled = self.regions[0].scaled
+        if scaled is None:
+            return None
+        facts = {k: v for k, v in scaled.metadata().items() if k != "box"}
+        return {**facts, "side": scaled.side}
 
 
 def make_part(
@@ -229,23 +280,43 @@ def plan_split(
 
     Problems (missing/unreadable slide, missing level, region outside the slide under the
     'error' policy, region wholly outside it under 'pad', label grid that does not divide
-    the region) are all collected.
+    the region; with --mpp, once per slide: no mpp without --assume-mpp, non-square pixels,
+    a target finer than level 0) are all collected.
     """
     plan = SplitPlan(split, parts=[])
     stems: dict[str, str] = {}  # stem -> image, to catch two images sharing a key stem
     by_slide: dict[Path, tuple[str, list[PlannedRegion]]] = {}
+    scales: dict[Path, float | str] = {}  # with --mpp: a slide's mpp, or its problem
     for r in regions:
         info = slides[r.slide]
         problem = _slide_problem(r, info, params)
         if problem:
             plan.problems.append(PreflightProblem(source, split, r.index, r.image, problem))
             continue
+        scaled = None
+        if params.mpp is not None:
+            if r.slide not in scales:
+                scales[r.slide] = _slide_mpp(info, params.mpp, params.assume_mpp)
+                if isinstance(scales[r.slide], str):
+                    reason = str(scales[r.slide])
+                    plan.problems.append(PreflightProblem(source, split, None, r.image, reason))
+            mpp = scales[r.slide]
+            if isinstance(mpp, str):
+                continue
+            scaled = plan_region(
+                r.x,
+                r.y,
+                params.region_size,
+                mpp=mpp,
+                target_mpp=params.mpp,
+                downsamples=info.level_downsamples,
+            )
+            box: tuple[float, float, float] = (scaled.left, scaled.top, scaled.side)
+        else:
+            box = region_box(r.x, r.y, params.region_size, info.level_downsamples[params.level])
         stem = unique_key_stem(r.image, stems)  # two images never share keys
-        x0, y0, extent = region_box(
-            r.x, r.y, params.region_size, info.level_downsamples[params.level]
-        )
         assert info.dimensions is not None  # set whenever info.error is not
-        verdict, reason = _outside_verdict(r, x0, y0, extent, info.dimensions, params.outside)
+        verdict, reason = _outside_verdict(r, box, info.dimensions, params.outside)
         if verdict == "problem":
             plan.problems.append(PreflightProblem(source, split, r.index, r.image, reason))
             continue
@@ -254,12 +325,24 @@ def plan_split(
             plan.skipped.append({**skip, "reason": reason})
             continue
         key = sample_key(stem, r.x, r.y)
-        planned = PlannedRegion(key, r, x0, y0, padded=verdict == "pad")
+        x0, y0 = math.floor(box[0]), math.floor(box[1])
+        planned = PlannedRegion(key, r, x0, y0, padded=verdict == "pad", scaled=scaled)
         by_slide.setdefault(r.slide, (stem, []))[1].append(planned)
     for slide in sorted(by_slide):
         stem, todo = by_slide[slide]
         plan.parts += _cut_parts(stem, slide, todo, slides[slide], params)
     return plan
+
+
+def _slide_mpp(info: SlideInfo, target: float, assume: float | None) -> float | str:
+    """The slide's level-0 mpp for reads at ``target``, or why it cannot be read there (the
+    reason without the slide's path: the preflight line names the slide)."""
+    try:
+        mpp = slide_mpp(info.mpp, info.path, assume)
+        choose_level(mpp, target, info.level_downsamples, info.path)
+    except ScaleError as exc:
+        return str(exc).removeprefix(f"{info.path}: ")
+    return mpp
 
 
 def _slide_problem(r: Region, info: SlideInfo, params: ExtractParams) -> str | None:
@@ -276,14 +359,19 @@ def _slide_problem(r: Region, info: SlideInfo, params: ExtractParams) -> str | N
 
 
 def _outside_verdict(
-    r: Region, x0: int, y0: int, extent: int, dimensions: tuple[int, int], policy: str
+    r: Region, box: tuple[float, float, float], dimensions: tuple[int, int], policy: str
 ) -> tuple[str, str]:
-    """("inside" | "pad" | "skip" | "problem", reason) for a region under the --outside policy.
-    A region wholly outside is a problem even under pad: it would be all white, labelled."""
+    """("inside" | "pad" | "skip" | "problem", reason) for a region's level-0 box (left, top,
+    side) under the --outside policy. A region wholly outside is a problem even under pad: it
+    would be all white, labelled."""
+    x0, y0, extent = box
     width, height = dimensions
     if x0 >= 0 and y0 >= 0 and x0 + extent <= width and y0 + extent <= height:
         return "inside", ""
-    where = f"region [{x0}, {x0 + extent}) x [{y0}, {y0 + extent}) around centre (x={r.x}, y={r.y})"
+    where = (
+        f"region [{_n(x0)}, {_n(x0 + extent)}) x [{_n(y0)}, {_n(y0 + extent)}) around centre "
+        f"(x={r.x}, y={r.y})"
+    )
     wholly = x0 + extent <= 0 or y0 + extent <= 0 or x0 >= width or y0 >= height
     if policy == "pad" and wholly:
         return "problem", (
@@ -297,13 +385,23 @@ def _outside_verdict(
     return policy, reason
 
 
+def _n(value: float) -> str:
+    """A level-0 coordinate as the messages print it: whole numbers without a fraction."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.2f}"
+
+
 def _cut_parts(
     stem: str, slide: Path, todo: list[PlannedRegion], info: SlideInfo, params: ExtractParams
 ) -> list[Part]:
     """A slide's reads in locality order, cut into equal parts of at most `part_size`."""
     # Locality: sweep the slide in bands one region high, left to right, so that
     # neighbouring reads share source tiles while they are still in the cache.
-    band = region_box(0, 0, params.region_size, info.level_downsamples[params.level])[2]
+    first = todo[0].scaled  # with --mpp every region of the slide has the same side
+    band = (
+        max(1, round(first.side))
+        if first is not None
+        else region_box(0, 0, params.region_size, info.level_downsamples[params.level])[2]
+    )
     todo = sorted(todo, key=lambda p: (p.y0 // band, p.x0, p.y0))
     return [
         make_part(stem, k, slide, info.fingerprint, chunk)

@@ -358,12 +358,15 @@ def finish_split(
     timing: dict[str, float] = {}
     slides: dict[str, SlideCounts] = {}
     fingerprints = {part.image: part.fingerprint for part in plan.parts}
+    scales = {part.image: part.scale for part in plan.parts if part.scale is not None}
     for idx in indexes:
         for k, v in idx["timing"].items():
             timing[k] = timing.get(k, 0.0) + v
         entry = slides.setdefault(
             idx["slide"], {"count": 0, "failed": 0, "fingerprint": fingerprints[idx["slide"]]}
         )
+        if idx["slide"] in scales:  # with --mpp: how the slide was read
+            entry["scale"] = scales[idx["slide"]]
         entry["count"] += len(idx["samples"])
         entry["failed"] += len(idx["failures"])
     written = sum(s["count"] for s in shards)
@@ -636,11 +639,12 @@ def plan_extraction(
     from etl.wsi.reader import open_slide
 
     params.validate()
-    if anchor == "corner" and params.level > 0:
-        # The corner -> centre shift is region_size // 2 level-0 pixels; at level > 0 a region
-        # spans region_size * downsample level-0 pixels, which is known only per slide.
+    if anchor == "corner" and (params.level > 0 or params.mpp is not None):
+        # The corner -> centre shift is region_size // 2 level-0 pixels; at level > 0 (or at
+        # --mpp) a region spans region_size * downsample (* mpp / slide mpp) level-0 pixels,
+        # which is known only per slide.
         raise ExtractError(
-            "--anchor corner is only supported with --level 0; convert the "
+            "--anchor corner is only supported with --level 0 and without --mpp; convert the "
             "locations to centres (or read at level 0)"
         )
     table = load_regions(

@@ -29,8 +29,10 @@ from etl.atomic import atomic_file, write_json_atomic
 from etl.errors import PatchetlError
 from etl.extract.encode import decode_image, encode_region
 from etl.extract.plan import ExtractParams, Part, PlannedRegion, slide_fingerprint
+from etl.wsi.scale import read_scaled
 
 if TYPE_CHECKING:
+    import numpy as np
     from _typeshed import ReadableBuffer
     from typing_extensions import NotRequired
 
@@ -59,8 +61,16 @@ class SampleMeta(TypedDict):
     grid: int
     cell_size: int
     labels: Grid
-    mpp: list[float] | None
+    mpp: list[float] | None  # the slide's own (x, y), as its file records it
     padded: bool
+    # with --mpp (ScaledRegion.metadata()): the mpp used (the slide's, or --assume-mpp), the
+    # target, the level read ("level" above) and its mpp, level px per output px (1.0: the
+    # level as is), and the level-0 box [left, top, side] the output covers
+    slide_mpp: NotRequired[float]
+    target_mpp: NotRequired[float]
+    level_mpp: NotRequired[float]
+    scale: NotRequired[float]
+    box: NotRequired[list[float]]
 
 
 class PartSample(TypedDict):
@@ -126,6 +136,7 @@ class SlideCounts(TypedDict):
     count: int
     failed: int
     fingerprint: NotRequired[str]  # plan.slide_fingerprint (manifests since 0.2)
+    scale: NotRequired[dict[str, Any]]  # with --mpp: Part.scale (how the slide was read)
 
 
 class Manifest(TypedDict):
@@ -232,7 +243,7 @@ def sample_metadata(
     downsample: float,
 ) -> SampleMeta:
     r = planned.region
-    return {
+    meta: SampleMeta = {
         "key": planned.key,
         "slide": r.image,
         "split": split,
@@ -250,6 +261,16 @@ def sample_metadata(
         "mpp": list(mpp) if mpp else None,
         "padded": planned.padded,
     }
+    if planned.scaled is not None:
+        facts = planned.scaled.metadata()  # the level read replaces params.level
+        meta["level"], meta["downsample"] = facts["level"], planned.scaled.downsample
+        meta["slide_mpp"], meta["target_mpp"] = facts["slide_mpp"], facts["target_mpp"]
+        meta["level_mpp"], meta["scale"], meta["box"] = (
+            facts["level_mpp"],
+            facts["scale"],
+            facts["box"],
+        )
+    return meta
 
 
 class SlideChangedError(PatchetlError, RuntimeError):
@@ -316,9 +337,7 @@ def extract_part(
         for planned in part.regions:
             try:
                 t0 = time.perf_counter()
-                rgb = reader.read_region(
-                    planned.x0, planned.y0, params.level, params.region_size, params.region_size
-                )
+                rgb = read_planned(reader, planned, params)
                 t1 = time.perf_counter()
                 image = encode_region(rgb, params.fmt, params.quality)
                 t2 = time.perf_counter()
@@ -358,6 +377,15 @@ def extract_part(
     }
     write_json_atomic(index_path, index)
     return index
+
+
+def read_planned(reader: SlideReader, planned: PlannedRegion, params: ExtractParams) -> np.ndarray:
+    """The pixels of a planned region: at --mpp through ``etl.wsi.scale.read_scaled``, else
+    the level's own read (OpenSlide's ``read_region`` at --level)."""
+    if planned.scaled is not None:
+        return read_scaled(reader, planned.scaled)
+    size = params.region_size
+    return reader.read_region(planned.x0, planned.y0, params.level, size, size)
 
 
 def index_tar(path: Path) -> dict[str, dict[str, list[int]]]:
