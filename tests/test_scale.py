@@ -13,6 +13,7 @@ import math
 import numpy as np
 import openslide
 import pytest
+from scale_helpers import psnr, scene_pair, write_pair
 
 from etl.errors import OptionError, PatchetlError
 from etl.synth.scene import make_scene
@@ -38,24 +39,15 @@ SIDE = 1024  # slide A's side (level 0, 0.25 um/px)
 SIZE = 128  # output pixels per region side
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR over all pixels of a and b together (inf when identical)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
     """{compression: (path of A, path of B)} and the scene's exact level-0 pixels."""
     folder = tmp_path_factory.mktemp("scale")
-    exact = make_scene(SIDE, SIDE, mpp=0.25, seed=3).render()
-    half = block_mean(exact, 2, "drop")
-    paths = {}
-    for comp in ("jpeg", "zlib"):
-        a, b = folder / f"a_{comp}.tif", folder / f"b_{comp}.tif"
-        write_pyramid(a, pyramid_levels(exact, 4, max_side=256), mpp=(0.25, 0.25), compression=comp)
-        write_pyramid(b, pyramid_levels(half, 2, max_side=256), mpp=(0.5, 0.5), compression=comp)
-        paths[comp] = (a, b)
+    _, exact, half = scene_pair(SIDE, seed=3)
+    paths = {
+        comp: write_pair(folder, exact, half, comp, (f"a_{comp}", f"b_{comp}"))
+        for comp in ("jpeg", "zlib")
+    }
     return paths, exact
 
 
