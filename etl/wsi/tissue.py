@@ -37,6 +37,7 @@ from etl.wsi.reader import SlideReader
 
 __all__ = [
     "INK_HUES",
+    "MIN_AREA",
     "LowRes",
     "TissueMask",
     "artefact_pixels",
@@ -51,6 +52,7 @@ __all__ = [
 
 STRIP_BYTES = 64 << 20  # bound on one strip read while downsampling a level
 INK_HUES = (70.0, 240.0)  # degrees: saturated pixels with a hue in [lo, hi) are ink
+MIN_AREA = 256 * 256  # level-0 square px: tissue pieces smaller than this are dropped (dust)
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,7 @@ def tissue_mask(
     threshold: float | None = None,
     min_saturation: float = 0.05,
     rgb_min: int = 50,
-    min_area: float = 256 * 256,
+    min_area: float = MIN_AREA,
     ink_hues: tuple[float, float] | None = INK_HUES,
     ink_saturation: float = 0.1,
     artefact_margin: int = 1,
