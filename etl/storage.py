@@ -35,6 +35,7 @@ import select
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -193,6 +194,7 @@ class _HttpBody(io.RawIOBase):
 
 
 _S3_CLIENTS: dict[tuple[int, float, str], Any] = {}
+_S3_LOCK = threading.Lock()  # `check_objects` asks from many threads at once
 
 
 def s3_client(timeout: float) -> Any:
@@ -201,23 +203,27 @@ def s3_client(timeout: float) -> Any:
     thread-safe, not fork-safe)."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     key = (os.getpid(), timeout, endpoint)
-    if key not in _S3_CLIENTS:
-        try:
-            import botocore.config
-            import botocore.session
-        except ImportError:
-            raise StorageError(
-                "s3:// needs boto3: pip install 'patchetl[s3]' (or pip install boto3)"
-            ) from None
-        config = botocore.config.Config(
-            connect_timeout=timeout,
-            read_timeout=timeout,
-            retries={"max_attempts": 1, "mode": "standard"},  # our Retry decides how often
-        )
-        _S3_CLIENTS[key] = botocore.session.get_session().create_client(
-            "s3", endpoint_url=endpoint or None, config=config
-        )
+    with _S3_LOCK:
+        if key not in _S3_CLIENTS:
+            _S3_CLIENTS[key] = _new_s3_client(timeout, endpoint)
     return _S3_CLIENTS[key]
+
+
+def _new_s3_client(timeout: float, endpoint: str) -> Any:
+    try:
+        import botocore.config
+        import botocore.session
+    except ImportError:
+        raise StorageError(
+            "s3:// needs boto3: pip install 'patchetl[s3]' (or pip install boto3)"
+        ) from None
+    config = botocore.config.Config(
+        connect_timeout=timeout,
+        read_timeout=timeout,
+        retries={"max_attempts": 1, "mode": "standard"},  # our Retry decides how often
+    )
+    session = botocore.session.get_session()
+    return session.create_client("s3", endpoint_url=endpoint or None, config=config)
 
 
 def _s3_call(url: str, call: Callable[[], Any]) -> Any:

@@ -29,11 +29,17 @@ batches, so that every core works and the main process only receives ready float
 a generator seeded per (seed, epoch, rank, worker), so an epoch is reproducible and a resumed
 run continues exactly. On a GPU the workers hand over regions and the device makes the patches.
 
+Sources (`open_shards`) are split folders, URL prefixes (`http(s)://`, `s3://`) holding
+`manifest.json`, or brace patterns of shard files, URLs or `pipe:` commands; every shard is
+found before a run starts, and shards are read through `etl.storage` (timeouts on every network
+wait; a read that fails mid-shard resumes at its byte, at most `ShardReads.read_attempts`
+connections per shard read).
+
 A corrupt sample (bad image, bad json, missing member) or a shard that cannot be read to its
-manifest count becomes a *bad slot*: the batch keeps its place (a blank image, `valid=False`,
-excluded from loss and metrics) and carries the reason. Batches and step counts therefore never
-depend on corruption, so a bad sample cannot make ranks disagree and hang; the trainer counts
-the bad slots and stops beyond `--max-bad`.
+manifest count (after those retries) becomes a *bad slot*: the batch keeps its place (a blank
+image, `valid=False`, excluded from loss and metrics) and carries the reason. Batches and step
+counts therefore never depend on corruption, so a bad sample cannot make ranks disagree and
+hang; the trainer counts the bad slots and stops beyond `--max-bad`.
 """
 
 from __future__ import annotations
