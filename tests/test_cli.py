@@ -33,7 +33,7 @@ FLAGS = {
     "--stride --label-rule --label-threshold --tissue-downsample --mpp --assume-mpp",
     "inspect": "--json --csv --data-root --location-order --anchor --region-size --split",
     "extract": "--json --csv --out --data-root --split --region-size --level --format "
-    "--quality --shard-size --part-size --seed --outside --mpp --assume-mpp --workers --backend "
+    "--stage --quality --shard-size --part-size --seed --outside --mpp --assume-mpp --workers --backend "
     "--scheduler --overwrite --no-overwrite --slide-backend --tile-cache-mb "
     "--check-sha256 --no-check-sha256 --location-order --anchor --progress --no-progress",
     "verify": "--decode --no-decode",
