@@ -8,6 +8,7 @@ torch; the work modules load inside each command, so `--help` stays fast.
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -26,7 +27,6 @@ from etl.extract.plan import ExtractParams
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
     from etl.extract.plan import SplitPlan
     from etl.extract.run import SplitResult
@@ -149,8 +149,10 @@ def inspect_command(coords: CoordsOptions) -> None:
 def extract(coords: CoordsOptions, params: ExtractParams, run: ExtractRunOptions) -> None:
     """Read every region once from its slide and write labelled regions into WebDataset shards."""
     from etl.atomic import output_folder
+    from etl.extract.publish import check_target, stage_folder
     from etl.extract.run import extract_splits, plan_extraction
     from etl.progress import progress_bar
+    from etl.storage import is_url
 
     parse_options = {"location_order": coords.location_order, "anchor": coords.anchor}
     table, plans = plan_extraction(
@@ -163,13 +165,18 @@ def extract(coords: CoordsOptions, params: ExtractParams, run: ExtractRunOptions
     )
     for warning in table.warnings:
         warn(f"warning: {warning}")
-    output_folder(run.out)  # after preflight (which writes nothing), before any region is read
+    remote = is_url(run.out)  # s3://: extract into the stage, then publish (etl.extract.publish)
+    root = stage_folder(run.out, run.stage) if remote else Path(run.out)
+    if remote:
+        check_target(run.out)  # the bucket and credentials, before any region is read
+    # after preflight (which writes nothing), before any region is read
+    output_folder(root, "--stage" if remote else "--out")
     bar = progress_bar(unit="regions", enabled=run.progress)
     with bar:
         jobs: list[tuple[SplitPlan, Path, Callable[[int], None]]] = [
             (
                 plan,
-                run.out / plan.split,
+                root / plan.split,
                 partial(bar.advance, bar.add_task(plan.split, total=plan.n_regions)),
             )
             for plan in plans
@@ -189,9 +196,26 @@ def extract(coords: CoordsOptions, params: ExtractParams, run: ExtractRunOptions
         )
     for r in results:
         _echo_split(r)
+    if remote:
+        _publish(results, run.out, run.overwrite)
     failed = sum(len(r.failed) for r in results)
     if failed:
         fail(f"{failed} region(s) could not be read; they are listed in the manifest(s)", code=1)
+
+
+def _publish(results: list[SplitResult], out: str, overwrite: bool) -> None:
+    """Upload each finished split to <out>/<split>/, its manifest last."""
+    from etl.extract.publish import publish_split
+    from etl.storage import join, redact
+
+    for r in results:
+        p = publish_split(r.folder, join(out, r.split), overwrite=overwrite)
+        deleted = f", {len(p.deleted)} stale deleted" if p.deleted else ""
+        manifest = "manifest.json uploaded" if p.manifest_uploaded else "manifest.json unchanged"
+        typer.echo(
+            f"{r.split}: published to {redact(p.url)}: {len(p.uploaded)} shard(s) uploaded, "
+            f"{len(p.skipped)} already there{deleted}; {manifest} ({p.seconds:.1f} s)"
+        )
 
 
 def _echo_split(r: SplitResult) -> None:

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from etl.errors import OptionError
 from etl.options import arg, opt
+from etl.storage import check_url, is_url, redact, scheme
 
 CPUS = os.cpu_count() or 1
 
@@ -92,7 +93,22 @@ class CoordsOptions:
 class ExtractRunOptions:
     """How an extraction runs: none of these change the shards."""
 
-    out: Annotated[Path, opt("Output root; each split goes to <out>/<split>/.")] = Path("shards")
+    out: Annotated[
+        str,
+        opt(
+            "Output root: a folder (each split in <out>/<split>/), or s3://bucket/prefix: "
+            "extract into --stage, then upload each finished split to <prefix>/<split>/, its "
+            "manifest.json last (credentials from the AWS environment only)."
+        ),
+    ] = "shards"
+    stage: Annotated[
+        Path | None,
+        opt(
+            "Local folder extraction writes into before uploading (--out s3://...); default: "
+            "<system temp>/patchetl-stage/<hash of --out>, so a rerun resumes there. With "
+            "--scheduler, a folder every dask worker sees at this path."
+        ),
+    ] = None
     workers: Annotated[int, opt("Worker processes.")] = CPUS
     backend: Annotated[str, opt("loky (local processes) or dask.")] = "loky"
     scheduler: Annotated[
@@ -117,6 +133,20 @@ class ExtractRunOptions:
             raise OptionError(f"--tile-cache-mb {self.tile_cache_mb}: use 0 or more MiB")
         if self.backend not in ("loky", "dask"):
             raise OptionError(f"--backend {self.backend!r}: use loky or dask")
+        if is_url(self.out):
+            check_url(self.out)
+            if scheme(self.out) != "s3":
+                raise OptionError(
+                    f"--out {redact(self.out)}: extract publishes to s3://bucket/prefix only; "
+                    "give an s3:// prefix or a local folder"
+                )
+            if self.scheduler and self.stage is None:
+                raise OptionError(
+                    "--out s3://... with --scheduler: give --stage, a folder that every dask "
+                    "worker and this machine see at the same path (workers write parts there)"
+                )
+        elif self.stage is not None:
+            raise OptionError("--stage is only for --out s3://...; drop it or give an s3:// --out")
 
 
 @dataclass

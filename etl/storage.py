@@ -480,3 +480,125 @@ def check_objects(urls: Sequence[str], retry: Retry, threads: int = 16) -> list[
 
     with ThreadPoolExecutor(max(1, min(threads, len(urls)))) as pool:
         return [p for p in pool.map(problem, urls) if p is not None]
+
+
+# --------------------------------------------------------------------------- S3 writes
+# What `etl.extract.publish` needs: each object is one PUT, which S3 makes visible only once
+# the whole body has arrived (a killed upload leaves no object), carrying its sha256 as
+# metadata so that a rerun can skip what is already there.
+MAX_PUT = 5 << 30  # bytes: the largest object S3 takes in one PUT
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a HEAD tells of an object: its size and its user metadata (``x-amz-meta-*``)."""
+
+    size: int
+    metadata: dict[str, str]
+
+
+def bucket_key(url: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key)."""
+    bucket, _, key = url[len("s3://") :].partition("/")
+    return bucket, key
+
+
+def _retried(url: str, what: str, retry: Retry, call: Callable[[], Any]) -> Any:
+    """``call()`` tried up to ``retry.attempts`` times with the doubling backoff; refusals
+    (StorageError, NotFound) are raised at once."""
+    for attempt in range(1, retry.attempts + 1):
+        try:
+            return call()
+        except StorageError:
+            raise
+        except Exception as exc:  # dropped connections, timeouts, 5xx
+            failed = f"{type(exc).__name__}: {redact(str(exc))}"
+            if attempt == retry.attempts:
+                raise StorageError(
+                    f"{redact(url)}: {what} failed after {attempt} attempt(s): {failed} (check "
+                    "the store and the network, then run the same command again)"
+                ) from None
+            log.warning("%s: %s failed (%s); retrying", redact(url), what, failed)
+            time.sleep(retry.delay(attempt))
+    raise AssertionError("unreachable")
+
+
+def head(url: str, retry: Retry) -> ObjectInfo | None:
+    """Size and metadata of the S3 object ``url``, or None when there is none."""
+    bucket, key = bucket_key(url)
+    client = s3_client(retry.timeout)
+    try:
+        found = _retried(
+            url,
+            "HEAD",
+            retry,
+            lambda: _s3_call(url, lambda: client.head_object(Bucket=bucket, Key=key)),
+        )
+    except NotFound:
+        return None
+    return ObjectInfo(int(found["ContentLength"]), dict(found.get("Metadata", {})))
+
+
+def put_object(url: str, body: Any, size: int, metadata: dict[str, str], timeout: float) -> None:
+    """One PUT of ``size`` bytes read from the binary file ``body`` (one attempt)."""
+    bucket, key = bucket_key(url)
+    client = s3_client(timeout)
+    _s3_call(
+        url,
+        lambda: client.put_object(
+            Bucket=bucket, Key=key, Body=body, ContentLength=size, Metadata=metadata
+        ),
+    )
+
+
+def put_file(
+    url: str, path: str | os.PathLike[str], metadata: dict[str, str], retry: Retry
+) -> None:
+    """Upload the local file ``path`` as the object ``url`` with ``metadata``; a failed PUT is
+    sent again whole (it left no object), at most ``retry.attempts`` times."""
+    check_url(url)
+    nbytes = os.path.getsize(path)
+    if nbytes > MAX_PUT:
+        raise StorageError(
+            f"{path}: {nbytes} bytes is more than one S3 PUT takes (5 GiB); extract with a "
+            "smaller --shard-size"
+        )
+
+    def put() -> None:
+        with open(path, "rb") as body:
+            put_object(url, body, nbytes, metadata, retry.timeout)
+
+    _retried(url, "upload", retry, put)
+
+
+def list_names(prefix: str, retry: Retry) -> dict[str, int]:
+    """Name -> size of the objects directly under the S3 prefix ``prefix`` (a folder); fails
+    with the fix when the bucket is missing or access is denied."""
+    bucket, key = bucket_key(prefix)
+    key = key.rstrip("/") + "/" if key.strip("/") else ""
+    client = s3_client(retry.timeout)
+    paginator = client.get_paginator("list_objects_v2")
+
+    def listing() -> dict[str, int]:
+        found = {}
+        for page in paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/"):
+            for item in page.get("Contents", []):
+                found[item["Key"][len(key) :]] = int(item["Size"])
+        return found
+
+    try:
+        return dict(_retried(prefix, "listing", retry, lambda: _s3_call(prefix, listing)))
+    except NotFound as exc:
+        raise StorageError(f"{exc} (create the bucket, or check the URL)") from None
+
+
+def delete(url: str, retry: Retry) -> None:
+    """Delete the S3 object ``url`` (nothing when it is not there)."""
+    bucket, key = bucket_key(url)
+    client = s3_client(retry.timeout)
+    _retried(
+        url,
+        "delete",
+        retry,
+        lambda: _s3_call(url, lambda: client.delete_object(Bucket=bucket, Key=key)),
+    )
