@@ -33,8 +33,8 @@ FLAGS = {
     "--stride --label-rule --label-threshold --tissue-downsample --mpp --assume-mpp",
     "inspect": "--json --csv --data-root --location-order --anchor --region-size --split",
     "extract": "--json --csv --out --data-root --split --region-size --level --format "
-    "--stage --quality --shard-size --part-size --seed --outside --mpp --assume-mpp --workers --backend "
-    "--scheduler --overwrite --no-overwrite --slide-backend --tile-cache-mb "
+    "--quality --shard-size --part-size --seed --outside --mpp --assume-mpp --workers --backend "
+    "--stage --scheduler --overwrite --no-overwrite --slide-backend --tile-cache-mb "
     "--check-sha256 --no-check-sha256 --location-order --anchor --progress --no-progress",
     "verify": "--decode --no-decode",
     "qc": "--json --csv --data-root --out --split --region-size --max-side "
