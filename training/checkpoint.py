@@ -65,8 +65,10 @@ def run_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     region_size: int,
+    scale: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything a resume needs, and what inference reads (arch, grid, patch size)."""
+    """Everything a resume needs, and what inference reads (arch, grid, patch size, and the
+    physical scale of the training shards: `training.shard_scale`; None when unknown)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "epoch": record.epoch,
@@ -82,6 +84,7 @@ def run_state(
         "grid": cfg.grid,
         "patch_size": cfg.patch_size,
         "region_size": region_size,
+        "scale": scale,
     }
 
 

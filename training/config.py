@@ -7,6 +7,7 @@ so the CLI builds without loading torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -178,7 +179,21 @@ class InferConfig:
         opt("dense (fully convolutional tiles) or patch (classic sliding window, the reference)."),
     ] = "dense"
     level: Annotated[int, opt("Pyramid level to run the model on.")] = 0
-    stride: Annotated[int, opt("Level px per map pixel (a multiple of 32).")] = 32
+    mpp: Annotated[
+        float | None,
+        opt(
+            "Run the model at this physical scale (um/px): tiles read from the coarsest level "
+            "at least as fine and area-averaged to it (default: the checkpoint's training mpp "
+            "when it records one, else --level as is)."
+        ),
+    ] = None
+    assume_mpp: Annotated[
+        float | None,
+        opt("Pixel size (um/px) of slides that record none, for --mpp or the training mpp."),
+    ] = None
+    stride: Annotated[
+        int, opt("Model px per map pixel (a multiple of 32): level px, or px at --mpp.")
+    ] = 32
     patch_size: Annotated[
         int | None,
         opt("Patch side in level px (multiple of 32); default: the checkpoint's, else 224."),
@@ -259,6 +274,14 @@ class InferConfig:
             problems.append(f"--tile-size {self.tile_size}: use at least --stride {self.stride}")
         if self.level < 0:
             problems.append(f"--level {self.level}: use 0 or more")
+        for name, value in (("--mpp", self.mpp), ("--assume-mpp", self.assume_mpp)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                problems.append(f"{name} {value}: give a pixel size in um/px, > 0 (e.g. 0.5)")
+        if self.mpp is not None and self.level != 0:
+            problems.append(
+                f"--mpp {self.mpp} with --level {self.level}: --mpp chooses the level itself; "
+                "give one of them"
+            )
         if self.batch_size < 1 or (self.tiles_per_batch is not None and self.tiles_per_batch < 1):
             problems.append("--batch-size and --tiles-per-batch must be >= 1")
         if self.workers < 1:

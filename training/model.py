@@ -161,8 +161,9 @@ def load_model(
 ) -> tuple[FCResNet18, dict[str, Any]]:
     """The detector from a training checkpoint (or a bare state dict), in eval mode on `device`.
 
-    Returns `(model, info)`; `info` holds the checkpoint's `patch_size`, `grid`, `epoch` and
-    `arch` where it records them.
+    Returns `(model, info)`; `info` holds the checkpoint's `patch_size`, `grid`, `epoch`,
+    `arch` and `scale` (the training shards' physical scale, `training.shard_scale`) where it
+    records them.
     """
     ckpt = read_weights(path)
     state = _state_dict(ckpt)
@@ -180,7 +181,7 @@ def load_model(
         )
     model.load_state_dict(state)
     info = (
-        {k: ckpt[k] for k in ("patch_size", "grid", "epoch", "arch") if k in ckpt}
+        {k: ckpt[k] for k in ("patch_size", "grid", "epoch", "arch", "scale") if k in ckpt}
         if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
         else {}
     )

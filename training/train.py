@@ -39,6 +39,7 @@ from training.metrics import (
     write_keys,
 )
 from training.model import build_model, resolve_device
+from training.shard_scale import training_scale
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -82,6 +83,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(cfg.epochs * steps, warmup)
         )
+        self.scale, note = training_scale(cfg.train) if self.dd.main else (None, None)
+        if note:
+            self.log(f"warning: {note}")
         self.record = RunRecord()
         self.seen = 0  # samples (good and bad) this rank has been given, for the bad share
         if self.device.type == "cuda":
@@ -160,6 +164,7 @@ class Trainer:
                             self.optimizer,
                             self.scheduler,
                             self.data.train.region_size,
+                            self.scale,
                         ),
                         out,
                         best,

@@ -37,6 +37,8 @@ OUTPUT_OPTIONS = (
     "mode", "level", "stride", "patch_size", "tile_size", "margin", "tissue_downsample",
     "tissue_threshold", "tissue_min_area", "nms_radius", "nms_threshold", "thumbnail_side",
 )  # fmt: skip
+# Recorded only when given, so sidecars of runs without them still match.
+SCALE_OPTIONS = ("mpp", "assume_mpp")
 SUMMARY = "infer-summary.json"
 
 
@@ -97,6 +99,7 @@ def file_sha256(path: str | Path) -> str:
 def run_inputs(cfg: InferConfig, amp: bool, checkpoint_sha256: str) -> dict[str, Any]:
     """What a slide's outputs depend on besides the slide itself (stored in its sidecar)."""
     options = {k: getattr(cfg, k) for k in OUTPUT_OPTIONS}
+    options.update({k: getattr(cfg, k) for k in SCALE_OPTIONS if getattr(cfg, k) is not None})
     return {"checkpoint_sha256": checkpoint_sha256, "options": {**options, "amp": amp}}
 
 

@@ -1,15 +1,17 @@
 """Map geometry: which slide patch each pixel of a probability map stands for, and the tiles.
 
-Inference runs at pyramid `level` (level-0 px per level px: `downsample`) with a step of
-`stride_level` level px (a multiple of 32). With `stride = stride_level * downsample` level-0
-px,
+Inference runs at pyramid `level` (level-0 px per level px: `downsample`), on model pixels of
+`factor` level px each (1 unless a physical scale resamples the level: `training.infer.scaling`),
+with a step of `stride_level` model px (a multiple of 32). With `stride = stride_level *
+downsample * factor` level-0 px,
 
     map pixel (i, j) = the `patch_size` x `patch_size` level patch CENTRED at level-0
     (x = x_start + j * stride, y = y_start + i * stride),   x_start = y_start = stride / 2,
 
 so map pixel (i, j) also stands for the level-0 cell `[j*stride, (j+1)*stride) x
 [i*stride, (i+1)*stride)`: the map is the slide downsampled by `stride`, top-left aligned,
-`ceil(width_level / stride_level)` x `ceil(height_level / stride_level)` pixels (patches that
+`ceil(width_level / (stride_level * factor))` x `ceil(height_level / (stride_level *
+factor))` pixels (patches that
 reach past the slide edge see white, as OpenSlide reads it). This definition is written to
 each map's sidecar. The map is computed in tiles of whole map pixels; only tiles holding
 tissue are planned.
@@ -17,6 +19,7 @@ tissue are planned.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +34,9 @@ class MapGeometry:
     rows: int
     level: int
     downsample: float  # level-0 px per level px
-    stride_level: int  # level px per map pixel
-    patch: int  # patch side, level px
+    stride_level: int  # model px per map pixel (level px when factor is 1)
+    patch: int  # patch side, model px
+    factor: float = 1.0  # level px per model px
 
     @classmethod
     def for_level(
@@ -42,21 +46,27 @@ class MapGeometry:
         downsample: float,
         stride_level: int,
         patch: int,
+        factor: float = 1.0,
     ) -> MapGeometry:
         w, h = level_dims
+        if factor == 1.0:
+            cols, rows = -(-w // stride_level), -(-h // stride_level)
+        else:  # whole map pixels over the level's extent in model px
+            cols, rows = (math.ceil(n / (stride_level * factor) - 1e-9) for n in (w, h))
         return cls(
-            cols=-(-w // stride_level),
-            rows=-(-h // stride_level),
+            cols=cols,
+            rows=rows,
             level=level,
             downsample=float(downsample),
             stride_level=stride_level,
             patch=patch,
+            factor=float(factor),
         )
 
     @property
     def stride(self) -> float:
         """Level-0 px per map pixel."""
-        return self.stride_level * self.downsample
+        return self.stride_level * self.downsample * self.factor
 
     @property
     def x_start(self) -> float:
@@ -76,7 +86,7 @@ class MapGeometry:
         return x, self.y_start + np.asarray(i) * self.stride
 
     def patch_origin(self, i: int, j: int) -> tuple[int, int]:
-        """Level-px (x, y) top-left of the patch of map pixel (i, j)."""
+        """Model-px (x, y) top-left of the patch of map pixel (i, j)."""
         off = self.stride_level // 2 - self.patch // 2
         return j * self.stride_level + off, i * self.stride_level + off
 
@@ -91,7 +101,7 @@ class MapGeometry:
             "level": self.level,
             "level_downsample": self.downsample,
             "patch_size": self.patch,
-            "patch_size_level0": self.patch * self.downsample,
+            "patch_size_level0": self.patch * self.downsample * self.factor,
             "definition": "map pixel (i, j) = the patch_size x patch_size patch (at `level`) "
             "centred at level-0 (x_start + j*stride, y_start + i*stride); it "
             "stands for level-0 [j*stride, (j+1)*stride) x [i*stride, "

@@ -116,6 +116,7 @@ def sidecar(
         "height": result.dimensions[1],
         "mpp": list(result.mpp) if result.mpp else None,
         **g.as_dict(),
+        "physical_scale": result.scale.as_dict(g.stride),
         "mode": cfg.mode,
         "margin": cfg.margin if cfg.mode == "dense" else 0,
         "tile_size": cfg.tile_size,

@@ -11,6 +11,7 @@ off the features before the pool. On CUDA the model runs in bf16 autocast.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ class Predictor:
         self.pool = patch // FEATURE_STRIDE  # features per patch side
         self.step = stride_level // FEATURE_STRIDE  # features per map pixel
         self.channels_last = channels_last
+        self.training_scale: dict[str, Any] | None = None  # the checkpoint's `scale`
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
@@ -88,6 +90,7 @@ def make_predictor(cfg: InferConfig) -> tuple[InferConfig, Predictor]:
     predictor = Predictor(
         model, patch, cfg.stride, device, amp=amp, channels_last=cfg.channels_last
     )
+    predictor.training_scale = info.get("scale")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return cfg, predictor

@@ -29,6 +29,7 @@ from etl.evaluate.nms import Candidate, nms
 from etl.progress import progress_bar
 from etl.wsi.formats import find_slides, key_stem, unique_key_stem
 from etl.wsi.reader import Backend, SlideError, open_slide
+from etl.wsi.scale import ScaleError
 from etl.wsi.tissue import LowRes, TissueMask, thumbnail, tissue_mask
 from training.config import InferConfig
 from training.errors import InferError
@@ -46,11 +47,13 @@ from training.infer.cohort import (
 from training.infer.geometry import MapGeometry, plan_tiles, tile_cells
 from training.infer.outputs import write_outputs
 from training.infer.predictor import Predictor, make_predictor
+from training.infer.scaling import MapScale, plan_scale
 from training.infer.tiling import predict_map
 
 # What reading one slide can raise when the file is bad: our readers' SlideError, OpenSlide's
 # own error from a read (a corrupt tile of a format only OpenSlide reads), a --level it lacks.
-SLIDE_FAILURES = (SlideError, OpenSlideError, InferError)
+# With --mpp: a slide without a pixel size, with non-square pixels or coarser than asked.
+SLIDE_FAILURES = (SlideError, OpenSlideError, InferError, ScaleError)
 
 
 def failure(path: Path, exc: BaseException) -> str:
@@ -67,6 +70,7 @@ class SlideResult:
     dimensions: tuple[int, int]
     mpp: tuple[float, float] | None
     geometry: MapGeometry
+    scale: MapScale
     prob: np.ndarray
     cells: np.ndarray  # tissue map pixels
     tissue: TissueMask
@@ -111,17 +115,14 @@ def infer_slide(
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     with open_slide(path, backend=backend) as reader:
-        if cfg.level >= reader.level_count:
-            raise InferError(
-                f"{path}: --level {cfg.level} out of range (the slide has levels "
-                f"0..{reader.level_count - 1})"
-            )
+        scale, warnings = plan_scale(reader, cfg, predictor.training_scale)
         geometry = MapGeometry.for_level(
-            reader.level_dimensions[cfg.level],
-            cfg.level,
-            reader.level_downsamples[cfg.level],
+            reader.level_dimensions[scale.level],
+            scale.level,
+            scale.level_downsample,
             cfg.stride,
             predictor.patch,
+            scale.factor,
         )
         tissue = tissue_mask(
             reader,
@@ -133,7 +134,6 @@ def infer_slide(
         thumb = thumbnail(reader, cfg.thumbnail_side)
         dims, mpp = reader.dimensions, reader.mpp
     times["tissue"] = time.perf_counter() - t0
-    warnings = []
     total = len(plan_tiles(cells, tile_cells(geometry, cfg.tile_size)))
     callback = on_tiles(total) if on_tiles else None
     t1 = time.perf_counter()
@@ -169,6 +169,7 @@ def infer_slide(
         dimensions=dims,
         mpp=mpp,
         geometry=geometry,
+        scale=scale,
         prob=prob,
         cells=cells,
         tissue=tissue,

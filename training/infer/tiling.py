@@ -28,6 +28,7 @@ from etl.wsi.reader import SlideReader
 from training.config import MODES
 from training.infer.geometry import MapGeometry, Tile, plan_tiles, tile_cells
 from training.infer.predictor import Predictor
+from training.infer.scaling import read_model_px
 
 
 class _ThreadReaders:
@@ -96,7 +97,7 @@ def predict_map(
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: use one of {MODES}")
-    s, p, d = geometry.stride_level, geometry.patch, geometry.downsample
+    s, p = geometry.stride_level, geometry.patch
     nr, nc = tile_cells(geometry, tile_size)
     ctx = margin if mode == "dense" else 0
     side_h, side_w = (nr - 1) * s + p + 2 * ctx, (nc - 1) * s + p + 2 * ctx
@@ -106,9 +107,7 @@ def predict_map(
 
     def load(tile: Tile) -> np.ndarray:
         lx, ly = geometry.patch_origin(tile.i0, tile.j0)
-        return readers.get().read_region(
-            round((lx - ctx) * d), round((ly - ctx) * d), geometry.level, side_w, side_h
-        )
+        return read_model_px(readers.get(), geometry, lx - ctx, ly - ctx, side_w, side_h)
 
     def put(tile: Tile, grid: np.ndarray) -> None:
         h, w = min(nr, geometry.rows - tile.i0), min(nc, geometry.cols - tile.j0)
