@@ -47,7 +47,8 @@ FLAGS = {
     "--read-attempts --read-timeout --read-backoff",
     "evaluate": "--pred --truth --slides --mpp --froc-method --mask-tumor-value --allow-missing "
     "--checkpoint --shards --device --workers --read-attempts --read-timeout --read-backoff --out",
-    "infer": "--checkpoint --ckpt --out --mode --level --stride --patch-size --tile-size "
+    "infer": "--checkpoint --ckpt --out --mode --level --mpp --assume-mpp --stride --patch-size "
+    "--tile-size "
     "--margin --batch-size --tiles-per-batch --workers --device --amp --no-amp "
     "--tissue-downsample --tissue-threshold --tissue-min-area --nms-radius "
     "--nms-threshold --slide-backend --progress --no-progress --rank --world",
