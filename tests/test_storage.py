@@ -11,7 +11,6 @@ signature shows in any message.
 from __future__ import annotations
 
 import functools
-import logging
 import re
 import shutil
 import threading
@@ -75,28 +74,12 @@ def http_root(root):
 
 
 @pytest.fixture(scope="module")
-def s3_root(root):
-    """moto's standalone S3 server on 127.0.0.1; the splits uploaded with boto3."""
-    boto3 = pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="patchetl-test")
-        for split in ("training", "validation"):
-            for f in sorted((root / split).iterdir()):
-                client.upload_file(str(f), "patchetl-test", f"cohort/{split}/{f.name}")
-        yield "s3://patchetl-test/cohort", client
-    server.stop()
+def s3_root(root, moto_s3):
+    """moto's standalone S3 server (tests/conftest.py); the splits uploaded with boto3."""
+    for split in ("training", "validation"):
+        for f in sorted((root / split).iterdir()):
+            moto_s3.upload_file(str(f), "patchetl-test", f"cohort/{split}/{f.name}")
+    return "s3://patchetl-test/cohort", moto_s3
 
 
 def train_once(train_src: str, val_src: str, out: Path, **kw) -> dict:
