@@ -3,8 +3,9 @@ its regions. Runs in a worker process; only low-resolution levels are read, neve
 (unless the slide has no coarser level).
 
 With ``--mpp`` a region spans ``region_size * mpp / slide mpp`` level-0 px (its ``Footprint``,
-the box extract reads at ``--mpp``); a slide without an mpp (and no ``--assume-mpp``), with
-non-square pixels, or coarser than the target is an error naming it.
+the box extract reads at ``--mpp``), and the tissue mask is made at the target scale too; a
+slide without an mpp (and no ``--assume-mpp``), with non-square pixels, or coarser than the
+target is an error naming it.
 
 The random stream of a slide is seeded by ``(seed, crc32(slide name))``: a slide's regions do
 not change when other slides join or leave the cohort.
@@ -27,7 +28,7 @@ from etl.cohort.truth import SlideTruth, load_truth
 from etl.config import CohortOptions, SamplingOptions
 from etl.wsi.reader import Backend, SlideError, SlideReader, open_slide
 from etl.wsi.scale import ScaleError, slide_mpp
-from etl.wsi.tissue import TissueMask, tissue_mask
+from etl.wsi.tissue import MIN_AREA, TissueMask, tissue_mask
 
 __all__ = ["SlideOutcome", "process_slide", "slide_rng"]
 
@@ -130,6 +131,16 @@ def footprint(
     return fp, {"slide_mpp": mpp, "target_mpp": sampling.mpp, "region_side_px": fp.side}
 
 
+def _tissue(reader: SlideReader, sampling: SamplingOptions, fp: Footprint) -> TissueMask:
+    """The tissue mask; with ``--mpp`` its resolution (``--tissue-downsample``) and least
+    piece (``MIN_AREA``) are at the target scale, so scans of one glass at different mpp
+    give the same mask."""
+    if fp.scale == 1:
+        return tissue_mask(reader, downsample=sampling.tissue_downsample)
+    ds, area = fp.length(sampling.tissue_downsample), MIN_AREA * fp.scale**2
+    return tissue_mask(reader, downsample=ds, min_area=area)
+
+
 def process_slide(
     item: SlideInput, cohort: CohortOptions, sampling: SamplingOptions
 ) -> SlideOutcome:
@@ -148,7 +159,7 @@ def process_slide(
             out.problems += problems
             if truth is None:
                 return out
-            tissue = tissue_mask(reader, downsample=sampling.tissue_downsample)
+            tissue = _tissue(reader, sampling, fp)
     except SlideError as exc:
         message = str(exc).removeprefix(f"{item.path}: ")
         out.problems.append(Problem(item.path, "", message, "check or replace the slide file"))
