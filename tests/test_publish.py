@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 import etl.extract.publish as publish
+import etl.storage as storage
 from etl.cli import app
 from etl.extract.shards import sha256_file
 from etl.synth.cohort import synth_cohort
@@ -29,6 +30,7 @@ SHARDS = [f"training-{i:06d}.tar" for i in range(5)]  # 24 regions, 5 per shard
 WRAPPER = """
 import functools, io, os, runpy, signal
 import etl.extract.publish as publish
+import etl.storage as storage
 import etl.storage as storage
 
 real_put, puts = storage.put_object, []
@@ -110,7 +112,7 @@ def local_files(cohort: Path) -> dict[str, bytes]:
 def put_order(monkeypatch):
     """The object names PUT by publish, in order (the real uploads still happen)."""
     order: list[str] = []
-    real = publish.put_file
+    real = storage.put_file
 
     def recording(url, path, metadata, retry):
         real(url, path, metadata, retry)
