@@ -55,7 +55,7 @@ class CoordsOptions:
     anchor: Annotated[str, opt("center, or corner (top-left; centre = corner + size // 2).")] = (
         "center"
     )
-    region_size: Annotated[int, opt("Region side in pixels (extract: at --level).")] = 768
+    region_size: Annotated[int, opt("Region side in pixels (extract: at --level or --mpp).")] = 768
 
     def validate(self) -> None:
         if (self.json_file is None) == (self.csv_file is None):
@@ -357,14 +357,14 @@ class SamplingOptions:
     ] = "center"
     label_threshold: Annotated[float, opt("fraction rule: least tumor share of a cell.")] = 0.5
     tissue_downsample: Annotated[
-        int, opt("Tissue mask resolution (level-0 px per mask pixel).")
+        int, opt("Tissue mask resolution (level-0 px per mask pixel; or px at --mpp).")
     ] = 32
     mpp: Annotated[
         float | None,
         opt(
             "Regions at this physical scale, um/px (e.g. 0.5), as extract --mpp reads them: "
-            "--region-size, --margin, --min-spacing and --stride are px at this scale "
-            "(region_size * mpp / slide mpp level-0 px). Default: level-0 px."
+            "--region-size, --margin, --min-spacing, --stride and --tissue-downsample are px at "
+            "this scale (region_size * mpp / slide mpp level-0 px). Default: level-0 px."
         ),
     ] = None
     assume_mpp: Annotated[

@@ -39,7 +39,7 @@ OUTSIDE_POLICIES = ("error", "skip", "pad")
 class ExtractParams:
     """Everything that decides the content of the shards (a rerun must match them exactly)."""
 
-    region_size: Annotated[int, opt("Region side in pixels at --level.")] = 768
+    region_size: Annotated[int, opt("Region side in pixels at --level (or at --mpp).")] = 768
     level: Annotated[int, opt("Pyramid level to read (region stays centred).")] = 0
     fmt: Annotated[str, opt("jpg, or png for lossless.", "--format")] = "jpg"
     quality: Annotated[int, opt("JPEG quality.")] = 95
