@@ -21,6 +21,9 @@ Contracts:
   at most `Retry.attempts` connections per stream in all; then it raises `StorageError`.
 - A missing object is `NotFound` at once (never retried): `check_objects` finds every missing
   shard of a split before any work starts.
+- **Writes** (S3 only, for `etl.extract.publish`): `put_file` is one PUT per object with user
+  metadata, sent again whole when it fails (a failed PUT leaves no object); `head`,
+  `list_names` and `delete` with the same timeouts and bounded retries.
 """
 
 from __future__ import annotations
