@@ -193,6 +193,7 @@ def extract(coords: CoordsOptions, params: ExtractParams, run: ExtractRunOptions
             slide_backend=run.slide_backend,
             tile_cache_bytes=run.tile_cache_mb << 20,
             check_sha256=run.check_sha256,
+            ship_parts=remote and run.backend == "dask",  # workers need no shared folder
         )
     for r in results:
         _echo_split(r)

@@ -105,8 +105,8 @@ class ExtractRunOptions:
         Path | None,
         opt(
             "Local folder extraction writes into before uploading (--out s3://...); default: "
-            "<system temp>/patchetl-stage/<hash of --out>, so a rerun resumes there. With "
-            "--scheduler, a folder every dask worker sees at this path."
+            "<system temp>/patchetl-stage/<hash of --out>, so a rerun resumes there. Only this "
+            "machine writes it: dask workers send their parts back."
         ),
     ] = None
     workers: Annotated[int, opt("Worker processes.")] = CPUS
@@ -139,11 +139,6 @@ class ExtractRunOptions:
                 raise OptionError(
                     f"--out {redact(self.out)}: extract publishes to s3://bucket/prefix only; "
                     "give an s3:// prefix or a local folder"
-                )
-            if self.scheduler and self.stage is None:
-                raise OptionError(
-                    "--out s3://... with --scheduler: give --stage, a folder that every dask "
-                    "worker and this machine see at the same path (workers write parts there)"
                 )
         elif self.stage is not None:
             raise OptionError("--stage is only for --out s3://...; drop it or give an s3:// --out")

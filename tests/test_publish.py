@@ -2,7 +2,8 @@
 (tests/conftest.py): each split is extracted into a local stage, then uploaded shard by shard
 and its manifest last; a rerun skips what is there; a `patchetl extract` killed (SIGKILL) in
 the middle of an object's upload leaves no partial object and no manifest, and the same
-command then ends complete; training reads the published split."""
+command then ends complete; training reads the published split; with a dask cluster whose
+workers cannot write the client's stage, the workers send their parts back instead."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 import etl.extract.publish as publish
+import etl.extract.run as run_module
+import etl.extract.shards as shards
 import etl.storage as storage
 from etl.cli import app
 from etl.extract.shards import sha256_file
@@ -216,7 +219,6 @@ def test_training_reads_the_published_split(cohort, moto_s3, tmp_path):
     [
         (["--out", "http://data.lab/x"], "extract publishes to s3://bucket/prefix only"),
         (["--out", "s3://u:s3cr3t@b/x"], "a password in the URL is refused"),
-        (["--out", "s3://b/x", "--scheduler", "tcp://h:1"], "give --stage, a folder that every"),
         (["--stage", "st"], "--stage is only for --out s3://"),
         (["--out", "s3://no-such-bucket/x"], "s3://no-such-bucket/x: no such object"),
     ],
@@ -231,3 +233,73 @@ def test_bad_publish_options_stop_before_any_work_without_secrets(
     assert "s3cr3t" not in result.output and "very-secret-key" not in result.output
     assert not list(tmp_path.iterdir())  # no stage, no folder named after the URL
     assert json.loads((cohort / "local/training/manifest.json").read_text())["shards"]
+
+
+# A dask worker preload: the worker's temporary folder is WORKER_TMP, and an audit hook logs
+# (to LOG) every file the worker opens for writing and refuses any under STAGE, so a worker
+# that wrote its part into the client's stage (a shared file system) fails.
+PRELOAD = """
+import os, sys, tempfile
+tempfile.tempdir = {worker_tmp!r}
+LOG = os.open({log!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+
+def hook(event, args):
+    if event != "open" or not isinstance(args[0], (str, os.PathLike)):
+        return
+    writing = any(c in (args[1] or "") for c in "wax+") or args[2] & (os.O_WRONLY | os.O_RDWR)
+    path = os.path.realpath(os.fspath(args[0]))
+    if writing and path.startswith({stage!r}):
+        os.write(LOG, f"stage {{path}}\\n".encode())
+        raise PermissionError(13, "this worker cannot write the client's stage", path)
+    if writing and path.startswith({worker_tmp!r}):
+        os.write(LOG, f"tmp {{path}}\\n".encode())
+
+sys.addaudithook(hook)
+"""
+
+
+def test_dask_workers_send_their_parts_back_and_need_no_shared_stage(
+    cohort, moto_s3, tmp_path, monkeypatch
+):
+    """--backend dask --scheduler without --stage: workers write each part into their own
+    temporary folder (removed) and return it; the client stores it in its stage and mixes."""
+    distributed = pytest.importorskip("dask.distributed")
+    url = f"s3://{BUCKET}/e"
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # gettempdir() reads TMPDIR again
+    stage = os.path.realpath(publish.stage_folder(url, None))
+    worker_tmp, log = tmp_path / "worker-tmp", tmp_path / "writes.log"
+    worker_tmp.mkdir()
+    preload = tmp_path / "preload.py"
+    preload.write_text(PRELOAD.format(worker_tmp=str(worker_tmp), log=str(log), stage=stage))
+    stored: list[Path] = []
+    real_store = shards.store_part
+
+    def storing(parts_dir, index, data):
+        stored.append(Path(parts_dir) / f"{index['part_id']}.tar")
+        return real_store(parts_dir, index, data)
+
+    monkeypatch.setattr(run_module, "store_part", storing)
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, preload=[str(preload)]
+    ) as cluster:
+        more = ["--backend", "dask", "--scheduler", cluster.scheduler_address]
+        result = CliRunner().invoke(app, args(cohort, url, *more))
+        assert result.exit_code == 0, result.output
+        assert "5 shard(s) uploaded, 0 already there; manifest.json uploaded" in result.output
+        assert objects(moto_s3, "e/training") == local_files(cohort)  # as a local run, bytes
+        writes = log.read_text().splitlines()
+        assert not [w for w in writes if w.startswith("stage")]
+        # each part tar was written (as `.<part>.tar.tmp-<pid>`) in a worker's temporary folder
+        sent = {Path(w.split()[1]).name for w in writes if ".tar.tmp-" in w}  # (io + FileIO)
+        assert stored and sorted(n[1:].split(".tmp-")[0] for n in sent) == sorted(
+            p.name for p in stored
+        ), writes
+        assert all(p.parent == Path(stage) / "training/.parts" for p in stored)
+        assert not list(worker_tmp.glob("patchetl-part-*"))  # each worker removed its part
+        # a rerun finds the split finished in the stage and published: no worker reads a part
+        stored.clear()
+        result = CliRunner().invoke(app, args(cohort, url, *more))
+    assert result.exit_code == 0, result.output
+    assert "0 shard(s) uploaded, 5 already there; manifest.json unchanged" in result.output
+    assert stored == [] and log.read_text().splitlines() == writes

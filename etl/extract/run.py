@@ -13,7 +13,9 @@ What a rerun keeps, so that it always ends with exactly the planned samples:
   sha256, `check_sha256`); a missing or damaged shard is rebuilt from its regions alone and
   must come out byte-identical to the manifest's record.
 Parts and shards run on `etl.extract.executor` (loky workers that exit with this process, or
-dask); `delayed` and `executor` are also importable from here.
+dask); `delayed` and `executor` are also importable from here. With `ship_parts` (dask with
+--out s3://) workers need no shared file system: each sends its part's bytes back and this
+process writes them into `.parts/` (`store_part`) and mixes the shards on local workers.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 from etl.atomic import output_folder, remove_temporaries, write_json_atomic
 from etl.errors import PatchetlError
 from etl.extract.coords import RegionTable, load_regions
-from etl.extract.executor import Call
+from etl.extract.executor import Call, Runner
 from etl.extract.executor import delayed as delayed  # re-exported (etl.cohort uses it)
 from etl.extract.executor import executor as executor  # re-exported
 from etl.extract.plan import (
@@ -55,6 +57,7 @@ from etl.extract.shards import (
     SlideCounts,
     check_shard,
     extract_part,
+    extract_part_shipped,
     is_shard_name,
     keys_digest,
     load_part_index,
@@ -62,6 +65,7 @@ from etl.extract.shards import (
     sample_catalog,
     sha256_file,
     shard_name,
+    store_part,
     write_shard,
 )
 
@@ -128,6 +132,7 @@ class RunOptions(TypedDict, total=False):
     slide_backend: str
     tile_cache_bytes: int
     check_sha256: bool
+    ship_parts: bool
 
 
 def tool_version() -> str:
@@ -255,29 +260,17 @@ class _SplitRun:
         self.on_progress(len(index["samples"]) + len(index["failures"]))
 
 
-def part_calls(
-    st: _SplitRun, params: ExtractParams, slide_backend: str, tile_cache_bytes: int
-) -> list[Call[PartIndex]]:
-    """Collect the finished parts of a split (resume) and the calls for the others."""
-    calls = []
+def parts_to_read(st: _SplitRun, params: ExtractParams) -> list[Part]:
+    """Collect the finished parts of a split (resume) and return the others."""
+    todo = []
     for part in st.plan.parts if st.finished is None else _repair_parts(st, params):
         index = load_part_index(st.parts_dir, part)
         if index is None:
-            calls.append(
-                delayed(
-                    extract_part,
-                    part,
-                    st.plan.split,
-                    params,
-                    st.parts_dir,
-                    slide_backend,
-                    tile_cache_bytes,
-                )
-            )
+            todo.append(part)
         else:
             st.add_part(index)
             st.resumed += 1
-    return calls
+    return todo
 
 
 def _repair_parts(st: _SplitRun, params: ExtractParams) -> list[Part]:
@@ -545,18 +538,40 @@ def run_splits(
     scheduler: str | None,
     slide_backend: str,
     tile_cache_bytes: int,
+    ship_parts: bool = False,
 ) -> None:
-    """The parts of all splits through one pool, then their shards."""
+    """The parts of all splits through one pool, then their shards. With `ship_parts` the
+    workers return each part's bytes, written here, and the shards are mixed here."""
     by_split = {st.plan.split: st for st in runs}
+    todo = [(st, p) for st in runs for p in parts_to_read(st, params)]
+    options = (slide_backend, tile_cache_bytes)
     with executor(backend, workers, scheduler) as run:
-        part_work = [
-            c for st in runs for c in part_calls(st, params, slide_backend, tile_cache_bytes)
-        ]
-        for index in run(part_work):
-            by_split[index["split"]].add_part(index)
-        shard_work = [c for st in runs for c in shard_calls(st, params)]
-        for record in run(shard_work):
-            by_split[record["name"].rsplit("-", 1)[0]].records[record["name"]] = record
+        if ship_parts:
+            calls = [
+                delayed(extract_part_shipped, p, st.plan.split, params, *options) for st, p in todo
+            ]
+            for index, data in run(calls):
+                st = by_split[index["split"]]
+                st.add_part(store_part(st.parts_dir, index, data))
+        else:
+            for index in run(
+                [
+                    delayed(extract_part, p, st.plan.split, params, st.parts_dir, *options)
+                    for st, p in todo
+                ]
+            ):
+                by_split[index["split"]].add_part(index)
+            mix_shards(run, runs, params)
+    if ship_parts:
+        with executor("loky", workers, None) as run:
+            mix_shards(run, runs, params)
+
+
+def mix_shards(run: Runner, runs: Sequence[_SplitRun], params: ExtractParams) -> None:
+    """Write the shards of all splits from their parts on `run`'s workers."""
+    by_split = {st.plan.split: st for st in runs}
+    for record in run([c for st in runs for c in shard_calls(st, params)]):
+        by_split[record["name"].rsplit("-", 1)[0]].records[record["name"]] = record
 
 
 def extract_splits(
@@ -572,10 +587,12 @@ def extract_splits(
     slide_backend: str = "auto",
     tile_cache_bytes: int = 256 << 20,
     check_sha256: bool = True,
+    ship_parts: bool = False,
 ) -> list[SplitResult]:
     """Extract several splits, each `(plan, output folder, progress callback)`, resuming a
     previous run of the same command. The parts of all splits go through one pool, then the
-    shards of all splits, so no worker idles at the end of a split."""
+    shards of all splits, so no worker idles at the end of a split. `ship_parts`: see
+    `run_splits` (for workers that do not share this machine's file system)."""
     start = time.perf_counter()
     results: dict[str, SplitResult] = {}
     with ExitStack() as locks:
@@ -599,7 +616,14 @@ def extract_splits(
         try:
             if runs:
                 run_splits(
-                    runs, params, backend, workers, scheduler, slide_backend, tile_cache_bytes
+                    runs,
+                    params,
+                    backend,
+                    workers,
+                    scheduler,
+                    slide_backend,
+                    tile_cache_bytes,
+                    ship_parts,
                 )
             for st in runs:
                 seconds = time.perf_counter() - start

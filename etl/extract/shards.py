@@ -1,6 +1,11 @@
 """Shard files: per-slide part tars (written by workers), their mixing into final shards,
 the manifest, and verification.
 
+Workers without the client's file system (dask with --out s3://) run `extract_part_shipped`:
+the part is written into a worker-local temporary folder, its index and tar bytes go back to
+the client, and `store_part` writes them into the client's parts folder: the same names and
+bytes as `extract_part` there, so resumption and mixing do not know the difference.
+
 Atomicity: every file is written under a temporary name, flushed to disk, then renamed, so a
 visible `.tar` is always complete. Parts are the unit of resumption for reading: a part is
 reused only when its index lists exactly the keys planned for it, from the same slide
@@ -18,6 +23,7 @@ import json
 import random
 import re
 import tarfile
+import tempfile
 import time
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -375,6 +381,37 @@ def extract_part(
         "timing": dict(timing),
         "peak_rss_mb": peak_rss_mb(),
     }
+    write_json_atomic(index_path, index)
+    return index
+
+
+def extract_part_shipped(
+    part: Part,
+    split: str,
+    params: ExtractParams,
+    slide_backend: str = "auto",
+    tile_cache_bytes: int = 256 << 20,
+) -> tuple[PartIndex, bytes]:
+    """`extract_part` into a temporary folder of the worker (removed before returning); its
+    index and tar bytes, for the client to write with `store_part`."""
+    with tempfile.TemporaryDirectory(prefix="patchetl-part-") as tmp:
+        index = extract_part(part, split, params, Path(tmp), slide_backend, tile_cache_bytes)
+        tar_path, _ = part_paths(Path(tmp), part.part_id)
+        return index, tar_path.read_bytes()
+
+
+def store_part(parts_dir: Path, index: PartIndex, data: bytes) -> PartIndex:
+    """Write a part shipped by `extract_part_shipped` into `parts_dir` as `extract_part` would
+    have written it there: the tar, then its index, each atomically."""
+    tar_path, index_path = part_paths(parts_dir, index["part_id"])
+    if len(data) != index["tar_bytes"]:
+        raise PatchetlError(
+            f"{tar_path}: a worker sent {len(data)} bytes, its index says {index['tar_bytes']}; "
+            "run the same command again to read the part again"
+        )
+    index_path.unlink(missing_ok=True)  # a stale index must never describe the new tar
+    with atomic_file(tar_path) as fh:
+        fh.write(data)
     write_json_atomic(index_path, index)
     return index
 
