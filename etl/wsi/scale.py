@@ -51,6 +51,7 @@ __all__ = [
     "choose_level",
     "plan_region",
     "read_region_at_mpp",
+    "read_resampled",
     "read_scaled",
     "region_box",
     "slide_mpp",
@@ -226,12 +227,28 @@ def read_scaled(reader: SlideReader, region: ScaledRegion) -> np.ndarray:
     size, level = region.size, region.level
     if not region.resampled:
         return reader.read_region(int(region.left), int(region.top), level, size, size)
-    d = region.downsample
-    (wx, sx), (wy, sy) = _window(region.left, d), _window(region.top, d)
-    span = region.side / d  # the box's side in level pixels
-    w, h = math.ceil(sx + span), math.ceil(sy + span)
+    span = region.side / region.downsample  # the box's side in level pixels
+    return read_resampled(
+        reader, level, region.downsample, (region.left, region.top), (span, span), (size, size)
+    )
+
+
+def read_resampled(
+    reader: SlideReader,
+    level: int,
+    downsample: float,
+    origin: tuple[float, float],
+    span: tuple[float, float],
+    out_size: tuple[int, int],
+) -> np.ndarray:
+    """The level-0 box at ``origin`` spanning ``span`` (width, height) level pixels, read from a
+    window aligned to the level's pixel grid and area-averaged to ``out_size`` (width, height).
+    One rule for extract's regions and inference's tiles."""
+    (wx, sx), (wy, sy) = _window(origin[0], downsample), _window(origin[1], downsample)
+    w, h = math.ceil(sx + span[0]), math.ceil(sy + span[1])
     window = reader.read_region(wx, wy, level, w, h)
-    return area_resize(window, (size, size), (sx, sy, min(sx + span, w), min(sy + span, h)))
+    box = (sx, sy, min(sx + span[0], w), min(sy + span[1], h))
+    return area_resize(window, out_size, box)
 
 
 def read_region_at_mpp(

@@ -22,16 +22,14 @@ a level is read as is.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from etl.wsi.downsample import area_resize
 from etl.wsi.reader import SlideReader
-from etl.wsi.scale import MPP_TOLERANCE, ScaleError, _window, choose_level, slide_mpp
+from etl.wsi.scale import MPP_TOLERANCE, ScaleError, choose_level, read_resampled, slide_mpp
 from training.config import InferConfig
 from training.errors import InferError
 from training.infer.geometry import MapGeometry
@@ -151,9 +149,5 @@ def read_model_px(
     d, f, level = geometry.downsample, geometry.factor, geometry.level
     if f == 1.0:
         return reader.read_region(round(left * d), round(top * d), level, width, height)
-    (wx, sx), (wy, sy) = _window(left * f * d, d), _window(top * f * d, d)
-    span_w, span_h = width * f, height * f
-    w, h = math.ceil(sx + span_w), math.ceil(sy + span_h)
-    window = reader.read_region(wx, wy, level, w, h)
-    box = (sx, sy, min(sx + span_w, w), min(sy + span_h, h))
-    return area_resize(window, (width, height), box)
+    origin = (left * f * d, top * f * d)
+    return read_resampled(reader, level, d, origin, (width * f, height * f), (width, height))
