@@ -837,57 +837,15 @@ def run_stages(
     t = time.perf_counter()
     train_rows, ckpt = bench_training(shards, work, sz, args.device)
     stage["training"] = time.perf_counter() - t
-    if args.only_training:
-        write_section(
-            out,
-            report(
-                args,
-                sz,
-                stage,
-                time.perf_counter() - started,
-                n_regions,
-                train_rows,
-                None,
-                None,
-                None,
-                None,
-                infer_workers,
-            ),
-        )
-        return
 
-    t = time.perf_counter()
-    log("dense vs patch agreement on 2 held-out slides")
-    agree_rows, agree = bench_agreement(work, ckpt, sz, args.device, infer_workers)
-    stage["agreement"] = time.perf_counter() - t
-    # written now as well, so that a later stage's failure does not lose it
-    write_section(
-        out,
-        report(
-            args,
-            sz,
-            stage,
-            time.perf_counter() - started,
-            n_regions,
-            train_rows,
-            agree_rows,
-            agree,
-            None,
-            None,
-            infer_workers,
-        ),
-    )
-
-    mosaic, inf = bench_whole_slide(work, data, ckpt, sz, args.device, infer_workers, stage)
-    total = time.perf_counter() - started
-    log(
-        "stages: "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in stage.items())
-        + f"; total {total:.0f} s"
-    )
-    write_section(
-        out,
-        report(
+    def save(
+        total: float,
+        agree_rows: list[list] | None = None,
+        agree: dict | None = None,
+        mosaic: Mosaic | None = None,
+        inf: dict | None = None,
+    ) -> None:
+        section = report(
             args,
             sz,
             stage,
@@ -899,8 +857,28 @@ def run_stages(
             mosaic,
             inf,
             infer_workers,
-        ),
+        )
+        write_section(out, section)
+
+    if args.only_training:
+        save(time.perf_counter() - started)
+        return
+
+    t = time.perf_counter()
+    log("dense vs patch agreement on 2 held-out slides")
+    agree_rows, agree = bench_agreement(work, ckpt, sz, args.device, infer_workers)
+    stage["agreement"] = time.perf_counter() - t
+    # written now as well, so that a later stage's failure does not lose it
+    save(time.perf_counter() - started, agree_rows, agree)
+
+    mosaic, inf = bench_whole_slide(work, data, ckpt, sz, args.device, infer_workers, stage)
+    total = time.perf_counter() - started
+    log(
+        "stages: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in stage.items())
+        + f"; total {total:.0f} s"
     )
+    save(total, agree_rows, agree, mosaic, inf)
 
 
 def main(argv: list[str] | None = None) -> None:
