@@ -13,9 +13,9 @@ What a rerun keeps, so that it always ends with exactly the planned samples:
   sha256, `check_sha256`); a missing or damaged shard is rebuilt from its regions alone and
   must come out byte-identical to the manifest's record.
 Parts and shards run on `etl.extract.executor` (loky workers that exit with this process, or
-dask); `delayed` and `executor` are also importable from here. With `ship_parts` (dask with
---out s3://) workers need no shared file system: each sends its part's bytes back and this
-process writes them into `.parts/` (`store_part`) and mixes the shards on local workers.
+dask). With `ship_parts` (dask with --out s3://) workers need no shared file system: each
+sends its part's bytes back and this process writes them into `.parts/` (`store_part`) and
+mixes the shards on local workers.
 """
 
 from __future__ import annotations
@@ -36,9 +36,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 from etl.atomic import output_folder, remove_temporaries, write_json_atomic
 from etl.errors import PatchetlError
 from etl.extract.coords import RegionTable, load_regions
-from etl.extract.executor import Call, Runner
-from etl.extract.executor import delayed as delayed  # re-exported (etl.cohort uses it)
-from etl.extract.executor import executor as executor  # re-exported
+from etl.extract.executor import Call, Runner, delayed, executor
 from etl.extract.plan import (
     ExtractParams,
     Part,
